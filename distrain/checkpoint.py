@@ -1,0 +1,24 @@
+"""Checkpoints: DeepSpeed's sharded engine state plus the trainer's own state, under RUN_DIR/checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, cfg, engine, trainer, run_dir: Path):
+        self.cfg, self.engine, self.trainer = cfg.checkpoint, engine, trainer
+        self.root = run_dir / "checkpoints"
+
+    def due(self, step: int, last: bool) -> bool:
+        every = self.cfg.every_steps
+        return (every > 0 and step % every == 0) or (last and self.cfg.at_end)
+
+    def save(self, step: int) -> Path:
+        tag = f"step{step:08d}"
+        self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": self.trainer.state_dict()})
+        log.info("checkpoint saved: %s", self.root / tag)
+        return self.root / tag

@@ -1,0 +1,100 @@
+"""The ``distrain`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from distrain.config import ConfigError, load_config, reference_markdown, to_yaml
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file, e.g. configs/gpt-cpu-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, applied over the YAML (CLI > YAML > defaults)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="distrain", description="Distributed training on DeepSpeed and Ray, from one CPU process to a GPU cluster.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train in this process (one CPU or GPU; or one rank under torchrun)")
+    _add_config_args(p)
+
+    p = sub.add_parser("config", help="show, validate or document configs")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    _add_config_args(csub.add_parser("show", help="print the resolved config as YAML"))
+    _add_config_args(csub.add_parser("validate", help="exit 0 if the config is valid, else 1 with the reason"))
+    csub.add_parser("reference", help="print every config key with its default and description (markdown)")
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("prepare", help="write the tiny configs' data (pydoc texts, scikit-learn digits) under --out")
+    q.add_argument("--out", default="data", help="output directory (default: data)")
+    return ap
+
+
+def _fail(msg: str) -> int:
+    sys.stderr.write(f"distrain: error: {msg}\n")
+    return EXIT_ERROR
+
+
+def _train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from distrain.train import run
+
+    summary = run(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return EXIT_OK if summary["status"] == "completed" else EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "train":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "config":
+            if args.config_command == "reference":
+                sys.stdout.write(reference_markdown())
+                return EXIT_OK
+            cfg = load_config(args.config, args.overrides)
+            if args.config_command == "show":
+                sys.stdout.write(to_yaml(cfg))
+            else:
+                print(f"{args.config}: valid")
+            return EXIT_OK
+        if args.command == "data":
+            from distrain.data.prepare import prepare
+
+            for path in prepare(args.out):
+                print(f"wrote {path}")
+            return EXIT_OK
+        if args.command == "train":
+            code = _train(args)
+            # The run is over and its records are on disk: leave without interpreter teardown, where
+            # native libraries occasionally abort and would turn a finished run into a failure.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(code)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        if os.environ.get("DISTRAIN_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return _fail(msg)
+    except KeyboardInterrupt:
+        sys.stderr.write("distrain: aborted\n")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

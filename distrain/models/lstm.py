@@ -1,0 +1,58 @@
+"""A recurrent language model: embedding, stacked nn.LSTM, linear head."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrain.config import Config
+from distrain.models import ModelSpec
+from distrain.models.flops import measured_train_flops
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, vocab_size: int, d_embed: int, d_hidden: int, n_layer: int, dropout: float, tie: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_embed)
+        self.lstm = nn.LSTM(d_embed, d_hidden, num_layers=n_layer, batch_first=True, dropout=dropout if n_layer > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(d_hidden, vocab_size, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.drop(self.embed(input_ids)))
+        return self.head(self.drop(h))
+
+
+def build(cfg: Config) -> nn.Module:
+    m = cfg.model
+    return LSTMLM(m.vocab_size, m.d_embed, m.d_hidden, m.n_layer, m.dropout, m.tie_embeddings)
+
+
+def loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+
+
+@lru_cache(maxsize=16)
+def _flops(vocab: int, d_embed: int, d_hidden: int, n_layer: int, seq_len: int) -> float:
+    def step(model: nn.Module) -> None:
+        ids = torch.zeros(1, seq_len - 1, dtype=torch.long)
+        model(ids).sum().backward()
+
+    return measured_train_flops(lambda: LSTMLM(vocab, d_embed, d_hidden, n_layer, 0.0, False), step, device="cpu")
+
+
+def flops_per_sample(cfg: Config) -> float:
+    """Forward + backward FLOPs per sequence, measured once with FlopCounterMode."""
+    m = cfg.model
+    return _flops(m.vocab_size, m.d_embed, m.d_hidden, m.n_layer, cfg.data.seq_len)
+
+
+SPEC = ModelSpec(name="lstm", batch_kind="tokens", build=build, loss=loss, flops_per_sample=flops_per_sample)

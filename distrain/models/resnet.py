@@ -1,0 +1,59 @@
+"""torchvision ResNet classifier. State-dict keys stay torchvision's, so exports load back into
+``torchvision.models.resnetNN``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrain.config import Config
+from distrain.models import ModelSpec
+from distrain.models.flops import measured_train_flops
+
+
+def build(cfg: Config) -> nn.Module:
+    import torchvision
+
+    m = cfg.model
+    model = getattr(torchvision.models, f"resnet{m.depth}")(weights=None, num_classes=m.num_classes)
+    if m.in_channels != 3:
+        model.conv1 = nn.Conv2d(m.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if m.dropout > 0:
+        # dropout before the head without renaming fc.* (the avgpool has no parameters)
+        model.avgpool = nn.Sequential(model.avgpool, nn.Dropout(m.dropout))
+    return model
+
+
+def loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    logits = model(batch["images"])
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+@lru_cache(maxsize=16)
+def _flops(depth: int, num_classes: int, image_size: int, in_channels: int) -> float:
+    import torchvision
+
+    def make() -> nn.Module:
+        model = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return model
+
+    def step(model: nn.Module) -> None:
+        x = torch.randn(1, in_channels, image_size, image_size, device="meta")
+        model(x).sum().backward()
+
+    return measured_train_flops(make, step)
+
+
+def flops_per_sample(cfg: Config) -> float:
+    """Forward + backward FLOPs per image, measured once with FlopCounterMode."""
+    m = cfg.model
+    return _flops(m.depth, m.num_classes, m.image_size, m.in_channels)
+
+
+SPEC = ModelSpec(name="resnet", batch_kind="images", build=build, loss=loss, flops_per_sample=flops_per_sample)

@@ -1,0 +1,81 @@
+"""torch.distributed set-up the way torchrun (or Ray Train) leaves it: RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR/PORT in the environment. One process with none of them set is world size 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from distrain.config import Config, check_topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_device(cfg: Config) -> str:
+    """Resolve run.device and refuse combinations this machine cannot run, before anything starts."""
+    p = cfg.parallel
+    has_cuda = torch.cuda.is_available()
+    device = cfg.run.device
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    if device == "cuda" and not has_cuda:
+        raise RuntimeError("run.device=cuda but no CUDA GPU is visible to this process; set run.device=cpu (or auto) to train on the CPU")
+    if device == "cpu":
+        if p.backend == "nccl":
+            raise RuntimeError("parallel.backend=nccl needs CUDA GPUs; on the CPU set parallel.backend=gloo (or auto)")
+        if p.precision == "fp16":
+            raise RuntimeError("parallel.precision=fp16 runs on CUDA only; on the CPU use parallel.precision=bf16 or fp32")
+        if p.offload_optimizer or p.offload_params:
+            raise RuntimeError("parallel.offload_optimizer/offload_params move state from GPU to CPU memory; on the CPU set both to false")
+    elif p.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"parallel.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use parallel.precision=fp16")
+    return device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process."""
+    import deepspeed
+
+    device = check_device(cfg)
+    env = os.environ
+    if "RANK" not in env:  # a plain single process: behave like torchrun --nproc_per_node 1
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        env["RANK"] = "0"
+    env.setdefault("LOCAL_RANK", "0")
+    rank, world, local_rank = int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env["LOCAL_RANK"])
+    check_topology(cfg, world)
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)

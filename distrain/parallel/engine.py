@@ -1,0 +1,104 @@
+"""The DeepSpeed config (ds_config) produced from the typed ``parallel`` and ``optim`` sections, and
+the engine built from it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from distrain.config import Config, global_batch
+from distrain.models import get_spec
+
+log = logging.getLogger(__name__)
+
+
+def _scheduler(cfg: Config) -> dict[str, Any]:
+    """Linear warmup from lr/(W+1) to lr over W steps (no step runs at lr 0), then cosine decay to
+    ``min_lr_ratio`` x lr at the last step, or constant. DeepSpeed's schedules warm up over >= 2
+    steps; W=0 starts at the full lr. DeepSpeed's schedulers start before their first step (lr 0
+    for step 0), so ``build_engine`` advances a fresh scheduler once: step t then runs at ratio(t)."""
+    o, steps = cfg.optim, cfg.train.steps
+    w = o.warmup_steps
+    start_ratio = 1.0 / (w + 1) if w > 0 else 1.0
+    if o.schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": steps, "warmup_num_steps": max(w, 1), "warmup_min_ratio": start_ratio,
+            "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {
+        "warmup_min_lr": o.lr * start_ratio, "warmup_max_lr": o.lr, "warmup_num_steps": max(w, 1), "warmup_type": "linear"}}
+
+
+def mixed_precision_mode(cfg: Config) -> str | None:
+    """None for fp32, else 'params' or 'autocast' (auto: autocast for image models)."""
+    p = cfg.parallel
+    if p.precision == "fp32":
+        return None
+    if p.mixed_precision != "auto":
+        return p.mixed_precision
+    return "autocast" if get_spec(cfg.model.name).batch_kind == "images" else "params"
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def build_ds_config(cfg: Config, world_size: int, has_batchnorm: bool = False) -> dict[str, Any]:
+    p, o, t = cfg.parallel, cfg.optim, cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": global_batch(cfg, world_size),
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": p.grad_accum,
+        "gradient_clipping": p.grad_clip,  # DeepSpeed's own default is 1.0: always write it
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "optimizer": {"type": "AdamW" if o.name == "adamw" else "Adam", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True,  # torch's Adam(W): no fused_adam C++ build, identical results
+            **({"adam_w_mode": False} if o.name == "adam" else {}),
+        }},
+        "scheduler": _scheduler(cfg),
+        "zero_optimization": {"stage": p.zero_stage},
+    }
+    if p.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if p.offload_params:
+        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    mode = mixed_precision_mode(cfg)
+    if mode == "autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if p.precision == "bf16" else "float16"}
+    elif mode == "params":
+        if p.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        else:
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        if has_batchnorm:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
+            ds["data_types"] = {"buffer_dtype": "bf16" if p.precision == "bf16" else "fp16"}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings; never biases or norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and schedule inside)."""
+    import deepspeed
+
+    if cfg.parallel.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model)),
+    )
+    engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
+    return engine

@@ -1,0 +1,121 @@
+"""Where a run's numbers go: RUN_DIR/metrics.jsonl and the console (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(rank: int, level: str = "INFO") -> None:
+    """Rank 0 logs at ``level``; other ranks log warnings and errors only, tagged with their rank."""
+    fmt = _FMT if rank == 0 else f"[rank {rank}] {_FMT}"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else "WARNING")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # DeepSpeed's logger does not propagate: quiet it directly
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:  # noqa: BLE001 - DeepSpeed not importable is not a logging problem
+        pass
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+class JsonlWriter:
+    """Appends one JSON object per record; flushed per line so a crash loses nothing written."""
+
+    def __init__(self, path: Path, truncate: bool = True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w" if truncate else "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Console:
+    """Progress bar with ETA when stderr is a terminal, and a log line per record."""
+
+    def __init__(self, total_steps: int, start_step: int, progress_bar: bool):
+        self.bar = None
+        self.total = total_steps
+        if progress_bar and sys.stderr.isatty():
+            from rich.console import Console as RichConsole
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=RichConsole(stderr=True),
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar.start()
+
+    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self.bar is not None:
+            info = "" if loss is None else f"loss {loss:.4f}"
+            if tokens_per_s:
+                info += f"  {tokens_per_s:,.0f} tok/s"
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+
+    def record(self, rec: dict[str, Any]) -> None:
+        parts = [f"step {rec['step']}/{self.total}"]
+        for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.3g}"), ("grad_norm", "{:.3f}"),
+                         ("samples_per_s", "{:,.1f}"), ("tokens_per_s", "{:,.0f}")):
+            if rec.get(key) is not None:
+                parts.append(f"{key} " + fmt.format(rec[key]))
+        if self.bar is not None:
+            self.bar.console.log(" | ".join(parts))
+        else:
+            log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Tracker:
+    """Rank 0 writes; every other rank holds a Tracker that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, jsonl: bool, total_steps: int, start_step: int, progress_bar: bool):
+        self.enabled = enabled
+        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl") if enabled and jsonl else None
+        self.console = Console(total_steps, start_step, progress_bar) if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(record)
+        self.console.record(record)
+
+    def progress(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self.console:
+            self.console.advance(step, loss, tokens_per_s)
+
+    def close(self) -> None:
+        if self.console:
+            self.console.close()
+        if self.jsonl:
+            self.jsonl.close()

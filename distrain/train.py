@@ -1,0 +1,51 @@
+"""The one entry every launcher ends in: config -> parts -> Trainer.train() -> close."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from distrain.config import Config, to_yaml
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train per ``cfg`` in this process (one rank of the job); returns the run summary."""
+    from distrain.checkpoint import Checkpointer
+    from distrain.data import DataPipeline
+    from distrain.models import build_model
+    from distrain.parallel import build_engine, init_distributed
+    from distrain.tracking import Tracker, setup_logging
+    from distrain.trainer import Trainer
+
+    dist_info = init_distributed(cfg)
+    setup_logging(dist_info.rank, cfg.run.log_level)
+    run_dir = cfg.run.run_dir.resolve()
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=dist_info.device.type == "cuda")
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(cfg, model, dist_info.world_size)
+    tracker = Tracker(run_dir, dist_info.is_main, cfg.metrics.jsonl, cfg.train.steps, 0, cfg.tracking.progress_bar)
+    trainer = Trainer(cfg, engine, data, dist_info, tracker)
+    trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
+    log.info(
+        "distrain: run %s | dir %s | world size %d | device %s | model %s (%.2fM params) | ZeRO %d | %s",
+        cfg.run.name, run_dir, dist_info.world_size, dist_info.device, cfg.model.name, n_params / 1e6,
+        cfg.parallel.zero_stage, cfg.parallel.precision,
+    )
+    trainer.install_signal_handlers()
+    try:
+        summary = trainer.train()
+    finally:
+        tracker.close()
+    summary.update(run_dir=str(run_dir), world_size=dist_info.world_size, finished_at=time.time())
+    if dist_info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("run %s: %s at step %d/%d in %.1fs", cfg.run.name, summary["status"], summary["step"], summary["steps"], summary["elapsed_s"])
+    return summary

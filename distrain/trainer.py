@@ -1,0 +1,169 @@
+"""The training loop. It owns stepping, eval, logging cadence and stop signals; everything else is
+handed to it already built."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distrain.config import Config, global_batch
+from distrain.data import DataPipeline, to_device
+from distrain.models import get_spec
+from distrain.parallel import DistInfo
+from distrain.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, engine, data: DataPipeline, dist_info: DistInfo, tracker: Tracker, checkpointer=None):
+        self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
+        self.checkpointer = checkpointer
+        self.spec = get_spec(cfg.model.name)
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.stop_reason: str | None = None
+        self.float_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+        self.channels_last = self.spec.batch_kind == "images" and dist_info.device.type == "cuda"
+        # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
+        # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here on log steps
+        self._own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self.tokens_seen = int(state["tokens_seen"])
+
+    # -------------------------------------------------------------- signals
+    def request_stop(self, reason: str) -> None:
+        """Finish the step in flight, then stop (called from a signal handler)."""
+        self.stop_reason = reason
+
+    def install_signal_handlers(self) -> None:
+        def on_sigint(signum, frame):
+            if self.stop_reason is not None:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            log.warning("interrupt: finishing step %d, then stopping (Ctrl-C again to abort at once)", self.step + 1)
+            self.request_stop("interrupted")
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def _stop_agreed(self) -> bool:
+        """Every rank stops at the same step if any rank was asked to."""
+        flag = torch.tensor([1.0 if self.stop_reason else 0.0])
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_reason:
+            self.stop_reason = "interrupted"
+        return bool(flag.item())
+
+    # ----------------------------------------------------------------- loop
+    def _mean_across_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().float().cpu()
+        if self.dist.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.dist.world_size
+        return float(value.item())
+
+    def _batch(self, it) -> dict[str, torch.Tensor]:
+        batch = to_device(next(it), self.dist.device, self.channels_last)
+        if self.float_dtype is not None and "images" in batch:
+            batch["images"] = batch["images"].to(self.float_dtype)
+        return batch
+
+    def evaluate(self) -> float | None:
+        batches = self.data.eval_batches()
+        if batches is None:
+            return None
+        self.engine.eval()
+        total = torch.zeros(())
+        with torch.no_grad():
+            for b in batches:
+                b = to_device(b, self.dist.device, self.channels_last)
+                if self.float_dtype is not None and "images" in b:
+                    b["images"] = b["images"].to(self.float_dtype)
+                total += self.spec.loss(self.engine, b).detach().float().cpu()
+        self.engine.train()
+        return self._mean_across_ranks(total / len(batches))
+
+    def train(self) -> dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        steps, accum, log_every = cfg.train.steps, cfg.parallel.grad_accum, cfg.train.log_every
+        per_step_samples = global_batch(cfg, self.dist.world_size)
+        per_step_tokens = per_step_samples * (self.data.tokens_per_sample or 0)
+        it = iter(self.data.train_batches())
+        engine.train()
+        t_start = time.perf_counter()
+        window_t0, window_steps, window_loss = t_start, 0, torch.zeros(())
+        last_eval = None
+        while self.step < steps:
+            log_step = (self.step + 1) % log_every == 0 or self.step + 1 == steps
+            grad_norm = None
+            for micro in range(accum):
+                batch = self._batch(it)
+                loss = self.spec.loss(engine, batch)
+                engine.backward(loss)
+                if micro == accum - 1:
+                    lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
+                    if log_step and self._own_grad_norm:
+                        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                engine.step()
+                window_loss += loss.detach().float().cpu() / accum
+            self.step += 1
+            window_steps += 1
+            self.samples_seen += per_step_samples
+            self.tokens_seen += per_step_tokens
+            stopping = self._stop_agreed()
+            last = self.step == steps or stopping
+            record = None
+            if self.step % log_every == 0 or last:
+                now = time.perf_counter()
+                dt = now - window_t0
+                gn = grad_norm if self._own_grad_norm else engine.get_global_grad_norm()
+                record = {
+                    "step": self.step,
+                    "loss": self._mean_across_ranks(window_loss / window_steps),
+                    "lr": float(lr),
+                    "grad_norm": None if gn is None else float(gn),
+                    "samples_per_s": window_steps * per_step_samples / dt,
+                    "tokens_per_s": window_steps * per_step_tokens / dt if per_step_tokens else None,
+                    "elapsed_s": now - t_start,
+                }
+                if not per_step_tokens:
+                    record.pop("tokens_per_s")
+                window_t0, window_steps, window_loss = now, 0, torch.zeros(())
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                last_eval = self.evaluate()
+                if last_eval is not None:
+                    if record is None:
+                        record = {"step": self.step, "elapsed_s": time.perf_counter() - t_start}
+                    record["eval_loss"] = last_eval
+            if record is not None:
+                self.tracker.log(record)
+                self.tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))
+            else:
+                self.tracker.progress(self.step)
+            if self.checkpointer is not None and self.checkpointer.due(self.step, last):
+                self.checkpointer.save(self.step)
+            if stopping:
+                break
+        return {
+            "status": "completed" if self.step >= steps else (self.stop_reason or "stopped"),
+            "step": self.step,
+            "steps": steps,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": time.perf_counter() - t_start,
+            "final_eval_loss": last_eval,
+        }
