@@ -273,7 +273,7 @@ def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
 
 
 def _closest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(options)}"
 
 
@@ -285,6 +285,8 @@ def _format_errors(err: ValidationError, data: dict, source: str, overridden: se
         if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_CLASSES:
             loc = [loc[0]] + loc[2:]
         key = ".".join(loc) if loc else "(top level)"
+        if e["type"] == "union_tag_invalid":
+            key = "model.name"
         where = f"command-line argument '{key}=...'" if key in overridden else source
         if e["type"] == "extra_forbidden":
             owner = _section_class(tuple(loc[:-1]), data)
@@ -297,7 +299,7 @@ def _format_errors(err: ValidationError, data: dict, source: str, overridden: se
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}' in {source}")
         elif e["type"] == "union_tag_invalid":
-            lines.append(f"model.name={e['input']!r} is not a known model ({where}); allowed: {', '.join(MODEL_CLASSES)}")
+            lines.append(f"model.name={e.get('ctx', {}).get('tag')!r} is not a known model ({where}); allowed: {', '.join(MODEL_CLASSES)}")
         elif e["type"] == "union_tag_not_found":
             lines.append(f"missing required key 'model.name' in {source}; allowed: {', '.join(MODEL_CLASSES)}")
         elif e["type"] == "value_error" and not e["loc"] or e["type"] == "value_error" and len(loc) <= 1:

@@ -19,8 +19,10 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     fmt = _FMT if rank == 0 else f"[rank {rank}] {_FMT}"
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
+        if getattr(h, "_distrain", False) or type(h) is logging.StreamHandler:
+            root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
+    handler._distrain = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")

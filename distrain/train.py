@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from distrain.config import Config, to_yaml
@@ -12,8 +13,19 @@ from distrain.config import Config, to_yaml
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train per ``cfg`` in this process (one rank of the job); returns the run summary."""
+@dataclass
+class Session:
+    """Everything one rank builds for a run."""
+
+    cfg: Config
+    dist: Any
+    engine: Any
+    trainer: Any
+    tracker: Any
+
+
+def setup(cfg: Config) -> Session:
+    """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
     from distrain.checkpoint import Checkpointer
     from distrain.data import DataPipeline
     from distrain.models import build_model
@@ -39,13 +51,21 @@ def run(cfg: Config) -> dict[str, Any]:
         cfg.run.name, run_dir, dist_info.world_size, dist_info.device, cfg.model.name, n_params / 1e6,
         cfg.parallel.zero_stage, cfg.parallel.precision,
     )
-    trainer.install_signal_handlers()
+    return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker)
+
+
+def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
+    """Train per ``cfg`` in this process (one rank of the job); returns the run summary, which rank 0
+    also writes to RUN_DIR/summary.json (a run's success is that record, not the exit path)."""
+    s = session or setup(cfg)
+    s.trainer.install_signal_handlers()
     try:
-        summary = trainer.train()
+        summary = s.trainer.train()
     finally:
-        tracker.close()
-    summary.update(run_dir=str(run_dir), world_size=dist_info.world_size, finished_at=time.time())
-    if dist_info.is_main:
+        s.tracker.close()
+    run_dir = cfg.run.run_dir.resolve()
+    summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
+    if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("run %s: %s at step %d/%d in %.1fs", cfg.run.name, summary["status"], summary["step"], summary["steps"], summary["elapsed_s"])
     return summary

@@ -57,10 +57,11 @@ def _free_port() -> int:
 
 def init_distributed(cfg: Config) -> DistInfo:
     """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process."""
-    import deepspeed
-
     device = check_device(cfg)
     env = os.environ
+    env.setdefault("DS_ACCELERATOR", device)  # no accelerator probing (and its warning) in DeepSpeed
+    import deepspeed
+
     if "RANK" not in env:  # a plain single process: behave like torchrun --nproc_per_node 1
         env.setdefault("WORLD_SIZE", "1")
         env.setdefault("LOCAL_RANK", "0")

@@ -1,0 +1,41 @@
+"""Shared test set-up: everything offline and on loopback, a persistent DeepSpeed op cache, and the
+tiny data sets written once per session into a temporary working directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+os.environ.update(
+    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+    WANDB_SILENT="true", RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+)
+# DeepSpeed JIT-compiles a CPU op on first use (~30-50 s); keep it across sessions and CI runs
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distrain" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A working directory holding data/ as `distrain data prepare` writes it."""
+    from distrain.data.prepare import prepare
+
+    wd = tmp_path_factory.mktemp("work")
+    prepare(wd / "data")
+    return wd
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch) -> Path:
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
