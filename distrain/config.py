@@ -226,8 +226,6 @@ class Config(Section):
             raise ValueError(f"parallel.offload_params needs parallel.zero_stage=3 (got {self.parallel.zero_stage})")
         if self.parallel.offload_optimizer and self.parallel.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
-        if self.optim.warmup_steps >= self.train.steps and self.train.steps > 1:
-            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps ({self.train.steps})")
         check_topology(self, self.cluster.workers)
         return self
 

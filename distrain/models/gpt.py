@@ -21,7 +21,7 @@ def hf_config(cfg: Config):
         return GPT2Config(
             vocab_size=m.vocab_size, n_positions=max_len, n_embd=m.d_model, n_layer=m.n_layer, n_head=m.n_head,
             n_inner=m.d_ff, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
-            tie_word_embeddings=m.tie_embeddings, bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1, loss_type="ForCausalLM",
+            tie_word_embeddings=m.tie_embeddings, bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1,
         )
     from transformers import LlamaConfig
 
@@ -29,7 +29,7 @@ def hf_config(cfg: Config):
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layer,
         num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, max_position_embeddings=max_len,
         attention_dropout=m.dropout, tie_word_embeddings=m.tie_embeddings,
-        bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1, loss_type="ForCausalLM",
+        bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1,
     )
 
 
@@ -37,6 +37,7 @@ def build(cfg: Config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa")
+    model.loss_type = "ForCausalLM"  # mean next-token cross-entropy (transformers' default, named)
     return model
 
 

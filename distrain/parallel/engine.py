@@ -95,7 +95,10 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     import deepspeed
 
     if cfg.parallel.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model)),

@@ -1,0 +1,59 @@
+"""Every shipped config validates; each CPU one trains 2 steps; GPU ones are refused on a CPU machine
+before anything starts, with the key to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrain.config import load_config
+from distrain.parallel import check_device
+from distrain.train import run
+from tests.conftest import CONFIGS, read_jsonl
+
+ALL = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+CPU = [n for n in ALL if load_config(CONFIGS / n).run.device == "cpu"]
+GPU = [n for n in ALL if n not in CPU]
+
+
+def test_there_are_cpu_and_gpu_configs():
+    assert {"gpt-cpu-tiny.yaml", "resnet-cpu-tiny.yaml", "lstm-cpu-tiny.yaml"} <= set(CPU)
+    assert "gpt-1b-zero3.yaml" in GPU
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_validates(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.run.name
+
+
+@pytest.mark.parametrize("name", CPU)
+def test_cpu_config_runs_two_steps(in_workdir, tmp_path, name):
+    cfg = load_config(CONFIGS / name, [f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.log_every=1", "checkpoint.at_end=false"])
+    summary = run(cfg)
+    assert summary["status"] == "completed" and summary["step"] == 2
+    recs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] > 0 for r in recs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("name", GPU)
+def test_gpu_config_validates_and_is_refused_without_gpu(name):
+    cfg = load_config(CONFIGS / name)
+    with pytest.raises(RuntimeError, match="run.device=cuda but no CUDA GPU is visible.*set run.device=cpu"):
+        check_device(cfg)
+    # with the device overridden the GPU recipe resolves to a CPU-compatible check (bf16 is fine on CPU)
+    assert check_device(load_config(CONFIGS / name, ["run.device=cpu"])) == "cpu"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.precision=fp16"], "parallel.precision=fp16 runs on CUDA only"),
+        (["parallel.backend=nccl"], "parallel.backend=nccl needs CUDA GPUs"),
+        (["parallel.zero_stage=2", "parallel.offload_optimizer=true"], "offload_optimizer/offload_params move state from GPU"),
+    ],
+)
+def test_cpu_refuses_gpu_only_combinations(overrides, message):
+    with pytest.raises(RuntimeError, match=message):
+        check_device(load_config(CONFIGS / "gpt-cpu-tiny.yaml", overrides))
