@@ -14,6 +14,16 @@ log = logging.getLogger(__name__)
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _KnownNoise(logging.Filter):
+    """Drops DeepSpeed warnings about things distrain handles on purpose."""
+
+    _SKIP = ("get learning rate from scheduler before it has started",)  # the scheduler is primed in build_engine
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(s in msg for s in self._SKIP)
+
+
 def setup_logging(rank: int, level: str = "INFO") -> None:
     """Rank 0 logs at ``level``; other ranks log warnings and errors only, tagged with their rank."""
     fmt = _FMT if rank == 0 else f"[rank {rank}] {_FMT}"
@@ -32,6 +42,8 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _KnownNoise) for f in ds_logger.filters):
+            ds_logger.addFilter(_KnownNoise())
     except Exception:  # noqa: BLE001 - DeepSpeed not importable is not a logging problem
         pass
 
