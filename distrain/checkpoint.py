@@ -19,6 +19,8 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": self.trainer.state_dict()})
+        self.engine.save_checkpoint(
+            str(self.root), tag=tag, client_state={"trainer": self.trainer.state_dict()}
+        )
         log.info("checkpoint saved: %s", self.root / tag)
         return self.root / tag

@@ -14,11 +14,19 @@ EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file, e.g. configs/gpt-cpu-tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, applied over the YAML (CLI > YAML > defaults)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="overrides, applied over the YAML (CLI > YAML > defaults)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="distrain", description="Distributed training on DeepSpeed and Ray, from one CPU process to a GPU cluster.")
+    ap = argparse.ArgumentParser(
+        prog="distrain",
+        description="Distributed training on DeepSpeed and Ray, from one CPU process to a GPU cluster.",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train in this process (one CPU or GPU; or one rank under torchrun)")
@@ -27,12 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show, validate or document configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     _add_config_args(csub.add_parser("show", help="print the resolved config as YAML"))
-    _add_config_args(csub.add_parser("validate", help="exit 0 if the config is valid, else 1 with the reason"))
+    _add_config_args(
+        csub.add_parser("validate", help="exit 0 if the config is valid, else 1 with the reason")
+    )
     csub.add_parser("reference", help="print every config key with its default and description (markdown)")
 
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    q = dsub.add_parser("prepare", help="write the tiny configs' data (pydoc texts, scikit-learn digits) under --out")
+    q = dsub.add_parser(
+        "prepare", help="write the tiny configs' data (pydoc texts, scikit-learn digits) under --out"
+    )
     q.add_argument("--out", default="data", help="output directory (default: data)")
     return ap
 

@@ -29,10 +29,18 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     name: str = Field("distrain", description="Run name; the default run directory is runs/<name>.")
-    dir: str | None = Field(None, description="Run directory (config.yaml, metrics.jsonl, checkpoints). Default runs/<run.name>.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks cuda when a GPU is visible, else cpu.")
-    seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout (each rank adds its rank).")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level of rank 0 (other ranks log warnings and errors only).")
+    dir: str | None = Field(
+        None, description="Run directory (config.yaml, metrics.jsonl, checkpoints). Default runs/<run.name>."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: auto picks cuda when a GPU is visible, else cpu."
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed for model init, data order and dropout (each rank adds its rank)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging level of rank 0 (other ranks log warnings and errors only)."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -53,21 +61,42 @@ _GPT_PRESETS: dict[str, dict[str, int]] = {
 
 
 class _ModelCommon(Section):
-    init_from: str | None = Field(None, description="Start from local weights: a HF model directory, a .safetensors file or a torch state-dict file (.pt/.pth, loaded weights_only).")
-    freeze: list[str] = Field(default_factory=list, description="Parameter-name glob patterns (fnmatch) to freeze, e.g. ['transformer.h.0.*'].")
+    init_from: str | None = Field(
+        None,
+        description="Start from local weights: a HF model directory, a .safetensors file or a torch state-dict file (.pt/.pth, loaded weights_only).",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameter-name glob patterns (fnmatch) to freeze, e.g. ['transformer.h.0.*'].",
+    )
 
 
 class GPTModelConfig(_ModelCommon):
-    name: Literal["gpt"] = Field("gpt", description="Decoder-only causal LM built by transformers from a config (random init).")
-    arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture: gpt2 (learned positions, GELU MLP) or llama (RoPE, SwiGLU, RMSNorm, GQA).")
-    preset: Literal["tiny", "mini", "small", "medium", "large", "1b", "xl"] = Field("tiny", description="Size preset; the fields below override single dimensions.")
+    name: Literal["gpt"] = Field(
+        "gpt", description="Decoder-only causal LM built by transformers from a config (random init)."
+    )
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2",
+        description="Architecture: gpt2 (learned positions, GELU MLP) or llama (RoPE, SwiGLU, RMSNorm, GQA).",
+    )
+    preset: Literal["tiny", "mini", "small", "medium", "large", "1b", "xl"] = Field(
+        "tiny", description="Size preset; the fields below override single dimensions."
+    )
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks (default: from preset).")
     n_head: int | None = Field(None, ge=1, description="Attention heads (default: from preset).")
-    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention, llama only (default: from preset, else n_head).")
+    n_kv_head: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value heads for grouped-query attention, llama only (default: from preset, else n_head).",
+    )
     d_model: int | None = Field(None, ge=8, description="Hidden size (default: from preset).")
     d_ff: int | None = Field(None, ge=8, description="MLP inner size (default: from preset).")
-    vocab_size: int = Field(512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257).")
-    max_seq_len: int | None = Field(None, ge=1, description="Longest sequence the position embedding covers (default: data.seq_len).")
+    vocab_size: int = Field(
+        512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257)."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=1, description="Longest sequence the position embedding covers (default: data.seq_len)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
 
@@ -80,92 +109,167 @@ class GPTModelConfig(_ModelCommon):
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", p["n_kv_head"] or self.n_head)
         if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
+            )
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError("model.n_kv_head applies to arch=llama only; remove it or set model.arch=llama")
         return self
 
 
 class ResNetModelConfig(_ModelCommon):
-    name: Literal["resnet"] = Field("resnet", description="torchvision ResNet image classifier (random init).")
+    name: Literal["resnet"] = Field(
+        "resnet", description="torchvision ResNet image classifier (random init)."
+    )
     depth: Literal[18, 34, 50] = Field(18, description="ResNet depth: 18, 34 or 50.")
     num_classes: int = Field(10, ge=2, description="Output classes; must cover the data's labels.")
     image_size: int = Field(32, ge=8, description="Square input size the data is resized/cropped to.")
-    in_channels: Literal[1, 3] = Field(3, description="Input channels (greyscale images are converted to this).")
+    in_channels: Literal[1, 3] = Field(
+        3, description="Input channels (greyscale images are converted to this)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
 
 
 class LSTMModelConfig(_ModelCommon):
     name: Literal["lstm"] = Field("lstm", description="Recurrent LM: embedding, nn.LSTM, linear head.")
-    vocab_size: int = Field(512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257).")
+    vocab_size: int = Field(
+        512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257)."
+    )
     d_embed: int = Field(128, ge=1, description="Embedding size.")
     d_hidden: int = Field(256, ge=1, description="LSTM hidden size.")
     n_layer: int = Field(2, ge=1, description="Stacked LSTM layers.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between LSTM layers and before the head.")
-    tie_embeddings: bool = Field(False, description="Share the embedding with the head (needs d_embed == d_hidden).")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout between LSTM layers and before the head."
+    )
+    tie_embeddings: bool = Field(
+        False, description="Share the embedding with the head (needs d_embed == d_hidden)."
+    )
 
     @model_validator(mode="after")
     def _tie_ok(self) -> LSTMModelConfig:
         if self.tie_embeddings and self.d_embed != self.d_hidden:
-            raise ValueError(f"model.tie_embeddings needs model.d_embed ({self.d_embed}) == model.d_hidden ({self.d_hidden})")
+            raise ValueError(
+                f"model.tie_embeddings needs model.d_embed ({self.d_embed}) == model.d_hidden ({self.d_hidden})"
+            )
         return self
 
 
 ModelConfig = Annotated[GPTModelConfig | ResNetModelConfig | LSTMModelConfig, Field(discriminator="name")]
-MODEL_CLASSES: dict[str, type[Section]] = {"gpt": GPTModelConfig, "resnet": ResNetModelConfig, "lstm": LSTMModelConfig}
+MODEL_CLASSES: dict[str, type[Section]] = {
+    "gpt": GPTModelConfig,
+    "resnet": ResNetModelConfig,
+    "lstm": LSTMModelConfig,
+}
 
 
 # -------------------------------------------------------------------------------------------- data
 class DataConfig(Section):
-    train_path: str = Field(..., description="Training data: a file, a directory or a glob (jsonl, txt, parquet, or an ImageFolder directory).")
+    train_path: str = Field(
+        ...,
+        description="Training data: a file, a directory or a glob (jsonl, txt, parquet, or an ImageFolder directory).",
+    )
     eval_path: str | None = Field(None, description="Held-out data in the same format; no eval without it.")
-    format: Literal["auto", "jsonl", "txt", "parquet", "imagefolder"] = Field("auto", description="File format; auto infers it from the extension (a directory of class folders is an imagefolder).")
+    format: Literal["auto", "jsonl", "txt", "parquet", "imagefolder"] = Field(
+        "auto",
+        description="File format; auto infers it from the extension (a directory of class folders is an imagefolder).",
+    )
     text_field: str = Field("text", description="Text column of jsonl/parquet rows.")
-    image_field: str = Field("image", description="Encoded-image column of parquet rows (bytes, or a {'bytes': ...} struct).")
+    image_field: str = Field(
+        "image", description="Encoded-image column of parquet rows (bytes, or a {'bytes': ...} struct)."
+    )
     label_field: str = Field("label", description="Integer class column of parquet rows.")
-    tokenizer: str = Field("bytes", description="'bytes' (built-in byte-level, 256 bytes + end-of-document = 257 ids) or a local HF tokenizer directory.")
+    tokenizer: str = Field(
+        "bytes",
+        description="'bytes' (built-in byte-level, 256 bytes + end-of-document = 257 ids) or a local HF tokenizer directory.",
+    )
     seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence (text).")
-    shuffle: bool = Field(True, description="Shuffle file order (text) or samples (images) each epoch, seeded by run.seed, epoch and rank.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for decoding and tokenizing (0 = in the training process).")
-    augment: bool = Field(True, description="Images: random resized crop and horizontal flip for training (eval: resize + center crop).")
-    hflip: bool = Field(True, description="Images: include random horizontal flips in training augmentation (turn off for digits or text-like images).")
+    shuffle: bool = Field(
+        True,
+        description="Shuffle file order (text) or samples (images) each epoch, seeded by run.seed, epoch and rank.",
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="DataLoader worker processes for decoding and tokenizing (0 = in the training process).",
+    )
+    augment: bool = Field(
+        True,
+        description="Images: random resized crop and horizontal flip for training (eval: resize + center crop).",
+    )
+    hflip: bool = Field(
+        True,
+        description="Images: include random horizontal flips in training augmentation (turn off for digits or text-like images).",
+    )
 
 
 # ------------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     steps: int = Field(100, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(8, ge=1, description="Samples per forward/backward on one worker.")
-    global_batch_size: int | None = Field(None, ge=1, description="Samples per optimizer step over all workers; must equal micro_batch_size x parallel.grad_accum x workers (default: that product).")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps and at the end (0 = only at the end; needs data.eval_path).")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimizer step over all workers; must equal micro_batch_size x parallel.grad_accum x workers (default: that product).",
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Evaluate every N steps and at the end (0 = only at the end; needs data.eval_path).",
+    )
     eval_batches: int = Field(10, ge=1, description="Micro-batches per evaluation.")
-    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl record and a console line every N steps.")
+    log_every: int = Field(
+        10, ge=1, description="Write a metrics.jsonl record and a console line every N steps."
+    )
 
 
 # ------------------------------------------------------------------------------------------- optim
 class OptimConfig(Section):
-    name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer: adamw (decoupled weight decay) or adam (L2 in the gradient).")
+    name: Literal["adamw", "adam"] = Field(
+        "adamw", description="Optimizer: adamw (decoupled weight decay) or adam (L2 in the gradient)."
+    )
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="After warmup: cosine decay to min_lr_ratio x lr at the last step, or constant.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay to min_lr_ratio x lr at the last step, or constant."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
 
 
 # ---------------------------------------------------------------------------------------- parallel
 class ParallelConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters) sharded.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; bf16/fp16 keep fp32 master weights (fp16 on CUDA only, with dynamic loss scaling).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters) sharded.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Training precision; bf16/fp16 keep fp32 master weights (fp16 on CUDA only, with dynamic loss scaling).",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this (0 = off).")
-    offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep optimizer states in CPU memory (CUDA, zero_stage >= 1).")
-    offload_params: bool = Field(False, description="ZeRO-Infinity: keep parameters in CPU memory (CUDA, zero_stage 3).")
-    mixed_precision: Literal["auto", "params", "autocast"] = Field("auto", description="How bf16/fp16 is applied: params (DeepSpeed casts weights, fp32 master copy in the optimizer), autocast (fp32 weights, torch.autocast compute), auto = autocast for CNNs (BatchNorm statistics stay fp32), params otherwise.")
-    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory (model.name=gpt).")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU.")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: keep optimizer states in CPU memory (CUDA, zero_stage >= 1)."
+    )
+    offload_params: bool = Field(
+        False, description="ZeRO-Infinity: keep parameters in CPU memory (CUDA, zero_stage 3)."
+    )
+    mixed_precision: Literal["auto", "params", "autocast"] = Field(
+        "auto",
+        description="How bf16/fp16 is applied: params (DeepSpeed casts weights, fp32 master copy in the optimizer), autocast (fp32 weights, torch.autocast compute), auto = autocast for CNNs (BatchNorm statistics stay fp32), params otherwise.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory (model.name=gpt)."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU."
+    )
 
 
 # ------------------------------------------------------------------------------------- checkpoint
@@ -181,15 +285,23 @@ class MetricsConfig(Section):
 
 # --------------------------------------------------------------------------------------- tracking
 class TrackingConfig(Section):
-    progress_bar: bool = Field(True, description="Show a progress bar with ETA on rank 0 when the console is a terminal.")
+    progress_bar: bool = Field(
+        True, description="Show a progress bar with ETA on rank 0 when the console is a terminal."
+    )
 
 
 # ---------------------------------------------------------------------------------------- cluster
 class ClusterConfig(Section):
-    workers: int = Field(1, ge=1, description="Training processes (one per GPU on GPU clusters); `distrain train` runs one unless launched by torchrun.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Training processes (one per GPU on GPU clusters); `distrain train` runs one unless launched by torchrun.",
+    )
     gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker asks for (0 on CPU).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker asks for.")
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="How workers are placed over nodes.")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed over nodes."
+    )
 
 
 class Config(Section):
@@ -198,13 +310,25 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, directory, device, seed.")
     model: ModelConfig = Field(..., description="Which model and its shape.")
     data: DataConfig = Field(..., description="Where the data is and how it is read.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Steps, batch sizes, eval and log cadence.")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="ZeRO stage, precision, accumulation, clipping, offload.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="When checkpoints are saved.")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Steps, batch sizes, eval and log cadence."
+    )
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="Optimizer and learning-rate schedule."
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="ZeRO stage, precision, accumulation, clipping, offload."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="When checkpoints are saved."
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="What is measured and written.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Console and experiment tracking.")
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Workers and resources for launchers.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Console and experiment tracking."
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Workers and resources for launchers."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -213,17 +337,27 @@ class Config(Section):
         kind = get_spec(self.model.name).batch_kind
         fmt = self.data.format
         if kind == "images" and fmt in ("jsonl", "txt"):
-            raise ValueError(f"model.name={self.model.name} trains on images but data.format={fmt} is text; use imagefolder or parquet")
+            raise ValueError(
+                f"model.name={self.model.name} trains on images but data.format={fmt} is text; use imagefolder or parquet"
+            )
         if kind == "tokens" and fmt == "imagefolder":
-            raise ValueError(f"model.name={self.model.name} trains on text but data.format=imagefolder; use jsonl, txt or parquet")
+            raise ValueError(
+                f"model.name={self.model.name} trains on text but data.format=imagefolder; use jsonl, txt or parquet"
+            )
         if self.parallel.activation_checkpointing and self.model.name != "gpt":
-            raise ValueError(f"parallel.activation_checkpointing is supported for model.name=gpt only (got {self.model.name}); set it to false")
+            raise ValueError(
+                f"parallel.activation_checkpointing is supported for model.name=gpt only (got {self.model.name}); set it to false"
+            )
         if self.model.name == "gpt":
             max_len = self.model.max_seq_len or self.data.seq_len
             if self.data.seq_len > max_len:
-                raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len}); raise model.max_seq_len or lower data.seq_len")
+                raise ValueError(
+                    f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len}); raise model.max_seq_len or lower data.seq_len"
+                )
         if self.parallel.offload_params and self.parallel.zero_stage != 3:
-            raise ValueError(f"parallel.offload_params needs parallel.zero_stage=3 (got {self.parallel.zero_stage})")
+            raise ValueError(
+                f"parallel.offload_params needs parallel.zero_stage=3 (got {self.parallel.zero_stage})"
+            )
         if self.parallel.offload_optimizer and self.parallel.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
         check_topology(self, self.cluster.workers)
@@ -240,7 +374,11 @@ def check_topology(cfg: Config, world_size: int) -> None:
     have = global_batch(cfg, world_size)
     if want is not None and want != have:
         per = cfg.train.micro_batch_size * world_size
-        hint = f"set parallel.grad_accum={want // per}" if want % per == 0 else "pick train.global_batch_size divisible by micro_batch_size x workers"
+        hint = (
+            f"set parallel.grad_accum={want // per}"
+            if want % per == 0
+            else "pick train.global_batch_size divisible by micro_batch_size x workers"
+        )
         raise ValueError(
             f"train.global_batch_size={want} but train.micro_batch_size={cfg.train.micro_batch_size} x "
             f"parallel.grad_accum={cfg.parallel.grad_accum} x world size {world_size} = {have}; {hint}, "
@@ -258,7 +396,9 @@ def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
     cls: type[BaseModel] = Config
     for part in path:
         if cls is Config and part == "model":
-            name = (data.get("model") or {}).get("name", "gpt") if isinstance(data.get("model"), dict) else "gpt"
+            name = (
+                (data.get("model") or {}).get("name", "gpt") if isinstance(data.get("model"), dict) else "gpt"
+            )
             cls = MODEL_CLASSES.get(name, GPTModelConfig)
             continue
         field = cls.model_fields.get(part)
@@ -297,9 +437,13 @@ def _format_errors(err: ValidationError, data: dict, source: str, overridden: se
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}' in {source}")
         elif e["type"] == "union_tag_invalid":
-            lines.append(f"model.name={e.get('ctx', {}).get('tag')!r} is not a known model ({where}); allowed: {', '.join(MODEL_CLASSES)}")
+            lines.append(
+                f"model.name={e.get('ctx', {}).get('tag')!r} is not a known model ({where}); allowed: {', '.join(MODEL_CLASSES)}"
+            )
         elif e["type"] == "union_tag_not_found":
-            lines.append(f"missing required key 'model.name' in {source}; allowed: {', '.join(MODEL_CLASSES)}")
+            lines.append(
+                f"missing required key 'model.name' in {source}; allowed: {', '.join(MODEL_CLASSES)}"
+            )
         elif e["type"] == "value_error" and not e["loc"] or e["type"] == "value_error" and len(loc) <= 1:
             lines.append(f"{e['msg'].removeprefix('Value error, ')} ({source})")
         else:
@@ -314,7 +458,9 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     key, raw = arg.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"bad override '{arg}': the key must be dotted, section.key=value (e.g. optim.lr=3e-4)")
+        raise ConfigError(
+            f"bad override '{arg}': the key must be dotted, section.key=value (e.g. optim.lr=3e-4)"
+        )
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
@@ -327,7 +473,9 @@ def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
     for i, part in enumerate(parts[:-1]):
         cls = _section_class(tuple(parts[:i]), data)
         if cls is not None and part not in cls.model_fields:
-            raise ConfigError(f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _valid_keys(cls))}")
+            raise ConfigError(
+                f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _valid_keys(cls))}"
+            )
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise ConfigError(f"bad override '{arg}': '{'.'.join(parts[: i + 1])}' is not a section")
@@ -350,7 +498,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         source = str(path)
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/gpt-cpu-tiny.yaml")
+            raise ConfigError(
+                f"config file {path} not found; pass a YAML file such as configs/gpt-cpu-tiny.yaml"
+            )
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -392,7 +542,9 @@ def reference_markdown() -> str:
         out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
         sec = title.split(" ")[0]
         for key, f in cls.model_fields.items():
-            default = "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
+            default = (
+                "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
+            )
             out.append(f"| `{sec}.{key}` | `{default!r}` | {f.description} |")
         out.append("")
     return "\n".join(out)

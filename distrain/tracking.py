@@ -17,7 +17,9 @@ _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _KnownNoise(logging.Filter):
     """Drops DeepSpeed warnings about things distrain handles on purpose."""
 
-    _SKIP = ("get learning rate from scheduler before it has started",)  # the scheduler is primed in build_engine
+    _SKIP = (
+        "get learning rate from scheduler before it has started",
+    )  # the scheduler is primed in build_engine
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -36,7 +38,16 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "filelock", "fsspec"):
+    for noisy in (
+        "DeepSpeed",
+        "deepspeed",
+        "torch.distributed",
+        "datasets",
+        "httpx",
+        "urllib3",
+        "filelock",
+        "fsspec",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:  # DeepSpeed's logger does not propagate: quiet it directly
         from deepspeed.utils import logger as ds_logger
@@ -77,11 +88,24 @@ class Console:
         self.total = total_steps
         if progress_bar and sys.stderr.isatty():
             from rich.console import Console as RichConsole
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=RichConsole(stderr=True),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=RichConsole(stderr=True),
             )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
@@ -95,8 +119,14 @@ class Console:
 
     def record(self, rec: dict[str, Any]) -> None:
         parts = [f"step {rec['step']}/{self.total}"]
-        for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.3g}"), ("grad_norm", "{:.3f}"),
-                         ("samples_per_s", "{:,.1f}"), ("tokens_per_s", "{:,.0f}")):
+        for key, fmt in (
+            ("loss", "{:.4f}"),
+            ("eval_loss", "{:.4f}"),
+            ("lr", "{:.3g}"),
+            ("grad_norm", "{:.3f}"),
+            ("samples_per_s", "{:,.1f}"),
+            ("tokens_per_s", "{:,.0f}"),
+        ):
             if rec.get(key) is not None:
                 parts.append(f"{key} " + fmt.format(rec[key]))
         if self.bar is not None:
@@ -112,7 +142,9 @@ class Console:
 class Tracker:
     """Rank 0 writes; every other rank holds a Tracker that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, jsonl: bool, total_steps: int, start_step: int, progress_bar: bool):
+    def __init__(
+        self, run_dir: Path, enabled: bool, jsonl: bool, total_steps: int, start_step: int, progress_bar: bool
+    ):
         self.enabled = enabled
         self.jsonl = JsonlWriter(run_dir / "metrics.jsonl") if enabled and jsonl else None
         self.console = Console(total_steps, start_step, progress_bar) if enabled else None

@@ -43,13 +43,21 @@ def setup(cfg: Config) -> Session:
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, dist_info.world_size)
-    tracker = Tracker(run_dir, dist_info.is_main, cfg.metrics.jsonl, cfg.train.steps, 0, cfg.tracking.progress_bar)
+    tracker = Tracker(
+        run_dir, dist_info.is_main, cfg.metrics.jsonl, cfg.train.steps, 0, cfg.tracking.progress_bar
+    )
     trainer = Trainer(cfg, engine, data, dist_info, tracker)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
     log.info(
         "distrain: run %s | dir %s | world size %d | device %s | model %s (%.2fM params) | ZeRO %d | %s",
-        cfg.run.name, run_dir, dist_info.world_size, dist_info.device, cfg.model.name, n_params / 1e6,
-        cfg.parallel.zero_stage, cfg.parallel.precision,
+        cfg.run.name,
+        run_dir,
+        dist_info.world_size,
+        dist_info.device,
+        cfg.model.name,
+        n_params / 1e6,
+        cfg.parallel.zero_stage,
+        cfg.parallel.precision,
     )
     return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker)
 
@@ -67,5 +75,12 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
     if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("run %s: %s at step %d/%d in %.1fs", cfg.run.name, summary["status"], summary["step"], summary["steps"], summary["elapsed_s"])
+        log.info(
+            "run %s: %s at step %d/%d in %.1fs",
+            cfg.run.name,
+            summary["status"],
+            summary["step"],
+            summary["steps"],
+            summary["elapsed_s"],
+        )
     return summary

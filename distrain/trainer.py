@@ -21,7 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, engine, data: DataPipeline, dist_info: DistInfo, tracker: Tracker, checkpointer=None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        data: DataPipeline,
+        dist_info: DistInfo,
+        tracker: Tracker,
+        checkpointer=None,
+    ):
         self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
         self.checkpointer = checkpointer
         self.spec = get_spec(cfg.model.name)
@@ -29,7 +37,9 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
         self.stop_reason: str | None = None
-        self.float_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+        self.float_dtype = (
+            torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+        )
         self.channels_last = self.spec.batch_kind == "images" and dist_info.device.type == "cuda"
         # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
         # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here on log steps
@@ -53,7 +63,9 @@ class Trainer:
         def on_sigint(signum, frame):
             if self.stop_reason is not None:  # second Ctrl-C: stop now
                 raise KeyboardInterrupt
-            log.warning("interrupt: finishing step %d, then stopping (Ctrl-C again to abort at once)", self.step + 1)
+            log.warning(
+                "interrupt: finishing step %d, then stopping (Ctrl-C again to abort at once)", self.step + 1
+            )
             self.request_stop("interrupted")
 
         signal.signal(signal.SIGINT, on_sigint)

@@ -12,8 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 os.environ.update(
-    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
-    WANDB_SILENT="true", RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    WANDB_MODE="offline",
+    WANDB_SILENT="true",
+    RAY_USAGE_STATS_ENABLED="0",
+    DS_ACCELERATOR="cpu",
+    TOKENIZERS_PARALLELISM="false",
 )
 # DeepSpeed JIT-compiles a CPU op on first use (~30-50 s); keep it across sessions and CI runs
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distrain" / "torch_extensions"))

@@ -18,8 +18,19 @@ DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
 def test_train_command_end_to_end(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    p = subprocess.run([*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}", "train.steps=4",
-                        "train.log_every=2"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            *DISTRAIN,
+            "train",
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "train.steps=4",
+            "train.log_every=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [2, 4]
@@ -29,9 +40,20 @@ def test_train_command_end_to_end(in_workdir, tmp_path):
 
 def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen([*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}",
-                             "train.steps=1000000", "train.log_every=1", "train.eval_every=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *DISTRAIN,
+            "train",
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "train.steps=1000000",
+            "train.log_every=1",
+            "train.eval_every=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -49,21 +71,40 @@ def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
 
 
 def test_config_error_exits_1_before_anything_runs(in_workdir, tmp_path):
-    p = subprocess.run([*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'r'}", "optim.lrr=1"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'r'}", "optim.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1
     assert "unknown key 'optim.lrr'" in p.stderr and "did you mean 'optim.lr'" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
-    p = subprocess.run([*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), "data.train_path=data/none.jsonl"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), "data.train_path=data/none.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and "data.train_path: no data files at 'data/none.jsonl'" in p.stderr
 
 
 def test_progress_bar_with_eta_on_a_terminal(in_workdir, tmp_path):
     master, slave = pty.openpty()
-    proc = subprocess.Popen([*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'r'}",
-                             "train.steps=30", "checkpoint.at_end=false"],
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "160"})
+    proc = subprocess.Popen(
+        [
+            *DISTRAIN,
+            "train",
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={tmp_path / 'r'}",
+            "train.steps=30",
+            "checkpoint.at_end=false",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "160"},
+    )
     os.close(slave)
     out = b""
     while True:

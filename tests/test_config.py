@@ -75,7 +75,9 @@ def test_bad_value_names_key_value_and_allowed(arg, key, allowed):
 
 def test_bad_value_in_file_names_file(tmp_path):
     p = _write(tmp_path, "model: {name: gpt}\ndata: {train_path: x}\ntrain: {micro_batch_size: 0}\n")
-    with pytest.raises(ConfigError, match=rf"key 'train.micro_batch_size' = 0 in {p}.*greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=rf"key 'train.micro_batch_size' = 0 in {p}.*greater than or equal to 1"
+    ):
         load_config(p)
 
 
@@ -90,11 +92,27 @@ def test_unknown_model_and_missing_sections(tmp_path):
 
 def test_topology_error_prints_every_factor():
     with pytest.raises(ConfigError) as ei:
-        load_config(GPT, ["train.global_batch_size=64", "train.micro_batch_size=8", "parallel.grad_accum=2", "cluster.workers=3"])
+        load_config(
+            GPT,
+            [
+                "train.global_batch_size=64",
+                "train.micro_batch_size=8",
+                "parallel.grad_accum=2",
+                "cluster.workers=3",
+            ],
+        )
     msg = str(ei.value)
     for part in ("train.global_batch_size=64", "micro_batch_size=8", "grad_accum=2", "world size 3", "= 48"):
         assert part in msg
-    cfg = load_config(GPT, ["train.global_batch_size=64", "train.micro_batch_size=8", "parallel.grad_accum=2", "cluster.workers=4"])
+    cfg = load_config(
+        GPT,
+        [
+            "train.global_batch_size=64",
+            "train.micro_batch_size=8",
+            "parallel.grad_accum=2",
+            "cluster.workers=4",
+        ],
+    )
     assert cfg.train.global_batch_size == 64
 
 
@@ -123,17 +141,27 @@ def test_presets_fill_dimensions_and_fields_override():
 
 
 def test_config_show_and_validate_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "distrain.cli", "config", "show", str(GPT), "parallel.zero_stage=3"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "distrain.cli", "config", "show", str(GPT), "parallel.zero_stage=3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     shown = yaml.safe_load(out)
     assert shown["parallel"]["zero_stage"] == 3 and shown["model"]["name"] == "gpt"
     # what `show` prints is itself a valid config that resolves to the same tree
     p = tmp_path / "shown.yaml"
     p.write_text(out)
     assert load_config(p) == load_config(GPT, ["parallel.zero_stage=3"])
-    ok = subprocess.run([sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "valid" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT), "optim.lr=0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT), "optim.lr=0"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "optim.lr" in bad.stderr
 
 

@@ -29,7 +29,10 @@ def test_config_validates(name):
 
 @pytest.mark.parametrize("name", CPU)
 def test_cpu_config_runs_two_steps(in_workdir, tmp_path, name):
-    cfg = load_config(CONFIGS / name, [f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.log_every=1", "checkpoint.at_end=false"])
+    cfg = load_config(
+        CONFIGS / name,
+        [f"run.dir={tmp_path / 'run'}", "train.steps=2", "train.log_every=1", "checkpoint.at_end=false"],
+    )
     summary = run(cfg)
     assert summary["status"] == "completed" and summary["step"] == 2
     recs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
@@ -51,7 +54,10 @@ def test_gpu_config_validates_and_is_refused_without_gpu(name):
     [
         (["parallel.precision=fp16"], "parallel.precision=fp16 runs on CUDA only"),
         (["parallel.backend=nccl"], "parallel.backend=nccl needs CUDA GPUs"),
-        (["parallel.zero_stage=2", "parallel.offload_optimizer=true"], "offload_optimizer/offload_params move state from GPU"),
+        (
+            ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
+            "offload_optimizer/offload_params move state from GPU",
+        ),
     ],
 )
 def test_cpu_refuses_gpu_only_combinations(overrides, message):

@@ -57,7 +57,9 @@ def test_ranks_and_workers_read_disjoint_documents(tmp_path, world, workers):
     tok = ByteTokenizer()
     seen: list[str] = []
     for rank in range(world):
-        ds = PackedText(files, "jsonl", tok, 32, "text", rank=rank, world=world, seed=0, shuffle=True, loop=False)
+        ds = PackedText(
+            files, "jsonl", tok, 32, "text", rank=rank, world=world, seed=0, shuffle=True, loop=False
+        )
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_tag_worker)
         streams: dict[int, list[np.ndarray]] = {}
         for wid, b in loader:
@@ -88,19 +90,40 @@ def test_txt_and_parquet_text_and_hf_tokenizer(in_workdir, tmp_path):
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
     t.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path / "tok"
+    )
 
     for fmt_overrides in (
         [f"data.train_path={tmp_path / 'txt'}/*.txt"],
         [f"data.train_path={tmp_path / 'docs.parquet'}", "data.text_field=body"],
-        [f"data.train_path={tmp_path / 'docs.parquet'}", "data.text_field=body", f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=320"],
+        [
+            f"data.train_path={tmp_path / 'docs.parquet'}",
+            "data.text_field=body",
+            f"data.tokenizer={tmp_path / 'tok'}",
+            "model.vocab_size=320",
+        ],
     ):
-        cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [f"run.dir={tmp_path / 'run'}", "train.steps=3", "data.eval_path=null",
-                                                          "data.seq_len=32", "checkpoint.at_end=false", *fmt_overrides])
+        cfg = load_config(
+            CONFIGS / "gpt-cpu-tiny.yaml",
+            [
+                f"run.dir={tmp_path / 'run'}",
+                "train.steps=3",
+                "data.eval_path=null",
+                "data.seq_len=32",
+                "checkpoint.at_end=false",
+                *fmt_overrides,
+            ],
+        )
         assert run(cfg)["status"] == "completed"
 
-    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"])
-    with pytest.raises(ValueError, match=r"model.vocab_size \(100\) is smaller than the vocabulary .* set model.vocab_size >= \d+"):
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model.vocab_size \(100\) is smaller than the vocabulary .* set model.vocab_size >= \d+",
+    ):
         DataPipeline(cfg)
 
 
@@ -116,16 +139,34 @@ def test_parquet_images_train_and_label_checks(in_workdir, tmp_path):
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 64)
-    pq.write_table(pa.table({"image": [{"bytes": _png(int(60 * lab + 10)), "path": None} for lab in labels], "label": labels}),
-                   tmp_path / "img.parquet")
+    pq.write_table(
+        pa.table(
+            {"image": [{"bytes": _png(int(60 * lab + 10)), "path": None} for lab in labels], "label": labels}
+        ),
+        tmp_path / "img.parquet",
+    )
     pq.write_table(pa.table({"png": [_png(1)] * 8, "label": [0] * 8}), tmp_path / "raw.parquet")
-    base = [f"run.dir={tmp_path / 'run'}", "train.steps=3", "train.micro_batch_size=8", "data.eval_path=null", "checkpoint.at_end=false"]
-    cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'img.parquet'}"])
+    base = [
+        f"run.dir={tmp_path / 'run'}",
+        "train.steps=3",
+        "train.micro_batch_size=8",
+        "data.eval_path=null",
+        "checkpoint.at_end=false",
+    ]
+    cfg = load_config(
+        CONFIGS / "resnet-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'img.parquet'}"]
+    )
     assert run(cfg)["status"] == "completed"
-    cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'raw.parquet'}", "data.image_field=png"])
+    cfg = load_config(
+        CONFIGS / "resnet-cpu-tiny.yaml",
+        [*base, f"data.train_path={tmp_path / 'raw.parquet'}", "data.image_field=png"],
+    )
     batch = next(DataPipeline(cfg).train_batches())
     assert batch["images"].shape == (8, 3, 32, 32) and batch["labels"].tolist() == [0] * 8
-    cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'img.parquet'}", "data.label_field=y"])
+    cfg = load_config(
+        CONFIGS / "resnet-cpu-tiny.yaml",
+        [*base, f"data.train_path={tmp_path / 'img.parquet'}", "data.label_field=y"],
+    )
     with pytest.raises(KeyError, match=r"data.label_field: .*img.parquet has no column 'y'"):
         next(DataPipeline(cfg).train_batches())
     cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [*base, "model.num_classes=5"])
@@ -139,15 +180,22 @@ def test_imagefolder_batches_and_eval_transform(in_workdir):
     b = next(pipe.train_batches())
     assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.float32
     ev1, ev2 = pipe.eval_batches(), pipe.eval_batches()
-    assert len(ev1) == cfg.train.eval_batches and all(torch.equal(a["images"], c["images"]) for a, c in zip(ev1, ev2))
+    assert len(ev1) == cfg.train.eval_batches and all(
+        torch.equal(a["images"], c["images"]) for a, c in zip(ev1, ev2, strict=False)
+    )
 
 
 def test_missing_data_and_bad_field_errors(in_workdir, tmp_path):
     cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", ["data.train_path=data/nothing/*.jsonl"])
-    with pytest.raises(FileNotFoundError, match=r"data.train_path: no data files at 'data/nothing/\*.jsonl'.*distrain data prepare"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"data.train_path: no data files at 'data/nothing/\*.jsonl'.*distrain data prepare",
+    ):
         DataPipeline(cfg)
     files = _write_jsonl(tmp_path, _docs(5), shards=1)
-    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [f"data.train_path={files[0]}", "data.text_field=content"])
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml", [f"data.train_path={files[0]}", "data.text_field=content"]
+    )
     with pytest.raises(KeyError, match=r"data.text_field: row 0 of .*part-0.jsonl.* has no field 'content'"):
         next(DataPipeline(cfg).train_batches())
 

@@ -29,11 +29,18 @@ def test_gpt_init_from_hf_dir_and_freeze(in_workdir, tmp_path, stage):
     donor.save_pretrained(tmp_path / "donor")  # a local HF directory (model.safetensors + config.json)
     donor_sd = {k: v.clone() for k, v in donor.state_dict().items()}
 
-    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [
-        f"run.dir={tmp_path / 'run'}", "train.steps=8", "train.eval_every=0", "checkpoint.at_end=false",
-        f"model.init_from={tmp_path / 'donor'}", "model.freeze=['transformer.wte.*', 'transformer.h.0.*']",
-        f"parallel.zero_stage={stage}",
-    ])
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        [
+            f"run.dir={tmp_path / 'run'}",
+            "train.steps=8",
+            "train.eval_every=0",
+            "checkpoint.at_end=false",
+            f"model.init_from={tmp_path / 'donor'}",
+            "model.freeze=['transformer.wte.*', 'transformer.h.0.*']",
+            f"parallel.zero_stage={stage}",
+        ],
+    )
     s = setup(cfg)
     before = _full_state(s.engine)
     for k, v in donor_sd.items():  # the weights arrived (seed 0 would give other weights)
@@ -54,10 +61,18 @@ def test_resnet_init_from_torchvision_state_dict_new_head(in_workdir, tmp_path):
     torch.manual_seed(7)
     donor = torchvision.models.resnet18(num_classes=5)  # another task's head: shape differs
     torch.save(donor.state_dict(), tmp_path / "r18.pt")
-    cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [
-        f"run.dir={tmp_path / 'run'}", "train.steps=4", "train.micro_batch_size=8", "train.eval_every=0",
-        "checkpoint.at_end=false", f"model.init_from={tmp_path / 'r18.pt'}", "model.freeze=['conv1.*', 'layer1.*']",
-    ])
+    cfg = load_config(
+        CONFIGS / "resnet-cpu-tiny.yaml",
+        [
+            f"run.dir={tmp_path / 'run'}",
+            "train.steps=4",
+            "train.micro_batch_size=8",
+            "train.eval_every=0",
+            "checkpoint.at_end=false",
+            f"model.init_from={tmp_path / 'r18.pt'}",
+            "model.freeze=['conv1.*', 'layer1.*']",
+        ],
+    )
     s = setup(cfg)
     before = _full_state(s.engine)
     assert torch.equal(before["layer2.0.conv1.weight"], donor.state_dict()["layer2.0.conv1.weight"])
@@ -80,13 +95,17 @@ def test_init_from_safetensors_file_and_errors(in_workdir, tmp_path):
     assert all(torch.equal(got.state_dict()[k], v) for k, v in donor.state_dict().items())
 
     with pytest.raises(FileNotFoundError, match="model.init_from: .*missing.pt does not exist"):
-        build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'missing.pt'}"]))
+        build_model(
+            load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'missing.pt'}"])
+        )
     torch.save({"other": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no tensor in .*other.pt matches"):
         build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'other.pt'}"]))
     torch.save({"w": [object]}, tmp_path / "pickle.pt")
     with pytest.raises(ValueError, match="not a weights-only torch state dict"):
-        build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'pickle.pt'}"]))
+        build_model(
+            load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'pickle.pt'}"])
+        )
     with pytest.raises(ValueError, match=r"model.freeze: pattern 'nothing\.\*' matches no parameter"):
         build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", ["model.freeze=['nothing.*']"]))
     with pytest.raises(ValueError, match="every parameter is frozen"):

@@ -20,10 +20,27 @@ def _port() -> int:
 @pytest.mark.world_size
 def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "distrain.cli", "train", str(CONFIGS / "gpt-cpu-tiny.yaml"),
-           f"run.dir={run_dir}", "train.steps=30", "train.log_every=5", "parallel.zero_stage=2", "cluster.workers=2",
-           "checkpoint.at_end=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_port()),
+        "-m",
+        "distrain.cli",
+        "train",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={run_dir}",
+        "train.steps=30",
+        "train.log_every=5",
+        "parallel.zero_stage=2",
+        "cluster.workers=2",
+        "checkpoint.at_end=false",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -23,10 +23,19 @@ CONFIG_OF = {"gpt": "gpt-cpu-tiny.yaml", "lstm": "lstm-cpu-tiny.yaml", "resnet":
 
 def train(tmp_path, model: str, *overrides: str, steps: int = 30):
     run_dir = tmp_path / "run"
-    cfg = load_config(CONFIGS / CONFIG_OF[model], [
-        f"run.dir={run_dir}", f"train.steps={steps}", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=3",
-        "checkpoint.at_end=false", *SMALL[model], *overrides,
-    ])
+    cfg = load_config(
+        CONFIGS / CONFIG_OF[model],
+        [
+            f"run.dir={run_dir}",
+            f"train.steps={steps}",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "optim.warmup_steps=3",
+            "checkpoint.at_end=false",
+            *SMALL[model],
+            *overrides,
+        ],
+    )
     summary = run(cfg)
     return summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir
 
@@ -41,7 +50,9 @@ def _falls(records, factor=0.8):
 @pytest.mark.parametrize("stage", [0, 2])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_loss_falls(in_workdir, tmp_path, model, stage, precision):
-    summary, records, _ = train(tmp_path, model, f"parallel.zero_stage={stage}", f"parallel.precision={precision}")
+    summary, records, _ = train(
+        tmp_path, model, f"parallel.zero_stage={stage}", f"parallel.precision={precision}"
+    )
     assert summary["status"] == "completed" and summary["step"] == 30
     ok, (first, last) = _falls(records)
     assert ok, f"{model} ZeRO {stage} {precision}: loss {first:.3f} -> {last:.3f}"
@@ -55,8 +66,15 @@ def test_zero3_trains_gpt(in_workdir, tmp_path, precision):
 
 
 def test_llama_arch_grad_accum_and_activation_checkpointing(in_workdir, tmp_path):
-    summary, records, _ = train(tmp_path, "gpt", "model.arch=llama", "model.n_kv_head=2", "parallel.grad_accum=2",
-                                "parallel.activation_checkpointing=true", "parallel.zero_stage=2")
+    summary, records, _ = train(
+        tmp_path,
+        "gpt",
+        "model.arch=llama",
+        "model.n_kv_head=2",
+        "parallel.grad_accum=2",
+        "parallel.activation_checkpointing=true",
+        "parallel.zero_stage=2",
+    )
     assert summary["samples_seen"] == 30 * 8 * 2
     ok, (first, last) = _falls(records)
     assert ok, f"llama: loss {first:.3f} -> {last:.3f}"
@@ -87,7 +105,9 @@ def test_image_metrics_have_no_token_rate(in_workdir, tmp_path):
 
 
 def test_warmup_starts_above_zero_and_cosine_ends_at_floor(in_workdir, tmp_path):
-    _, records, _ = train(tmp_path, "gpt", "optim.warmup_steps=4", "optim.lr=0.01", "optim.min_lr_ratio=0.1", steps=12)
+    _, records, _ = train(
+        tmp_path, "gpt", "optim.warmup_steps=4", "optim.lr=0.01", "optim.min_lr_ratio=0.1", steps=12
+    )
     lrs = [r["lr"] for r in records]
     assert lrs[0] == pytest.approx(0.01 / 5)  # step 1 of 4 warmup steps: lr/(W+1), never 0
     assert lrs[:4] == sorted(lrs[:4])

@@ -9,7 +9,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def measured_train_flops(make: Callable[[], nn.Module], step: Callable[[nn.Module], None], device: str = "meta") -> float:
+def measured_train_flops(
+    make: Callable[[], nn.Module], step: Callable[[nn.Module], None], device: str = "meta"
+) -> float:
     """Build a model with ``make`` (on ``device``; 'meta' allocates nothing), run ``step`` under
     FlopCounterMode and return the FLOPs counted (forward + backward)."""
     with torch.device(device):

@@ -19,17 +19,33 @@ def hf_config(cfg: Config):
         from transformers import GPT2Config
 
         return GPT2Config(
-            vocab_size=m.vocab_size, n_positions=max_len, n_embd=m.d_model, n_layer=m.n_layer, n_head=m.n_head,
-            n_inner=m.d_ff, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
-            tie_word_embeddings=m.tie_embeddings, bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1,
+            vocab_size=m.vocab_size,
+            n_positions=max_len,
+            n_embd=m.d_model,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_inner=m.d_ff,
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
+            tie_word_embeddings=m.tie_embeddings,
+            bos_token_id=m.vocab_size - 1,
+            eos_token_id=m.vocab_size - 1,
         )
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, max_position_embeddings=max_len,
-        attention_dropout=m.dropout, tie_word_embeddings=m.tie_embeddings,
-        bos_token_id=m.vocab_size - 1, eos_token_id=m.vocab_size - 1,
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.d_ff,
+        num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head,
+        num_key_value_heads=m.n_kv_head,
+        max_position_embeddings=max_len,
+        attention_dropout=m.dropout,
+        tie_word_embeddings=m.tie_embeddings,
+        bos_token_id=m.vocab_size - 1,
+        eos_token_id=m.vocab_size - 1,
     )
 
 

@@ -18,7 +18,9 @@ class LSTMLM(nn.Module):
     def __init__(self, vocab_size: int, d_embed: int, d_hidden: int, n_layer: int, dropout: float, tie: bool):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_embed)
-        self.lstm = nn.LSTM(d_embed, d_hidden, num_layers=n_layer, batch_first=True, dropout=dropout if n_layer > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            d_embed, d_hidden, num_layers=n_layer, batch_first=True, dropout=dropout if n_layer > 1 else 0.0
+        )
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(d_hidden, vocab_size, bias=False)
         if tie:

@@ -56,4 +56,6 @@ def flops_per_sample(cfg: Config) -> float:
     return _flops(m.depth, m.num_classes, m.image_size, m.in_channels)
 
 
-SPEC = ModelSpec(name="resnet", batch_kind="images", build=build, loss=loss, flops_per_sample=flops_per_sample)
+SPEC = ModelSpec(
+    name="resnet", batch_kind="images", build=build, loss=loss, flops_per_sample=flops_per_sample
+)

@@ -18,7 +18,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a HF directory, a .safetensors file or a torch file (weights_only)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"model.init_from: {p} does not exist; give a HF model directory, a .safetensors file or a .pt/.pth state dict")
+        raise FileNotFoundError(
+            f"model.init_from: {p} does not exist; give a HF model directory, a .safetensors file or a .pt/.pth state dict"
+        )
     if p.is_dir():
         shards = sorted(p.glob("model-*-of-*.safetensors"))
         if shards:
@@ -29,7 +31,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         for name in _STATE_FILES:
             if (p / name).is_file():
                 return read_state_dict(p / name)
-        raise FileNotFoundError(f"model.init_from: directory {p} holds none of {', '.join(_STATE_FILES)} or sharded model-*-of-*.safetensors")
+        raise FileNotFoundError(
+            f"model.init_from: directory {p} holds none of {', '.join(_STATE_FILES)} or sharded model-*-of-*.safetensors"
+        )
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -37,7 +41,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise ValueError(f"model.init_from: {p} is not a weights-only torch state dict ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        raise ValueError(
+            f"model.init_from: {p} is not a weights-only torch state dict ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -52,7 +58,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     # tolerate a 'module.' prefix from DDP/DeepSpeed saves
     if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in own):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
     unexpected = sorted(k for k in sd if k not in own)
@@ -64,11 +70,24 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(usable, strict=False)
     missing = sorted(k for k in own if k not in usable)
     if skipped:
-        log.warning("init_from: %d tensors kept their random init because shapes differ: %s", len(skipped), ", ".join(skipped[:5]))
+        log.warning(
+            "init_from: %d tensors kept their random init because shapes differ: %s",
+            len(skipped),
+            ", ".join(skipped[:5]),
+        )
     if unexpected:
-        log.warning("init_from: %d tensors in %s have no place in the model: %s", len(unexpected), path, ", ".join(unexpected[:5]))
+        log.warning(
+            "init_from: %d tensors in %s have no place in the model: %s",
+            len(unexpected),
+            path,
+            ", ".join(unexpected[:5]),
+        )
     if missing:
-        log.info("init_from: %d model tensors not in the file keep their init: %s", len(missing), ", ".join(missing[:5]))
+        log.info(
+            "init_from: %d model tensors not in the file keep their init: %s",
+            len(missing),
+            ", ".join(missing[:5]),
+        )
     # check that the weights arrived (a silent no-op load is the classic failure)
     after = model.state_dict()
     for k, v in usable.items():
@@ -82,7 +101,9 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> int:
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ValueError(f"model.freeze: pattern {pat!r} matches no parameter; names look like {names[:4]}")
+            raise ValueError(
+                f"model.freeze: pattern {pat!r} matches no parameter; names look like {names[:4]}"
+            )
     frozen = 0
     for n, p in model.named_parameters():
         if any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
@@ -90,6 +111,8 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> int:
             frozen += p.numel()
     total = sum(p.numel() for p in model.parameters())
     if frozen == total:
-        raise ValueError("model.freeze: every parameter is frozen, so nothing would train; narrow the patterns")
+        raise ValueError(
+            "model.freeze: every parameter is frozen, so nothing would train; narrow the patterns"
+        )
     log.info("freeze: %d of %d parameters frozen", frozen, total)
     return frozen

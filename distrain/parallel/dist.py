@@ -36,16 +36,26 @@ def check_device(cfg: Config) -> str:
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
     if device == "cuda" and not has_cuda:
-        raise RuntimeError("run.device=cuda but no CUDA GPU is visible to this process; set run.device=cpu (or auto) to train on the CPU")
+        raise RuntimeError(
+            "run.device=cuda but no CUDA GPU is visible to this process; set run.device=cpu (or auto) to train on the CPU"
+        )
     if device == "cpu":
         if p.backend == "nccl":
-            raise RuntimeError("parallel.backend=nccl needs CUDA GPUs; on the CPU set parallel.backend=gloo (or auto)")
+            raise RuntimeError(
+                "parallel.backend=nccl needs CUDA GPUs; on the CPU set parallel.backend=gloo (or auto)"
+            )
         if p.precision == "fp16":
-            raise RuntimeError("parallel.precision=fp16 runs on CUDA only; on the CPU use parallel.precision=bf16 or fp32")
+            raise RuntimeError(
+                "parallel.precision=fp16 runs on CUDA only; on the CPU use parallel.precision=bf16 or fp32"
+            )
         if p.offload_optimizer or p.offload_params:
-            raise RuntimeError("parallel.offload_optimizer/offload_params move state from GPU to CPU memory; on the CPU set both to false")
+            raise RuntimeError(
+                "parallel.offload_optimizer/offload_params move state from GPU to CPU memory; on the CPU set both to false"
+            )
     elif p.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError(f"parallel.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use parallel.precision=fp16")
+        raise RuntimeError(
+            f"parallel.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use parallel.precision=fp16"
+        )
     return device
 
 
@@ -71,7 +81,9 @@ def init_distributed(cfg: Config) -> DistInfo:
     env.setdefault("LOCAL_RANK", "0")
     rank, world, local_rank = int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env["LOCAL_RANK"])
     check_topology(cfg, world)
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    backend = (
+        cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    )
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -23,11 +23,25 @@ def _scheduler(cfg: Config) -> dict[str, Any]:
     w = o.warmup_steps
     start_ratio = 1.0 / (w + 1) if w > 0 else 1.0
     if o.schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": steps, "warmup_num_steps": max(w, 1), "warmup_min_ratio": start_ratio,
-            "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_min_lr": o.lr * start_ratio, "warmup_max_lr": o.lr, "warmup_num_steps": max(w, 1), "warmup_type": "linear"}}
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": steps,
+                "warmup_num_steps": max(w, 1),
+                "warmup_min_ratio": start_ratio,
+                "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    return {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": o.lr * start_ratio,
+            "warmup_max_lr": o.lr,
+            "warmup_num_steps": max(w, 1),
+            "warmup_type": "linear",
+        },
+    }
 
 
 def mixed_precision_mode(cfg: Config) -> str | None:
@@ -53,11 +67,17 @@ def build_ds_config(cfg: Config, world_size: int, has_batchnorm: bool = False) -
         "gradient_clipping": p.grad_clip,  # DeepSpeed's own default is 1.0: always write it
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-        "optimizer": {"type": "AdamW" if o.name == "adamw" else "Adam", "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True,  # torch's Adam(W): no fused_adam C++ build, identical results
-            **({"adam_w_mode": False} if o.name == "adam" else {}),
-        }},
+        "optimizer": {
+            "type": "AdamW" if o.name == "adamw" else "Adam",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,  # torch's Adam(W): no fused_adam C++ build, identical results
+                **({"adam_w_mode": False} if o.name == "adam" else {}),
+            },
+        },
         "scheduler": _scheduler(cfg),
         "zero_optimization": {"stage": p.zero_stage},
     }
@@ -100,7 +120,8 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model)),
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
