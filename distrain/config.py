@@ -36,7 +36,9 @@ class RunConfig(Section):
         "auto", description="Where to train: auto picks cuda when a GPU is visible, else cpu."
     )
     seed: int = Field(
-        0, ge=0, description="Seed for model init, data order and dropout (each rank adds its rank)."
+        0,
+        ge=0,
+        description="Seed for model init (the same on every rank), data order, and dropout/augmentation (seed + rank).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level of rank 0 (other ranks log warnings and errors only)."

@@ -26,6 +26,8 @@ class Session:
 
 def setup(cfg: Config) -> Session:
     """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
+    import torch
+
     from distrain.checkpoint import Checkpointer
     from distrain.data import DataPipeline
     from distrain.models import build_model
@@ -40,7 +42,8 @@ def setup(cfg: Config) -> Session:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=dist_info.device.type == "cuda")
-    model = build_model(cfg)
+    model = build_model(cfg)  # seeded by run.seed: identical on every rank
+    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, dist_info.world_size)
     tracker = Tracker(

@@ -87,9 +87,9 @@ class Trainer:
             value /= self.dist.world_size
         return float(value.item())
 
-    def _batch(self, it) -> dict[str, torch.Tensor]:
-        batch = to_device(next(it), self.dist.device, self.channels_last)
-        if self.float_dtype is not None and "images" in batch:
+    def _prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = to_device(batch, self.dist.device, self.channels_last)
+        if self.float_dtype is not None and "images" in batch:  # DeepSpeed bf16/fp16 weights take that input
             batch["images"] = batch["images"].to(self.float_dtype)
         return batch
 
@@ -101,10 +101,7 @@ class Trainer:
         total = torch.zeros(())
         with torch.no_grad():
             for b in batches:
-                b = to_device(b, self.dist.device, self.channels_last)
-                if self.float_dtype is not None and "images" in b:
-                    b["images"] = b["images"].to(self.float_dtype)
-                total += self.spec.loss(self.engine, b).detach().float().cpu()
+                total += self.spec.loss(self.engine, self._prepare(b)).detach().float().cpu()
         self.engine.train()
         return self._mean_across_ranks(total / len(batches))
 
@@ -122,7 +119,7 @@ class Trainer:
             log_step = (self.step + 1) % log_every == 0 or self.step + 1 == steps
             grad_norm = None
             for micro in range(accum):
-                batch = self._batch(it)
+                batch = self._prepare(next(it))
                 loss = self.spec.loss(engine, batch)
                 engine.backward(loss)
                 if micro == accum - 1:

@@ -175,3 +175,14 @@ def test_reference_documents_every_key():
             for key, f in cls.model_fields.items():
                 assert f.description, f"{name}.{key} has no description"
                 assert f"`{name}.{key}`" in ref
+
+
+def test_readme_config_reference_is_current():
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    section = text[text.index(start) + len(start) : text.index(end)]
+    assert section.strip() == reference_markdown().strip(), (
+        "README config reference is stale: paste `distrain config reference`"
+    )

@@ -1,0 +1,257 @@
+"""Step throughput and peak memory of `distrain train` against a plain PyTorch loop and a minimal
+hand-written DeepSpeed loop: same model, data, optimizer (AdamW), schedule, clipping and precision,
+one CPU process each.
+
+    python benchmarks/bench_loop.py [--sizes tiny,large] [--repeats 3] [--steps 60] [--warmup 10]
+
+Each loop runs in its own subprocess (so each peak RSS is its own); the loops alternate and repeat,
+and the median steady-state step time (after --warmup steps) is reported. The baselines iterate
+batches prepared in memory beforehand; distrain reads them through its own data pipeline in the
+training process, so its figure includes tokenizing and packing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOG_EVERY = 5  # distrain's step time is read from metrics.jsonl: elapsed_s over each window of 5 steps
+SIZES = {
+    # tiny: the shipped tiny config; large: a step of >= 100 ms on 2 CPU cores
+    "tiny": ["model.preset=tiny", "data.seq_len=128", "train.micro_batch_size=8"],
+    "large": ["model.preset=mini", "model.n_layer=6", "data.seq_len=256", "train.micro_batch_size=8"],
+}
+
+
+def _cfg(size: str, steps: int, run_dir: str, precision: str):
+    from distrain.config import load_config
+
+    return load_config(
+        REPO / "configs" / "gpt-cpu-tiny.yaml",
+        [
+            *SIZES[size],
+            f"train.steps={steps}",
+            f"train.log_every={LOG_EVERY}",
+            "train.eval_every=0",
+            "data.eval_path=null",
+            "checkpoint.at_end=false",
+            f"run.dir={run_dir}",
+            f"parallel.precision={precision}",
+            "tracking.progress_bar=false",
+            "run.log_level=WARNING",
+        ],
+    )
+
+
+def _batches(cfg, n: int):
+    from distrain.data import DataPipeline
+
+    it = DataPipeline(cfg).train_batches()
+    return [next(it) for _ in range(n)]
+
+
+def _lr_lambda(cfg):
+    """The same schedule distrain's ds_config gives (warmup from lr/(W+1), cosine to the floor)."""
+    import math
+
+    o, steps = cfg.optim, cfg.train.steps
+    w = max(o.warmup_steps, 1)
+    start = 1.0 / (o.warmup_steps + 1) if o.warmup_steps else 1.0
+    w = max(w, 2)
+
+    def f(t: int) -> float:
+        if t < w:
+            return start + (1 - start) * t / w
+        done = min((t - w + 1) / max(1, steps - w), 1.0)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return f
+
+
+def run_plain(cfg, batches, warmup: int) -> list[float]:
+    import torch
+
+    from distrain.models import build_model, get_spec
+    from distrain.parallel.engine import param_groups
+
+    model = build_model(cfg)
+    if cfg.parallel.precision == "bf16":
+        model = model.to(
+            torch.bfloat16
+        )  # bf16 compute; master weights are not kept (cheaper than DeepSpeed's)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    loss_fn = get_spec(cfg.model.name).loss
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = loss_fn(model, b)
+        loss.backward()
+        if cfg.parallel.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.parallel.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_deepspeed(cfg, batches, warmup: int) -> list[float]:
+    """A minimal loop as a DeepSpeed user writes it, with a hand-written ds_config."""
+    import deepspeed
+
+    from distrain.models import build_model, get_spec
+    from distrain.parallel.engine import param_groups
+
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(29500 + os.getpid() % 1000),
+    )
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    o = cfg.optim
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.parallel.grad_clip,
+        "steps_per_print": 10**9,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.train.steps,
+                "warmup_num_steps": max(o.warmup_steps, 1),
+                "warmup_min_ratio": 1 / (o.warmup_steps + 1),
+                "cos_min_ratio": o.min_lr_ratio,
+            },
+        },
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        **({"bf16": {"enabled": True}} if cfg.parallel.precision == "bf16" else {}),
+    }
+    model = build_model(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_config
+    )
+    loss_fn = get_spec(cfg.model.name).loss
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = loss_fn(engine, b)
+        engine.backward(loss)
+        engine.step()
+        float(loss)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_distrain(cfg, warmup: int) -> list[float]:
+    from distrain.train import run
+
+    run(cfg)
+    recs = [json.loads(line) for line in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    el = [r["elapsed_s"] for r in recs if "loss" in r]
+    first = -(-warmup // LOG_EVERY)  # first window that starts after the warmup steps
+    return [(b - a) / LOG_EVERY for a, b in zip(el[first - 1 : -1], el[first:], strict=True)]
+
+
+def child(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _cfg(args.size, args.steps, f"{tmp}/run", args.precision)
+        if args.loop == "distrain":
+            times = run_distrain(cfg, args.warmup)
+        else:
+            batches = _batches(cfg, args.steps)
+            times = (run_plain if args.loop == "plain" else run_deepspeed)(cfg, batches, args.warmup)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        "RESULT "
+        + json.dumps({"loop": args.loop, "step_s": statistics.median(times), "peak_rss_mib": rss_mib}),
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,large")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--loop", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.loop:
+        child(args)
+        return
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    rows = []
+    for size in args.sizes.split(","):
+        res: dict[str, list[dict]] = {"plain": [], "deepspeed": [], "distrain": []}
+        for _ in range(args.repeats):
+            for loop in res:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--loop",
+                        loop,
+                        "--size",
+                        size,
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--precision",
+                        args.precision,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=os.getcwd(),
+                )
+                line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                if out.returncode or not line:
+                    sys.exit(f"{loop} {size} failed:\n{out.stderr[-3000:]}")
+                res[loop].append(json.loads(line[0][7:]))
+        med = {k: statistics.median(r["step_s"] for r in v) for k, v in res.items()}
+        rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in res.items()}
+        rows.append((size, med, rss))
+    print(
+        f"| size ({args.precision}) | plain step ms | DeepSpeed step ms | distrain step ms | distrain / DeepSpeed (throughput) | distrain / plain (throughput) | peak RSS MiB plain / DeepSpeed / distrain |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for size, med, rss in rows:
+        print(
+            f"| {size} | {med['plain'] * 1e3:.1f} | {med['deepspeed'] * 1e3:.1f} | {med['distrain'] * 1e3:.1f} | "
+            f"{med['deepspeed'] / med['distrain']:.3f}x | {med['plain'] / med['distrain']:.3f}x | "
+            f"{rss['plain']:.0f} / {rss['deepspeed']:.0f} / {rss['distrain']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
