@@ -27,7 +27,9 @@ class DataPipeline:
         self.format = detect_format(d.train_path, d.format, "data.train_path")
         if self.kind == "tokens":
             if self.format == "imagefolder":
-                raise ValueError(f"data.train_path {d.train_path} is an image folder but model.name={cfg.model.name} trains on text")
+                raise ValueError(
+                    f"data.train_path {d.train_path} is an image folder but model.name={cfg.model.name} trains on text"
+                )
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ValueError(
@@ -37,7 +39,9 @@ class DataPipeline:
             self.tokens_per_sample: int | None = d.seq_len
         else:
             if self.format not in ("imagefolder", "parquet"):
-                raise ValueError(f"data.format={self.format} holds no images; model.name={cfg.model.name} needs imagefolder or parquet")
+                raise ValueError(
+                    f"data.format={self.format} holds no images; model.name={cfg.model.name} needs imagefolder or parquet"
+                )
             self.tokenizer = None
             self.tokens_per_sample = None
 
@@ -49,12 +53,24 @@ class DataPipeline:
         key = "data.train_path" if train else "data.eval_path"
         fmt = detect_format(path, d.format, key)
         ds = PackedText(
-            resolve_files(path, key), fmt, self.tokenizer, d.seq_len, d.text_field, self.rank, self.world,
-            seed=self.cfg.run.seed, shuffle=d.shuffle and train, loop=train,
+            resolve_files(path, key),
+            fmt,
+            self.tokenizer,
+            d.seq_len,
+            d.text_field,
+            self.rank,
+            self.world,
+            seed=self.cfg.run.seed,
+            shuffle=d.shuffle and train,
+            loop=train,
         )
         return DataLoader(
-            ds, batch_size=self.cfg.train.micro_batch_size, num_workers=d.num_workers if train else 0,
-            pin_memory=self.pin, persistent_workers=False, drop_last=True,
+            ds,
+            batch_size=self.cfg.train.micro_batch_size,
+            num_workers=d.num_workers if train else 0,
+            pin_memory=self.pin,
+            persistent_workers=False,
+            drop_last=True,
         )
 
     # ---------------------------------------------------------------- images
@@ -71,19 +87,36 @@ class DataPipeline:
             ds = ParquetImageDataset(path, d.image_field, d.label_field, tf, m.in_channels, key)
         top = len(ds.classes) if fmt == "imagefolder" else max(ds.classes) + 1
         if top > m.num_classes:
-            raise ValueError(f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}")
+            raise ValueError(
+                f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}"
+            )
         if len(ds) < self.cfg.train.micro_batch_size * self.world:
-            raise ValueError(f"{key}: {path} has {len(ds)} images, fewer than train.micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world}")
+            raise ValueError(
+                f"{key}: {path} has {len(ds)} images, fewer than train.micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world}"
+            )
         return ds
 
     def _image_loader(self, ds, train: bool, epoch: int) -> DataLoader:
         from distrain.data.vision import collate
 
-        sampler = DistributedSampler(ds, num_replicas=self.world, rank=self.rank, shuffle=self.cfg.data.shuffle and train,
-                                     seed=self.cfg.run.seed, drop_last=True)
+        sampler = DistributedSampler(
+            ds,
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=self.cfg.data.shuffle and train,
+            seed=self.cfg.run.seed,
+            drop_last=True,
+        )
         sampler.set_epoch(epoch)
-        return DataLoader(ds, batch_size=self.cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.cfg.data.num_workers if train else 0, pin_memory=self.pin, drop_last=True)
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.train.micro_batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.cfg.data.num_workers if train else 0,
+            pin_memory=self.pin,
+            drop_last=True,
+        )
 
     # ---------------------------------------------------------------- public
     def train_batches(self) -> Iterator[dict[str, Any]]:
@@ -115,12 +148,16 @@ class DataPipeline:
                 if len(batches) == n:
                     break
             if not batches:
-                raise ValueError(f"data.eval_path: {path} gives no full micro-batch of train.micro_batch_size={self.cfg.train.micro_batch_size} on rank {self.rank}")
+                raise ValueError(
+                    f"data.eval_path: {path} gives no full micro-batch of train.micro_batch_size={self.cfg.train.micro_batch_size} on rank {self.rank}"
+                )
             self._eval_cache = batches
         return self._eval_cache
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False
+) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in batch.items():
         v = v.to(device, non_blocking=True)

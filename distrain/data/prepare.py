@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
 def prepare_pydoc(out: Path, shards: int = 4, val_every: int = 10) -> Path:
     """pydoc topics as jsonl documents: ``train-0000{i}.jsonl`` shards and ``val.jsonl``."""
     from pydoc_data.topics import topics
@@ -34,7 +35,7 @@ def prepare_digits(out: Path, val_every: int = 5) -> Path:
 
     root = out / "digits"
     digits = load_digits()
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=False)):
         split = "val" if i % val_every == val_every - 1 else "train"
         d = root / split / str(int(label))
         d.mkdir(parents=True, exist_ok=True)

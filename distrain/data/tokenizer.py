@@ -29,14 +29,18 @@ class HFTokenizer:
 
         p = Path(path)
         if not p.is_dir():
-            raise FileNotFoundError(f"data.tokenizer: {path} is not a directory; use 'bytes' or a local tokenizer directory saved with save_pretrained")
+            raise FileNotFoundError(
+                f"data.tokenizer: {path} is not a directory; use 'bytes' or a local tokenizer directory saved with save_pretrained"
+            )
         try:
             self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - say which directory failed and why
             raise ValueError(f"data.tokenizer: cannot load a tokenizer from {path}: {exc}") from None
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         if eos is None:
-            raise ValueError(f"data.tokenizer: the tokenizer in {path} has no eos_token (or sep_token) to end documents; set one and save it again")
+            raise ValueError(
+                f"data.tokenizer: the tokenizer in {path} has no eos_token (or sep_token) to end documents; set one and save it again"
+            )
         self.eos_id = int(eos)
         self.vocab_size = len(self.tok)
         self.name = str(p)

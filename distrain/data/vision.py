@@ -41,7 +41,9 @@ class ImageFolderDataset(Dataset):
             if f.suffix.lower() in IMAGE_EXT
         ]
         if not self.samples:
-            raise FileNotFoundError(f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/")
+            raise FileNotFoundError(
+                f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/"
+            )
         self.transform, self.mode = transform, "RGB" if channels == 3 else "L"
 
     def __len__(self) -> int:
