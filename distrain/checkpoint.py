@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -22,5 +24,8 @@ class Checkpointer:
         self.engine.save_checkpoint(
             str(self.root), tag=tag, client_state={"trainer": self.trainer.state_dict()}
         )
+        # every rank's data position (DeepSpeed keeps client_state from one rank only)
+        rank = self.trainer.dist.rank
+        torch.save(self.trainer.data.state_dict(), self.root / tag / f"data-rank{rank:05d}.pt")
         log.info("checkpoint saved: %s", self.root / tag)
         return self.root / tag

@@ -169,15 +169,26 @@ MODEL_CLASSES: dict[str, type[Section]] = {
 
 
 # -------------------------------------------------------------------------------------------- data
+class SourceConfig(Section):
+    path: str = Field(
+        ..., description="A file, directory, glob or fsspec URL (s3://, gs://, hf://, file://, memory://)."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of documents drawn from this source.")
+
+
 class DataConfig(Section):
-    train_path: str = Field(
-        ...,
-        description="Training data: a file, a directory or a glob (jsonl, txt, parquet, or an ImageFolder directory).",
+    train_path: str | None = Field(
+        None,
+        description="Training data: a file, directory, glob or fsspec URL (jsonl, txt, parquet, or an ImageFolder directory). Or use data.sources.",
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="Text only, instead of train_path: sources mixed per document by weight, e.g. [{path: a/*.jsonl, weight: 3}, {path: b.parquet, weight: 1}].",
     )
     eval_path: str | None = Field(None, description="Held-out data in the same format; no eval without it.")
     format: Literal["auto", "jsonl", "txt", "parquet", "imagefolder"] = Field(
         "auto",
-        description="File format; auto infers it from the extension (a directory of class folders is an imagefolder).",
+        description="File format; auto infers it from the extension (a directory of class folders is an imagefolder). A txt file is one document.",
     )
     text_field: str = Field("text", description="Text column of jsonl/parquet rows.")
     image_field: str = Field(
@@ -191,21 +202,59 @@ class DataConfig(Section):
     seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence (text).")
     shuffle: bool = Field(
         True,
-        description="Shuffle file order (text) or samples (images) each epoch, seeded by run.seed, epoch and rank.",
+        description="Shuffle each epoch, seeded by run.seed and epoch: text by file order and within blocks of shuffle_block rows, images by sample.",
+    )
+    shuffle_block: int = Field(
+        1024,
+        ge=1,
+        description="Text: rows permuted together (a larger block mixes more; a resume re-reads at most one block).",
     )
     num_workers: int = Field(
         0,
         ge=0,
-        description="DataLoader worker processes for decoding and tokenizing (0 = in the training process).",
+        description="DataLoader worker processes per rank for reading, decoding and tokenizing (0 = in the training process).",
+    )
+    prefetch_factor: int = Field(
+        4, ge=1, description="Batches each worker prepares ahead (with num_workers > 0)."
+    )
+    on_error: Literal["skip", "fail"] = Field(
+        "skip",
+        description="A malformed row, missing field, empty document or undecodable image: skip and count it (metrics.jsonl data_skipped_*), or stop the run naming the file and row.",
     )
     augment: bool = Field(
         True,
-        description="Images: random resized crop and horizontal flip for training (eval: resize + center crop).",
+        description="Images: training augmentation (random resized crop, optional flip); eval always resizes and center-crops.",
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.35, 1.0), description="Images: area range of the random resized crop."
     )
     hflip: bool = Field(
         True,
-        description="Images: include random horizontal flips in training augmentation (turn off for digits or text-like images).",
+        description="Images: random horizontal flips in training (turn off for digits or text-like images).",
     )
+    eval_resize_ratio: float = Field(
+        1.0,
+        ge=1.0,
+        description="Images, eval: resize the shorter side to image_size x this, then center-crop image_size (ImageNet recipes use 1.14).",
+    )
+    mean: list[float] | None = Field(
+        None,
+        description="Images: per-channel normalisation mean (default: ImageNet's for RGB, 0.5 for greyscale).",
+    )
+    std: list[float] | None = Field(
+        None,
+        description="Images: per-channel normalisation std (default: ImageNet's for RGB, 0.5 for greyscale).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.train_path is None) == (self.sources is None):
+            raise ValueError("set exactly one of data.train_path or data.sources")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources is empty; list at least one {path, weight}")
+        if self.crop_scale[0] <= 0 or self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[1] > 1:
+            raise ValueError(f"data.crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -341,6 +390,24 @@ class Config(Section):
         if kind == "images" and fmt in ("jsonl", "txt"):
             raise ValueError(
                 f"model.name={self.model.name} trains on images but data.format={fmt} is text; use imagefolder or parquet"
+            )
+        if kind == "images" and self.data.sources is not None:
+            raise ValueError("data.sources mixes text sources; for images set data.train_path")
+        if (
+            self.data.mean is not None
+            and self.model.name == "resnet"
+            and len(self.data.mean) != self.model.in_channels
+        ):
+            raise ValueError(
+                f"data.mean has {len(self.data.mean)} values but model.in_channels={self.model.in_channels}"
+            )
+        if (
+            self.data.std is not None
+            and self.model.name == "resnet"
+            and len(self.data.std) != self.model.in_channels
+        ):
+            raise ValueError(
+                f"data.std has {len(self.data.std)} values but model.in_channels={self.model.in_channels}"
             )
         if kind == "tokens" and fmt == "imagefolder":
             raise ValueError(

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from distrain.config import Config, global_batch
-from distrain.data import DataPipeline, to_device
+from distrain.data import ERROR_KINDS, DataPipeline, to_device
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
 from distrain.tracking import Tracker
@@ -36,6 +36,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
         self.stop_reason: str | None = None
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
@@ -47,12 +48,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "data_skipped": self.data_skipped.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.data_skipped = torch.tensor(state.get("data_skipped", [0] * len(ERROR_KINDS)), dtype=torch.long)
 
     # -------------------------------------------------------------- signals
     def request_stop(self, reason: str) -> None:
@@ -80,6 +87,12 @@ class Trainer:
         return bool(flag.item())
 
     # ----------------------------------------------------------------- loop
+    def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().cpu().clone()
+        if self.dist.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
     def _mean_across_ranks(self, value: torch.Tensor) -> float:
         value = value.detach().float().cpu()
         if self.dist.world_size > 1:
@@ -113,13 +126,20 @@ class Trainer:
         it = iter(self.data.train_batches())
         engine.train()
         t_start = time.perf_counter()
-        window_t0, window_steps, window_loss = t_start, 0, torch.zeros(())
+        window_t0, window_steps, window_loss, window_wait = t_start, 0, torch.zeros(()), 0.0
+        window_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
         last_eval = None
         while self.step < steps:
             log_step = (self.step + 1) % log_every == 0 or self.step + 1 == steps
             grad_norm = None
             for micro in range(accum):
-                batch = self._prepare(next(it))
+                t_wait = time.perf_counter()
+                raw = next(it)
+                window_wait += time.perf_counter() - t_wait
+                errs = raw.get("data_errors")
+                if errs is not None:
+                    window_skipped += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
+                batch = self._prepare(raw)
                 loss = self.spec.loss(engine, batch)
                 engine.backward(loss)
                 if micro == accum - 1:
@@ -148,10 +168,20 @@ class Trainer:
                     "samples_per_s": window_steps * per_step_samples / dt,
                     "tokens_per_s": window_steps * per_step_tokens / dt if per_step_tokens else None,
                     "elapsed_s": now - t_start,
+                    "data_wait_s": window_wait / window_steps,
+                    "data_wait_pct": 100.0 * window_wait / dt,
                 }
                 if not per_step_tokens:
                     record.pop("tokens_per_s")
-                window_t0, window_steps, window_loss = now, 0, torch.zeros(())
+                self.data_skipped += self._sum_across_ranks(window_skipped)
+                record.update(
+                    {
+                        f"data_skipped_{k}": int(v)
+                        for k, v in zip(ERROR_KINDS, self.data_skipped.tolist(), strict=True)
+                    }
+                )
+                window_t0, window_steps, window_loss, window_wait = now, 0, torch.zeros(()), 0.0
+                window_skipped.zero_()
             if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
                 last_eval = self.evaluate()
                 if last_eval is not None:

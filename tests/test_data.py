@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from distrain.config import load_config
-from distrain.data import DataPipeline
+from distrain.data import DataError, DataPipeline
 from distrain.data.text import PackedText
 from distrain.data.tokenizer import ByteTokenizer
 from distrain.train import run
@@ -37,7 +37,9 @@ def test_packing_reassembles_the_exact_token_stream(tmp_path):
     docs = _docs(40)
     files = _write_jsonl(tmp_path, docs, shards=1)
     tok = ByteTokenizer()
-    ds = PackedText(files, "jsonl", tok, 64, "text", rank=0, world=1, seed=0, shuffle=False, loop=False)
+    ds = PackedText(
+        [(files, "jsonl", 1.0)], tok, 64, "text", rank=0, world=1, seed=0, shuffle=False, loop=False
+    )
     got = np.concatenate([b["input_ids"].numpy() for b in ds])
     want = np.concatenate([np.append(tok.encode(d), tok.eos_id) for d in docs])
     assert len(got) == len(want) // 64 * 64  # only the final partial window is left over
@@ -58,7 +60,7 @@ def test_ranks_and_workers_read_disjoint_documents(tmp_path, world, workers):
     seen: list[str] = []
     for rank in range(world):
         ds = PackedText(
-            files, "jsonl", tok, 32, "text", rank=rank, world=world, seed=0, shuffle=True, loop=False
+            [(files, "jsonl", 1.0)], tok, 32, "text", rank, world, seed=0, shuffle=True, loop=False, block=7
         )
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_tag_worker)
         streams: dict[int, list[np.ndarray]] = {}
@@ -194,9 +196,17 @@ def test_missing_data_and_bad_field_errors(in_workdir, tmp_path):
         DataPipeline(cfg)
     files = _write_jsonl(tmp_path, _docs(5), shards=1)
     cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        [f"data.train_path={files[0]}", "data.text_field=content", "data.on_error=fail"],
+    )
+    with pytest.raises(DataError, match=r"part-0.jsonl line \d+: no field 'content' .*set data.text_field"):
+        next(DataPipeline(cfg).train_batches())
+    cfg = load_config(
         CONFIGS / "gpt-cpu-tiny.yaml", [f"data.train_path={files[0]}", "data.text_field=content"]
     )
-    with pytest.raises(KeyError, match=r"data.text_field: row 0 of .*part-0.jsonl.* has no field 'content'"):
+    with pytest.raises(
+        DataError, match=r"no usable row in a whole epoch of .*part-0.jsonl.*check data.text_field"
+    ):
         next(DataPipeline(cfg).train_batches())
 
 

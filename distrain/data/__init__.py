@@ -1,4 +1,5 @@
-"""Data pipelines: per-rank sharded, decoded off the training thread when ``data.num_workers`` > 0."""
+"""Data pipelines: per-rank sharded, decoded off the training thread when ``data.num_workers`` > 0,
+with a position (``state_dict``) that a checkpoint stores and a resume restores exactly."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from distrain.config import Config
-from distrain.data.sources import detect_format, resolve_files
+from distrain.data.sources import DataError, detect_format, resolve_files
+from distrain.data.text import ERROR_KINDS
 from distrain.data.tokenizer import load_tokenizer
 from distrain.models import get_spec
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ERROR_KINDS", "DataError", "DataPipeline", "to_device"]
 
 
 class DataPipeline:
@@ -24,12 +28,19 @@ class DataPipeline:
         self.cfg, self.rank, self.world, self.pin = cfg, rank, world, pin_memory
         self.kind = get_spec(cfg.model.name).batch_kind
         d = cfg.data
-        self.format = detect_format(d.train_path, d.format, "data.train_path")
+        self._loader = None
+        self._pending_state: dict[str, Any] | None = None
         if self.kind == "tokens":
-            if self.format == "imagefolder":
-                raise ValueError(
-                    f"data.train_path {d.train_path} is an image folder but model.name={cfg.model.name} trains on text"
-                )
+            paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
+            self.sources = []
+            for i, (path, weight) in enumerate(paths):
+                key = f"data.sources[{i}].path" if d.sources else "data.train_path"
+                fmt = detect_format(path, d.format, key)
+                if fmt == "imagefolder":
+                    raise ValueError(
+                        f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text"
+                    )
+                self.sources.append((resolve_files(path, key), fmt, weight))
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ValueError(
@@ -38,23 +49,21 @@ class DataPipeline:
                 )
             self.tokens_per_sample: int | None = d.seq_len
         else:
-            if self.format not in ("imagefolder", "parquet"):
+            fmt = detect_format(d.train_path, d.format, "data.train_path")
+            if fmt not in ("imagefolder", "parquet"):
                 raise ValueError(
-                    f"data.format={self.format} holds no images; model.name={cfg.model.name} needs imagefolder or parquet"
+                    f"data.format={fmt} holds no images; model.name={cfg.model.name} needs imagefolder or parquet"
                 )
             self.tokenizer = None
             self.tokens_per_sample = None
 
     # ------------------------------------------------------------------ text
-    def _text_loader(self, path: str, train: bool) -> DataLoader:
+    def _text_dataset(self, sources, train: bool):
         from distrain.data.text import PackedText
 
         d = self.cfg.data
-        key = "data.train_path" if train else "data.eval_path"
-        fmt = detect_format(path, d.format, key)
-        ds = PackedText(
-            resolve_files(path, key),
-            fmt,
+        return PackedText(
+            sources,
             self.tokenizer,
             d.seq_len,
             d.text_field,
@@ -63,14 +72,8 @@ class DataPipeline:
             seed=self.cfg.run.seed,
             shuffle=d.shuffle and train,
             loop=train,
-        )
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.train.micro_batch_size,
-            num_workers=d.num_workers if train else 0,
-            pin_memory=self.pin,
-            persistent_workers=False,
-            drop_last=True,
+            block=d.shuffle_block,
+            on_error=d.on_error,
         )
 
     # ---------------------------------------------------------------- images
@@ -79,12 +82,21 @@ class DataPipeline:
 
         d, m = self.cfg.data, self.cfg.model
         key = "data.train_path" if train else "data.eval_path"
-        tf = build_transform(m.image_size, m.in_channels, train, d.augment, d.hflip)
+        tf = build_transform(self.cfg, train)
         fmt = detect_format(path, d.format, key)
         if fmt == "imagefolder":
-            ds = ImageFolderDataset(path, tf, m.in_channels, key)
+            ds = ImageFolderDataset(path, tf, m.in_channels, key, seed=self.cfg.run.seed, on_error=d.on_error)
         else:
-            ds = ParquetImageDataset(path, d.image_field, d.label_field, tf, m.in_channels, key)
+            ds = ParquetImageDataset(
+                path,
+                d.image_field,
+                d.label_field,
+                tf,
+                m.in_channels,
+                key,
+                seed=self.cfg.run.seed,
+                on_error=d.on_error,
+            )
         top = len(ds.classes) if fmt == "imagefolder" else max(ds.classes) + 1
         if top > m.num_classes:
             raise ValueError(
@@ -96,40 +108,53 @@ class DataPipeline:
             )
         return ds
 
-    def _image_loader(self, ds, train: bool, epoch: int) -> DataLoader:
-        from distrain.data.vision import collate
+    # ---------------------------------------------------------------- loaders
+    def _train_loader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
 
-        sampler = DistributedSampler(
+        d, t = self.cfg.data, self.cfg.train
+        workers = {"num_workers": d.num_workers}
+        if d.num_workers:
+            workers.update(prefetch_factor=d.prefetch_factor, persistent_workers=False)
+        if self.kind == "tokens":
+            return StatefulDataLoader(
+                self._text_dataset(self.sources, True),
+                batch_size=t.micro_batch_size,
+                pin_memory=self.pin,
+                **workers,
+            )
+        from distrain.data.vision import EpochSampler, collate
+
+        ds = self._image_dataset(d.train_path, train=True)
+        sampler = EpochSampler(len(ds), self.rank, self.world, self.cfg.run.seed, d.shuffle)
+        return StatefulDataLoader(
             ds,
-            num_replicas=self.world,
-            rank=self.rank,
-            shuffle=self.cfg.data.shuffle and train,
-            seed=self.cfg.run.seed,
-            drop_last=True,
-        )
-        sampler.set_epoch(epoch)
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.train.micro_batch_size,
+            batch_size=t.micro_batch_size,
             sampler=sampler,
             collate_fn=collate,
-            num_workers=self.cfg.data.num_workers if train else 0,
-            pin_memory=self.pin,
             drop_last=True,
+            pin_memory=self.pin,
+            **workers,
         )
 
-    # ---------------------------------------------------------------- public
     def train_batches(self) -> Iterator[dict[str, Any]]:
-        """Endless stream of training micro-batches for this rank."""
-        path = self.cfg.data.train_path
-        if self.kind == "tokens":
-            yield from self._text_loader(path, train=True)
-            return
-        ds = self._image_dataset(path, train=True)
-        epoch = 0
-        while True:
-            yield from self._image_loader(ds, True, epoch)
-            epoch += 1
+        """Endless stream of training micro-batches for this rank, from the restored position if any."""
+        if self._loader is None:
+            self._loader = self._train_loader()
+            if self._pending_state is not None:
+                self._loader.load_state_dict(self._pending_state)
+        return iter(self._loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (prefetched batches are not counted)."""
+        if self._loader is None:
+            return {"loader": self._pending_state}
+        return {"loader": self._loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._loader is not None:
+            raise RuntimeError("load the data position before the first batch is drawn")
+        self._pending_state = state.get("loader")
 
     def eval_batches(self) -> list[dict[str, Any]] | None:
         """The same ``train.eval_batches`` held-out micro-batches every time; None without data.eval_path."""
@@ -138,10 +163,24 @@ class DataPipeline:
             return None
         n = self.cfg.train.eval_batches
         if not hasattr(self, "_eval_cache"):
+            mb = self.cfg.train.micro_batch_size
             if self.kind == "tokens":
-                loader = self._text_loader(path, train=False)
+                fmt = detect_format(path, self.cfg.data.format, "data.eval_path")
+                loader = DataLoader(
+                    self._text_dataset([(resolve_files(path, "data.eval_path"), fmt, 1.0)], False),
+                    batch_size=mb,
+                )
             else:
-                loader = self._image_loader(self._image_dataset(path, train=False), False, 0)
+                from distrain.data.vision import EpochSampler, collate
+
+                ds = self._image_dataset(path, train=False)
+                loader = DataLoader(
+                    ds,
+                    batch_size=mb,
+                    sampler=EpochSampler(len(ds), self.rank, self.world, 0, False, loop=False),
+                    collate_fn=collate,
+                    drop_last=True,
+                )
             batches = []
             for b in loader:
                 batches.append(b)
@@ -149,7 +188,7 @@ class DataPipeline:
                     break
             if not batches:
                 raise ValueError(
-                    f"data.eval_path: {path} gives no full micro-batch of train.micro_batch_size={self.cfg.train.micro_batch_size} on rank {self.rank}"
+                    f"data.eval_path: {path} gives no full micro-batch of train.micro_batch_size={mb} on rank {self.rank}"
                 )
             self._eval_cache = batches
         return self._eval_cache
@@ -160,6 +199,8 @@ def to_device(
 ) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in batch.items():
+        if k == "data_errors":
+            continue
         v = v.to(device, non_blocking=True)
         if channels_last and v.dim() == 4:
             v = v.contiguous(memory_format=torch.channels_last)
