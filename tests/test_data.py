@@ -40,7 +40,7 @@ def test_packing_reassembles_the_exact_token_stream(tmp_path):
     ds = PackedText(
         [(files, "jsonl", 1.0)], tok, 64, "text", rank=0, world=1, seed=0, shuffle=False, loop=False
     )
-    got = np.concatenate([b["input_ids"].numpy() for b in ds])
+    got = np.concatenate([b["input_ids"].numpy().reshape(-1) for b in ds])
     want = np.concatenate([np.append(tok.encode(d), tok.eos_id) for d in docs])
     assert len(got) == len(want) // 64 * 64  # only the final partial window is left over
     assert np.array_equal(got, want[: len(got)])
@@ -63,9 +63,10 @@ def test_ranks_and_workers_read_disjoint_documents(tmp_path, world, workers):
             [(files, "jsonl", 1.0)], tok, 32, "text", rank, world, seed=0, shuffle=True, loop=False, block=7
         )
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_tag_worker)
+        # batch_size=1: each item is one window
         streams: dict[int, list[np.ndarray]] = {}
         for wid, b in loader:
-            streams.setdefault(wid, []).append(b["input_ids"].numpy())
+            streams.setdefault(wid, []).append(b["input_ids"].numpy().reshape(-1))
         for parts in streams.values():
             ids = np.concatenate(parts)
             for piece in np.split(ids, np.where(ids == tok.eos_id)[0])[:-1]:

@@ -74,6 +74,7 @@ class DataPipeline:
             loop=train,
             block=d.shuffle_block,
             on_error=d.on_error,
+            batch_size=self.cfg.train.micro_batch_size,
         )
 
     # ---------------------------------------------------------------- images
@@ -119,7 +120,7 @@ class DataPipeline:
         if self.kind == "tokens":
             return StatefulDataLoader(
                 self._text_dataset(self.sources, True),
-                batch_size=t.micro_batch_size,
+                batch_size=None,  # PackedText yields whole micro-batches
                 pin_memory=self.pin,
                 **workers,
             )
@@ -168,7 +169,7 @@ class DataPipeline:
                 fmt = detect_format(path, self.cfg.data.format, "data.eval_path")
                 loader = DataLoader(
                     self._text_dataset([(resolve_files(path, "data.eval_path"), fmt, 1.0)], False),
-                    batch_size=mb,
+                    batch_size=None,
                 )
             else:
                 from distrain.data.vision import EpochSampler, collate

@@ -129,8 +129,9 @@ class RowCursor:
 
 
 class PackedText(IterableDataset):
-    """Endless (``loop=True``) or single-pass stream of ``{"input_ids": LongTensor[seq_len],
-    "data_errors": LongTensor[len(ERROR_KINDS)]}`` for one rank, with ``state_dict()``."""
+    """Endless (``loop=True``) or single-pass stream of batches ``{"input_ids": LongTensor[batch_size,
+    seq_len], "data_errors": LongTensor[len(ERROR_KINDS)]}`` for one rank, with ``state_dict()``.
+    Batches are built here (the DataLoader takes ``batch_size=None``): one hand-over per batch."""
 
     def __init__(
         self,
@@ -145,12 +146,13 @@ class PackedText(IterableDataset):
         loop: bool,
         block: int = 1024,
         on_error: str = "skip",
+        batch_size: int = 1,
     ):
         super().__init__()
         self.sources = sources  # (files, format, weight)
         self.tok, self.seq_len, self.text_field = tokenizer, seq_len, text_field
         self.rank, self.world, self.seed, self.shuffle, self.loop = rank, world, seed, shuffle, loop
-        self.block, self.on_error = block, on_error
+        self.block, self.on_error, self.batch_size = block, on_error, batch_size
         total = sum(w for _, _, w in sources)
         self.cum = np.cumsum([w / total for _, _, w in sources])
         self._resume: dict[str, Any] | None = None
@@ -193,6 +195,17 @@ class PackedText(IterableDataset):
         return None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rows, errors = [], None
+        for seq, state, errs in self._sequences():
+            rows.append(seq)
+            errors = errs if errors is None else errors + errs
+            if len(rows) == self.batch_size:
+                self._state = state
+                yield {"input_ids": torch.from_numpy(np.stack(rows)), "data_errors": torch.from_numpy(errors)}
+                rows, errors = [], None
+
+    def _sequences(self) -> Iterator[tuple[np.ndarray, dict[str, Any], np.ndarray]]:
+        """(window, position after it, bad rows counted since the previous window)."""
         shard, num_shards = self._shard()
         cursors = [
             RowCursor(
@@ -251,8 +264,7 @@ class PackedText(IterableDataset):
                 off += need
                 seq = np.concatenate(buf)
                 buf, have = [], 0
-                self._state = {f"shard{shard}/{num_shards}": {**before, "offset": off}}
-                yield {"input_ids": torch.from_numpy(seq), "data_errors": torch.from_numpy(errors.copy())}
+                yield seq, {f"shard{shard}/{num_shards}": {**before, "offset": off}}, errors.copy()
                 errors[:] = 0
             if off < len(toks):
                 buf.append(toks[off:])

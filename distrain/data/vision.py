@@ -57,7 +57,17 @@ class _Images(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, key: tuple[int, int] | int):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int] | int]) -> list:
+        """Decode and transform a batch of samples; the global RNG is saved once around the batch."""
+        state = torch.random.get_rng_state()
+        try:
+            return [self._sample(*(key if isinstance(key, tuple) else (key, 0))) for key in keys]
+        finally:
+            torch.random.set_rng_state(state)
+
+    def _sample(self, index: int, epoch: int):
         errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
@@ -76,19 +86,17 @@ class _Images(Dataset):
                 log.warning("skipping %s: cannot decode the image (%s) (data.on_error=skip)", where, exc)
         else:
             raise DataError(f"no image in {self.describe()} can be decoded")
-        state = torch.random.get_rng_state()
-        torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
-            x = self.transform(img)
-        finally:
-            torch.random.set_rng_state(state)
-        return x, label, errors
+        # this sample's augmentation; the CPU generator only (torch.manual_seed also queues CUDA seeding)
+        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return self.transform(img), label, errors
 
     def describe(self) -> str:
         raise NotImplementedError
 
 
 def _open(path: str):
+    if "://" not in path:
+        return open(path, "rb")
     fs, p = _fs(path)
     return fs.open(p, "rb")
 
