@@ -196,17 +196,21 @@ class PackedText(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rows, errors = [], None
-        for seq, state, errs in self._sequences():
+        shard, num_shards = self._shard()
+        key = f"shard{shard}/{num_shards}"
+        for seq, before, offset, errs in self._sequences(shard, num_shards):
             rows.append(seq)
             errors = errs if errors is None else errors + errs
             if len(rows) == self.batch_size:
-                self._state = state
+                self._state = {key: {**before, "offset": offset}}
                 yield {"input_ids": torch.from_numpy(np.stack(rows)), "data_errors": torch.from_numpy(errors)}
                 rows, errors = [], None
 
-    def _sequences(self) -> Iterator[tuple[np.ndarray, dict[str, Any], np.ndarray]]:
-        """(window, position after it, bad rows counted since the previous window)."""
-        shard, num_shards = self._shard()
+    def _sequences(
+        self, shard: int, num_shards: int
+    ) -> Iterator[tuple[np.ndarray, dict[str, Any], int, np.ndarray]]:
+        """(window, mixer state before its last document, token offset into that document after
+        the window, bad rows counted since the previous window)."""
         cursors = [
             RowCursor(
                 files,
@@ -264,7 +268,7 @@ class PackedText(IterableDataset):
                 off += need
                 seq = np.concatenate(buf)
                 buf, have = [], 0
-                yield seq, {f"shard{shard}/{num_shards}": {**before, "offset": off}}, errors.copy()
+                yield seq, before, off, errors.copy()
                 errors[:] = 0
             if off < len(toks):
                 buf.append(toks[off:])

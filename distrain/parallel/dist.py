@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +59,6 @@ def check_device(cfg: Config) -> str:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(cfg: Config) -> DistInfo:
     """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process."""
     device = check_device(cfg)
@@ -72,13 +66,17 @@ def init_distributed(cfg: Config) -> DistInfo:
     env.setdefault("DS_ACCELERATOR", device)  # no accelerator probing (and its warning) in DeepSpeed
     import deepspeed
 
-    if "RANK" not in env:  # a plain single process: behave like torchrun --nproc_per_node 1
-        env.setdefault("WORLD_SIZE", "1")
+    init_method = None
+    if "RANK" not in env:  # a plain single process: rank 0 of 1, rendezvous through a file (no port)
+        env.update(RANK="0", WORLD_SIZE="1")
         env.setdefault("LOCAL_RANK", "0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-        env["RANK"] = "0"
+        fd, store = tempfile.mkstemp(prefix="distrain-pg-")
+        os.close(fd)
+        os.unlink(store)
+        init_method = f"file://{store}"
     env.setdefault("LOCAL_RANK", "0")
+    if env.get("MASTER_ADDR", "127.0.0.1").startswith("127.") or env.get("MASTER_ADDR") == "localhost":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a job on loopback keeps gloo's sockets there too
     rank, world, local_rank = int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env["LOCAL_RANK"])
     check_topology(cfg, world)
     backend = (
@@ -90,5 +88,6 @@ def init_distributed(cfg: Config) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        kwargs = {"init_method": init_method, "rank": rank, "world_size": world} if init_method else {}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
