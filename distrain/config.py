@@ -217,6 +217,15 @@ class DataConfig(Section):
     prefetch_factor: int = Field(
         4, ge=1, description="Batches each worker prepares ahead (with num_workers > 0)."
     )
+    engine: Literal["torch", "ray"] = Field(
+        "torch",
+        description="torch: DataLoader workers in each training process; ray: Ray Data actors read, decode and tokenize (Ray at RAY_ADDRESS, or a local one on 127.0.0.2).",
+    )
+    ray_actors: int = Field(
+        1,
+        ge=1,
+        description="data.engine=ray: Ray Data actors (0.5 CPU each) preprocessing for each training process.",
+    )
     on_error: Literal["skip", "fail"] = Field(
         "skip",
         description="A malformed row, missing field, empty document or undecodable image: skip and count it (metrics.jsonl data_skipped_*), or stop the run naming the file and row.",
@@ -390,6 +399,10 @@ class Config(Section):
         if kind == "images" and fmt in ("jsonl", "txt"):
             raise ValueError(
                 f"model.name={self.model.name} trains on images but data.format={fmt} is text; use imagefolder or parquet"
+            )
+        if self.data.engine == "ray" and self.data.sources is not None and len(self.data.sources) > 1:
+            raise ValueError(
+                "data.engine=ray reads one source; mix several with data.engine=torch, or merge them into one data.train_path"
             )
         if kind == "images" and self.data.sources is not None:
             raise ValueError("data.sources mixes text sources; for images set data.train_path")

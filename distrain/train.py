@@ -74,6 +74,7 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         summary = s.trainer.train()
     finally:
         s.tracker.close()
+        s.trainer.data.close()
     run_dir = cfg.run.run_dir.resolve()
     summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
     if s.dist.is_main:

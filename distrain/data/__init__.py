@@ -4,6 +4,7 @@ with a position (``state_dict``) that a checkpoint stores and a resume restores 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,13 +139,39 @@ class DataPipeline:
             **workers,
         )
 
+    def _ray_stream(self):
+        from distrain.data import raydata
+
+        if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
+            raise RuntimeError(
+                "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
+            )
+        d = self.cfg.data
+        if self.kind == "tokens":
+            files, fmt, _ = self.sources[0]
+            return raydata.RayPackedText(
+                files, fmt, self.tokenizer, self.cfg, self.rank, self.world, d.ray_actors
+            )
+        return raydata.RayImages(self.cfg, self.rank, self.world, d.ray_actors)
+
     def train_batches(self) -> Iterator[dict[str, Any]]:
         """Endless stream of training micro-batches for this rank, from the restored position if any."""
+        if self._loader is None and self.cfg.data.engine == "ray":
+            self._loader = self._ray_stream()
+            if self._pending_state is not None:
+                self._loader.load_state_dict(self._pending_state)
         if self._loader is None:
             self._loader = self._train_loader()
             if self._pending_state is not None:
                 self._loader.load_state_dict(self._pending_state)
-        return iter(self._loader)
+        self._iter = iter(self._loader)
+        return self._iter
+
+    def close(self) -> None:
+        """Stop what feeds the stream (DataLoader workers, Ray Data executions)."""
+        it, self._iter = getattr(self, "_iter", None), None
+        if it is not None and hasattr(it, "close"):
+            it.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (prefetched batches are not counted)."""
