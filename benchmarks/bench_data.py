@@ -78,7 +78,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=40)
     ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--workers", default="0,1")
+    ap.add_argument("--workers", default="0,1", help="data.num_workers values for data.engine=torch")
+    ap.add_argument(
+        "--ray", action="store_true", help="also measure data.engine=ray (a local Ray on a loopback address)"
+    )
     ap.add_argument("--steps", type=int, default=120)
     args = ap.parse_args()
     from distrain.config import load_config
@@ -91,9 +94,12 @@ def main() -> None:
         corpus.mkdir()
         _, n_files = build_corpus(corpus, args.mb)
         mb = sum(p.stat().st_size for p in corpus.iterdir()) / 1e6
-        for w in (int(x) for x in args.workers.split(",")):
+        variants = [(f"data.num_workers={w}", f"torch, {w} workers") for w in args.workers.split(",")]
+        if args.ray:
+            variants.append(("data.engine=ray", "ray, 1 actor"))
+        for i, (variant, w) in enumerate(variants):
             common = [
-                f"data.num_workers={w}",
+                variant,
                 "data.eval_path=null",
                 "checkpoint.at_end=false",
                 "tracking.progress_bar=false",
@@ -103,16 +109,16 @@ def main() -> None:
             ]
             text = load_config(
                 REPO / "configs" / "gpt-cpu-tiny.yaml",
-                [*common, f"data.train_path={corpus}/*.jsonl", f"run.dir={tmp}/t{w}"],
+                [*common, f"data.train_path={corpus}/*.jsonl", f"run.dir={tmp}/t{i}"],
             )
-            img = load_config(REPO / "configs" / "resnet-cpu-tiny.yaml", [*common, f"run.dir={tmp}/i{w}"])
+            img = load_config(REPO / "configs" / "resnet-cpu-tiny.yaml", [*common, f"run.dir={tmp}/i{i}"])
             for name, cfg in (("text (gpt-cpu-tiny)", text), ("images (resnet-cpu-tiny)", img)):
                 rate = pipeline_rate(cfg, args.seconds)
                 use = consumption(cfg)
                 rows.append((name, w, rate, use))
     print(f"corpus: {n_files} standard-library files, {mb:.1f} MB of jsonl in 8 shards\n")
     print(
-        "| pipeline | data.num_workers | pipeline rate | training consumes | pipeline / consumption | data wait, % of step time |"
+        "| pipeline | data.engine | pipeline rate | training consumes | pipeline / consumption | data wait, % of step time |"
     )
     print("|---|---|---|---|---|---|")
     for name, w, rate, use in rows:

@@ -79,6 +79,12 @@ def test_resume_gives_the_same_batches_as_an_uninterrupted_run(in_workdir, model
     assert _same(expected, got)
     # and a pipeline restarted from scratch does not: shuffling and augmentation are really on
     assert not _same(expected, _take(DataPipeline(cfg).train_batches(), m))
+    # a position taken with another layout is refused, not silently misapplied
+    other = DataPipeline(load_config(CONFIGS / name, [*over[1:], f"data.num_workers={1 - workers // 2}"]))
+    with pytest.raises(
+        DataError, match="saved data position was taken with world size 1.*resume with the same layout"
+    ):
+        other.load_state_dict(state)
 
 
 def test_text_resume_inside_a_long_document(tmp_path):

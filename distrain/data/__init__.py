@@ -173,15 +173,30 @@ class DataPipeline:
         if it is not None and hasattr(it, "close"):
             it.close()
 
+    def _layout(self) -> dict[str, Any]:
+        d = self.cfg.data
+        return {
+            "world": self.world,
+            "rank": self.rank,
+            "engine": d.engine,
+            "num_workers": d.num_workers if d.engine == "torch" else 0,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (prefetched batches are not counted)."""
-        if self._loader is None:
-            return {"loader": self._pending_state}
-        return {"loader": self._loader.state_dict()}
+        loader = self._pending_state if self._loader is None else self._loader.state_dict()
+        return {"layout": self._layout(), "loader": loader}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._loader is not None:
             raise RuntimeError("load the data position before the first batch is drawn")
+        saved, now = state.get("layout"), self._layout()
+        if saved is not None and saved != now:
+            raise DataError(
+                f"the saved data position was taken with world size {saved['world']}, data.engine={saved['engine']}, "
+                f"data.num_workers={saved['num_workers']} (rank {saved['rank']}); this run has world size {now['world']}, "
+                f"data.engine={now['engine']}, data.num_workers={now['num_workers']} (rank {now['rank']}): resume with the same layout"
+            )
         self._pending_state = state.get("loader")
 
     def eval_batches(self) -> list[dict[str, Any]] | None:
