@@ -1,31 +1,266 @@
-"""Checkpoints: DeepSpeed's sharded engine state plus the trainer's own state, under RUN_DIR/checkpoints."""
+"""Checkpoints that never lose a run.
+
+Layout under RUN_DIR/checkpoints/:
+
+    stepNNNNNNNN/                 one checkpoint
+      mp_rank_*, zero_*           DeepSpeed's engine shards (model, optimizer, scheduler)
+      distrain-state.pt           trainer state, resolved config (rank 0)
+      rank-NNNNN.pt               each rank's data position and RNG states
+      manifest.json               every file above with its size and sha256; written last
+    latest                        the tag of the newest complete checkpoint; changed last
+
+A save goes to ``.tmp-stepNNNNNNNN/``; when every rank has written, rank 0 hashes the files into
+the manifest, syncs them and renames the directory into place, then points ``latest`` at it. A
+crash at any moment leaves either the previous checkpoint as ``latest`` or the new one complete.
+A load verifies sizes and hashes against the manifest before anything is unpickled (DeepSpeed's
+shards are read by DeepSpeed's own loader) and falls back to the newest checkpoint that verifies.
+distrain's own files are read with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import random
+import re
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+STATE = "distrain-state.pt"
+_TAG = re.compile(r"^step(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or altered; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": {
+            k: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for k, v in zip(("kind", "keys", "pos", "has_gauss", "gauss"), np.random.get_state(), strict=True)
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories (a manifest present), newest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=lambda p: step_of(p.name), reverse=True)
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """Check every file of ``ckpt`` against its manifest; returns the manifest or raises CheckpointError."""
+    mpath = ckpt / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from None
+    for rel, meta in manifest["files"].items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        size = f.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(
+                f"{f}: {size} bytes, the manifest says {meta['size']} (truncated or rewritten)"
+            )
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: sha256 differs from the manifest (altered or corrupt)")
+    return manifest
+
+
+def newest_valid(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies; each one that does not is named in a warning."""
+    for ckpt in list_checkpoints(root):
+        try:
+            return ckpt, verify(ckpt)
+        except CheckpointError as exc:
+            log.warning("checkpoint %s is not usable: %s; trying an older one", ckpt.name, exc)
+    return None
+
 
 class Checkpointer:
+    """Saves and restores one run's checkpoints; every rank calls save() and load() together."""
+
     def __init__(self, cfg, engine, trainer, run_dir: Path):
+        self.full_cfg = cfg
         self.cfg, self.engine, self.trainer = cfg.checkpoint, engine, trainer
         self.root = run_dir / "checkpoints"
+        self.rank = trainer.dist.rank
+        self.world = trainer.dist.world_size
+        self._last_save = time.monotonic()
 
+    # -------------------------------------------------------------------------------- when
     def due(self, step: int, last: bool) -> bool:
-        every = self.cfg.every_steps
-        return (every > 0 and step % every == 0) or (last and self.cfg.at_end)
+        c = self.cfg
+        if last and c.at_end:
+            return True
+        if c.every_steps > 0 and step % c.every_steps == 0:
+            return True
+        if c.every_minutes > 0:
+            elapsed = torch.tensor([time.monotonic() - self._last_save])
+            if self.world > 1:  # rank 0's clock decides for everyone
+                dist.broadcast(elapsed, src=0)
+            return float(elapsed) >= 60 * c.every_minutes
+        return False
 
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # -------------------------------------------------------------------------------- save
     def save(self, step: int) -> Path:
         tag = f"step{step:08d}"
-        self.engine.save_checkpoint(
-            str(self.root), tag=tag, client_state={"trainer": self.trainer.state_dict()}
+        final, tmp = self.root / tag, self.root / f".tmp-{tag}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
+        self._barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        torch.save(
+            {"data": self.trainer.data.state_dict(), "rng": rng_state()}, tmp / f"rank-{self.rank:05d}.pt"
         )
-        # every rank's data position (DeepSpeed keeps client_state from one rank only)
-        rank = self.trainer.dist.rank
-        torch.save(self.trainer.data.state_dict(), self.root / tag / f"data-rank{rank:05d}.pt")
-        log.info("checkpoint saved: %s", self.root / tag)
-        return self.root / tag
+        if self.rank == 0:
+            from distrain.config import to_yaml
+
+            torch.save(
+                {
+                    "trainer": self.trainer.state_dict(),
+                    "world_size": self.world,
+                    "config": to_yaml(self.full_cfg),
+                },
+                tmp / STATE,
+            )
+        self._barrier()
+        if self.rank == 0:
+            files = {}
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            manifest = {
+                "step": step,
+                "world_size": self.world,
+                "zero_stage": self.full_cfg.parallel.zero_stage,
+                "created": time.time(),
+                "files": files,
+            }
+            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # the same step saved again (e.g. at the end right after every_steps)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / "latest", tag)
+            self._retain()
+            log.info("checkpoint saved: %s", final)
+        self._barrier()
+        self._last_save = time.monotonic()
+        return final
+
+    def _retain(self) -> None:
+        keep_last, keep_every = self.cfg.keep_last, self.cfg.keep_every
+        if keep_last <= 0:
+            return
+        ckpts = list_checkpoints(self.root)
+        for i, ckpt in enumerate(ckpts):
+            step = step_of(ckpt.name)
+            if i < keep_last or (keep_every > 0 and step % keep_every == 0):
+                continue
+            try:
+                shutil.rmtree(ckpt)
+                log.info("retention: removed %s", ckpt)
+            except OSError as exc:  # never fatal: the run goes on with one checkpoint too many
+                log.warning("retention: could not remove %s: %s", ckpt, exc)
+
+    # -------------------------------------------------------------------------------- load
+    def load(self) -> int | None:
+        """Restore the newest valid checkpoint of this run; the step it resumes from, or None."""
+        found = newest_valid(self.root) if self.rank == 0 else None
+        choice = [found[0].name if found else ""]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if not choice[0]:
+            return None
+        ckpt = self.root / choice[0]
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.world:
+            raise CheckpointError(
+                f"{ckpt} was saved by {state['world_size']} workers and this run has {self.world}; "
+                f"resume with {state['world_size']} workers (cluster.workers / torchrun --nproc_per_node)"
+            )
+        path, _ = self.engine.load_checkpoint(str(self.root), tag=ckpt.name, load_module_strict=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+        self.trainer.load_state_dict(state["trainer"])
+        mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+        self.trainer.data.load_state_dict(mine["data"])
+        # applied by the trainer once its data iterator exists (creating one draws from the RNG)
+        self.trainer.pending_rng = mine["rng"]
+        self._barrier()
+        log.info("resumed from %s (step %d)", ckpt, self.trainer.step)
+        return self.trainer.step

@@ -10,6 +10,9 @@ import sys
 from distrain.config import ConfigError, load_config, reference_markdown, to_yaml
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_PREEMPTED = (
+    75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: launch again to resume (EX_TEMPFAIL)
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train in this process (one CPU or GPU; or one rank under torchrun)")
     _add_config_args(p)
+
+    p = sub.add_parser(
+        "resume", help="continue RUN_DIR from its newest valid checkpoint, with its config.yaml"
+    )
+    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="overrides, e.g. train.steps=2000 to train longer",
+    )
 
     p = sub.add_parser("config", help="show, validate or document configs")
     csub = p.add_subparsers(dest="config_command", required=True)
@@ -55,7 +69,17 @@ def _fail(msg: str) -> int:
 
 
 def _train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.command == "resume":
+        from pathlib import Path
+
+        config = Path(args.run_dir) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(
+                f"{args.run_dir} has no config.yaml: is it a run directory written by `distrain train`?"
+            )
+        cfg = load_config(config, [*args.overrides, f"run.dir={args.run_dir}", "checkpoint.resume=true"])
+    else:
+        cfg = load_config(args.config, args.overrides)
     from distrain.train import run
 
     summary = run(cfg)
@@ -63,12 +87,12 @@ def _train(args) -> int:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    return EXIT_OK if summary["status"] == "completed" else EXIT_INTERRUPTED
+    return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary["status"], EXIT_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "train":
+    if args.command not in ("train", "resume"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "config":
@@ -87,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in prepare(args.out):
                 print(f"wrote {path}")
             return EXIT_OK
-        if args.command == "train":
+        if args.command in ("train", "resume"):
             code = _train(args)
             # The run is over and its records are on disk: leave without interpreter teardown, where
             # native libraries occasionally abort and would turn a finished run into a failure.

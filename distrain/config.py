@@ -335,7 +335,27 @@ class ParallelConfig(Section):
 # ------------------------------------------------------------------------------------- checkpoint
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = off).")
-    at_end: bool = Field(True, description="Save a checkpoint when training finishes.")
+    every_minutes: float = Field(
+        0.0,
+        ge=0.0,
+        description="Save a checkpoint when this many minutes passed since the last one (0 = off).",
+    )
+    at_end: bool = Field(
+        True,
+        description="Save a checkpoint when training finishes or is stopped by Ctrl-C (SIGTERM/SIGUSR1 always save).",
+    )
+    keep_last: int = Field(
+        0, ge=0, description="Keep the newest N checkpoints and delete older ones (0 = keep all)."
+    )
+    keep_every: int = Field(
+        0,
+        ge=0,
+        description="With keep_last: also keep every checkpoint whose step is a multiple of this (0 = none).",
+    )
+    resume: bool = Field(
+        True,
+        description="Resume from the newest valid checkpoint in run.dir when there is one (false = refuse to reuse a run.dir that has checkpoints).",
+    )
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -68,10 +68,21 @@ def _clean(v: Any) -> Any:
 class JsonlWriter:
     """Appends one JSON object per record; flushed per line so a crash loses nothing written."""
 
-    def __init__(self, path: Path, truncate: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None):
+        """A new file, or (``resume_step``) the existing one without records past that step, which
+        an interrupted attempt wrote after its last checkpoint and the resumed run writes again."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "w" if truncate else "a", buffering=1)
+        if resume_step is not None and path.exists():
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(ln + "\n" for ln in keep))
+            self._f = open(path, "a", buffering=1)
+        else:
+            self._f = open(path, "w", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
@@ -143,10 +154,18 @@ class Tracker:
     """Rank 0 writes; every other rank holds a Tracker that does nothing."""
 
     def __init__(
-        self, run_dir: Path, enabled: bool, jsonl: bool, total_steps: int, start_step: int, progress_bar: bool
+        self,
+        run_dir: Path,
+        enabled: bool,
+        jsonl: bool,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool,
+        resumed: bool = False,
     ):
         self.enabled = enabled
-        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl") if enabled and jsonl else None
+        resume_step = start_step if resumed else None
+        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if enabled and jsonl else None
         self.console = Console(total_steps, start_step, progress_bar) if enabled else None
 
     def log(self, record: dict[str, Any]) -> None:

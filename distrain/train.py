@@ -28,7 +28,7 @@ def setup(cfg: Config) -> Session:
     """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
     import torch
 
-    from distrain.checkpoint import Checkpointer
+    from distrain.checkpoint import Checkpointer, CheckpointError, list_checkpoints
     from distrain.data import DataPipeline
     from distrain.models import build_model
     from distrain.parallel import build_engine, init_distributed
@@ -46,11 +46,24 @@ def setup(cfg: Config) -> Session:
     torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(cfg, model, dist_info.world_size)
-    tracker = Tracker(
-        run_dir, dist_info.is_main, cfg.metrics.jsonl, cfg.train.steps, 0, cfg.tracking.progress_bar
-    )
-    trainer = Trainer(cfg, engine, data, dist_info, tracker)
+    trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
+    resumed_from = None
+    if cfg.checkpoint.resume:
+        resumed_from = trainer.checkpointer.load()
+    elif list_checkpoints(run_dir / "checkpoints"):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
+        )
+    trainer.tracker = tracker = Tracker(
+        run_dir,
+        dist_info.is_main,
+        cfg.metrics.jsonl,
+        cfg.train.steps,
+        resumed_from or 0,
+        cfg.tracking.progress_bar,
+        resumed=resumed_from is not None,
+    )
     log.info(
         "distrain: run %s | dir %s | world size %d | device %s | model %s (%.2fM params) | ZeRO %d | %s",
         cfg.run.name,

@@ -38,6 +38,8 @@ class Trainer:
         self.tokens_seen = 0
         self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
         self.stop_reason: str | None = None
+        self.elapsed_before = 0.0  # training seconds of earlier attempts (resumed runs)
+        self.pending_rng: dict[str, Any] | None = None
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
         )
@@ -53,6 +55,8 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "data_skipped": self.data_skipped.tolist(),
+            "elapsed_s": self.elapsed_before
+            + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -60,6 +64,7 @@ class Trainer:
         self.samples_seen = int(state["samples_seen"])
         self.tokens_seen = int(state["tokens_seen"])
         self.data_skipped = torch.tensor(state.get("data_skipped", [0] * len(ERROR_KINDS)), dtype=torch.long)
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
 
     # -------------------------------------------------------------- signals
     def request_stop(self, reason: str) -> None:
@@ -75,16 +80,29 @@ class Trainer:
             )
             self.request_stop("interrupted")
 
+        def on_preempt(signum, frame):
+            log.warning(
+                "%s: finishing step %d, saving a checkpoint, then stopping",
+                signal.Signals(signum).name,
+                self.step + 1,
+            )
+            self.request_stop("preempted")
+
         signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, on_preempt)  # schedulers' notice (Slurm --signal, Kubernetes, Ray)
+        signal.signal(signal.SIGUSR1, on_preempt)
+
+    _STOP_CODES = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
 
     def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step if any rank was asked to."""
-        flag = torch.tensor([1.0 if self.stop_reason else 0.0])
+        """Every rank stops at the same step if any rank was asked to (preemption wins)."""
+        flag = torch.tensor([self._STOP_CODES.get(self.stop_reason, 1.0)])
         if self.dist.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.stop_reason:
-            self.stop_reason = "interrupted"
-        return bool(flag.item())
+        code = int(flag.item())
+        if code:
+            self.stop_reason = {1: "interrupted", 2: "preempted"}[code]
+        return bool(code)
 
     # ----------------------------------------------------------------- loop
     def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
@@ -107,6 +125,13 @@ class Trainer:
         return batch
 
     def evaluate(self) -> float | None:
+        # evaluation draws nothing from the training run's random streams (an extra eval before a
+        # preemption checkpoint must not change what a resumed run does)
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate()
+
+    def _evaluate(self) -> float | None:
         batches = self.data.eval_batches()
         if batches is None:
             return None
@@ -124,8 +149,13 @@ class Trainer:
         per_step_samples = global_batch(cfg, self.dist.world_size)
         per_step_tokens = per_step_samples * (self.data.tokens_per_sample or 0)
         it = iter(self.data.train_batches())
+        if self.pending_rng is not None:  # a resumed run continues the saved random streams
+            from distrain.checkpoint import set_rng_state
+
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
         engine.train()
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         window_t0, window_steps, window_loss, window_wait = t_start, 0, torch.zeros(()), 0.0
         window_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
         last_eval = None
@@ -167,7 +197,7 @@ class Trainer:
                     "grad_norm": None if gn is None else float(gn),
                     "samples_per_s": window_steps * per_step_samples / dt,
                     "tokens_per_s": window_steps * per_step_tokens / dt if per_step_tokens else None,
-                    "elapsed_s": now - t_start,
+                    "elapsed_s": self.elapsed_before + now - t_start,
                     "data_wait_s": window_wait / window_steps,
                     "data_wait_pct": 100.0 * window_wait / dt,
                 }
@@ -186,14 +216,18 @@ class Trainer:
                 last_eval = self.evaluate()
                 if last_eval is not None:
                     if record is None:
-                        record = {"step": self.step, "elapsed_s": time.perf_counter() - t_start}
+                        record = {
+                            "step": self.step,
+                            "elapsed_s": self.elapsed_before + time.perf_counter() - t_start,
+                        }
                     record["eval_loss"] = last_eval
             if record is not None:
                 self.tracker.log(record)
                 self.tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))
             else:
                 self.tracker.progress(self.step)
-            if self.checkpointer is not None and self.checkpointer.due(self.step, last):
+            preempted = stopping and self.stop_reason == "preempted"
+            if self.checkpointer is not None and (self.checkpointer.due(self.step, last) or preempted):
                 self.checkpointer.save(self.step)
             if stopping:
                 break
@@ -203,6 +237,6 @@ class Trainer:
             "steps": steps,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
-            "elapsed_s": time.perf_counter() - t_start,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - t_start,
             "final_eval_loss": last_eval,
         }

@@ -222,8 +222,8 @@ def test_checkpoint_holds_each_ranks_data_position(in_workdir, tmp_path):
     cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"run.dir={tmp_path / 'run'}"])
     run(cfg)
     state = torch.load(
-        tmp_path / "run" / "checkpoints" / "step00000005" / "data-rank00000.pt", weights_only=True
-    )
+        tmp_path / "run" / "checkpoints" / "step00000005" / "rank-00000.pt", weights_only=True
+    )["data"]
     uninterrupted = DataPipeline(cfg).train_batches()
     _take(uninterrupted, 5)  # the five steps the run took (grad_accum 1)
     resumed = DataPipeline(cfg)

@@ -67,9 +67,8 @@ def init_distributed(cfg: Config) -> DistInfo:
     import deepspeed
 
     init_method = None
-    if "RANK" not in env:  # a plain single process: rank 0 of 1, rendezvous through a file (no port)
-        env.update(RANK="0", WORLD_SIZE="1")
-        env.setdefault("LOCAL_RANK", "0")
+    if "RANK" not in env:  # a plain single process: rank 0 of 1, rendezvous through a file (no port);
+        # RANK/WORLD_SIZE go to the process group, not into os.environ where child processes would see them
         fd, store = tempfile.mkstemp(prefix="distrain-pg-")
         os.close(fd)
         os.unlink(store)
@@ -77,7 +76,11 @@ def init_distributed(cfg: Config) -> DistInfo:
     env.setdefault("LOCAL_RANK", "0")
     if env.get("MASTER_ADDR", "127.0.0.1").startswith("127.") or env.get("MASTER_ADDR") == "localhost":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a job on loopback keeps gloo's sockets there too
-    rank, world, local_rank = int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env["LOCAL_RANK"])
+    rank, world, local_rank = (
+        int(env.get("RANK", "0")),
+        int(env.get("WORLD_SIZE", "1")),
+        int(env["LOCAL_RANK"]),
+    )
     check_topology(cfg, world)
     backend = (
         cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device == "cuda" else "gloo")

@@ -1,0 +1,183 @@
+"""Checkpoints: atomic saves with a manifest, verified loads with fallback, retention, and resumed
+runs that match uninterrupted ones bitwise."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distrain.checkpoint import CheckpointError, list_checkpoints, newest_valid, verify
+from distrain.config import load_config
+from distrain.train import run, setup
+from tests.conftest import CONFIGS, read_jsonl
+
+DISTRAIN = [sys.executable, "-m", "distrain.cli"]
+
+
+def _weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_path, stage):
+    over = [
+        "train.steps=300",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "data.shuffle_block=32",
+        "checkpoint.at_end=false",
+        f"parallel.zero_stage={stage}",
+        "parallel.precision=fp32",
+        "model.dropout=0.1",
+    ]
+    ref_cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"run.dir={tmp_path / 'ref'}"])
+    ref = setup(ref_cfg)
+    run(ref_cfg, ref)
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), *over, f"run.dir={run_dir}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # a scheduler's preemption notice
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "preempted" and 20 <= stopped["step"] < 300
+    assert (run_dir / "checkpoints" / f"step{stopped['step']:08d}" / "manifest.json").is_file()
+
+    cfg = load_config(run_dir / "config.yaml")
+    resumed = setup(cfg)
+    assert resumed.trainer.step == stopped["step"]
+    run(cfg, resumed)
+    ref_losses, got = _losses(tmp_path / "ref"), _losses(run_dir)
+    assert sorted(got) == list(range(1, 301))  # one record per step: the resumed run continued the file
+    assert got == ref_losses  # bitwise: the same batches, dropout masks and optimizer state
+    a, b = _weights(ref.engine), _weights(resumed.engine)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _save_run(tmp_path, *extra):
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        [
+            "train.steps=6",
+            "train.eval_every=0",
+            "checkpoint.every_steps=2",
+            f"run.dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
+    run(cfg)
+    return tmp_path / "run" / "checkpoints"
+
+
+def test_manifest_detects_truncation_and_alteration_and_load_falls_back(in_workdir, tmp_path, caplog):
+    root = _save_run(tmp_path)
+    assert [p.name for p in list_checkpoints(root)] == ["step00000006", "step00000004", "step00000002"]
+    assert (root / "latest").read_text() == "step00000006"
+    manifest = verify(root / "step00000006")
+    assert {"distrain-state.pt", "rank-00000.pt", "mp_rank_00_model_states.pt"} <= set(manifest["files"])
+    shard = root / "step00000006" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: \d+ bytes, the manifest says"):
+        verify(root / "step00000006")
+    state = root / "step00000004" / "rank-00000.pt"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"rank-00000.pt: sha256 differs"):
+        verify(root / "step00000004")
+    ckpt, _ = newest_valid(root)
+    assert ckpt.name == "step00000002"
+    assert "step00000006 is not usable" in caplog.text and "step00000004 is not usable" in caplog.text
+    # the run resumes from the newest valid checkpoint and finishes
+    cfg = load_config(tmp_path / "run" / "config.yaml", ["train.steps=8"])
+    s = setup(cfg)
+    assert s.trainer.step == 2
+    assert run(cfg, s)["step"] == 8
+
+
+def test_kill_9_during_saves_never_loses_the_run(in_workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        *DISTRAIN,
+        "train",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={run_dir}",
+        "train.steps=100000",
+        "train.eval_every=0",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=3",
+        "model.preset=mini",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.37)  # somewhere inside a later save
+    proc.kill()
+    proc.wait()
+    found = newest_valid(run_dir / "checkpoints")
+    assert found is not None
+    ckpt, manifest = found
+    cfg = load_config(
+        run_dir / "config.yaml", ["train.steps=" + str(manifest["step"] + 2), "checkpoint.every_steps=0"]
+    )
+    s = setup(cfg)
+    assert s.trainer.step == manifest["step"]
+    assert run(cfg, s)["status"] == "completed"
+
+
+def test_retention_keeps_last_n_and_every_k(in_workdir, tmp_path):
+    root = _save_run(
+        tmp_path,
+        "train.steps=10",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_every=4",
+    )
+    assert [p.name for p in list_checkpoints(root)] == [
+        "step00000010",
+        "step00000009",
+        "step00000008",
+        "step00000004",
+    ]
+
+
+def test_resume_false_refuses_a_used_run_dir_and_resume_command(in_workdir, tmp_path):
+    _save_run(tmp_path)
+    cfg = load_config(tmp_path / "run" / "config.yaml", ["checkpoint.resume=false"])
+    with pytest.raises(CheckpointError, match="already holds checkpoints and checkpoint.resume=false"):
+        setup(cfg)
+    p = subprocess.run(
+        [*DISTRAIN, "resume", str(tmp_path / "run"), "train.steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr and "(step 6)" in p.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 8
+    p = subprocess.run(
+        [*DISTRAIN, "resume", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 1 and "has no config.yaml" in p.stderr
