@@ -46,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides, e.g. train.steps=2000 to train longer",
     )
 
+    p = sub.add_parser("export", help="write consolidated fp32 weights of a checkpoint (any ZeRO stage)")
+    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    p.add_argument("out", help="output directory")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["safetensors", "hf", "torchvision"],
+        help="safetensors (any model), hf (gpt: transformers directory), torchvision (resnet: state dict)",
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
+    )
+
     p = sub.add_parser("config", help="show, validate or document configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     _add_config_args(csub.add_parser("show", help="print the resolved config as YAML"))
@@ -104,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(to_yaml(cfg))
             else:
                 print(f"{args.config}: valid")
+            return EXIT_OK
+        if args.command == "export":
+            from distrain.export import export
+
+            print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
             return EXIT_OK
         if args.command == "data":
             from distrain.data.prepare import prepare

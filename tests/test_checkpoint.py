@@ -28,8 +28,8 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_path, stage):
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_path, stage, precision):
     over = [
         "train.steps=300",
         "train.log_every=1",
@@ -37,7 +37,7 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_
         "data.shuffle_block=32",
         "checkpoint.at_end=false",
         f"parallel.zero_stage={stage}",
-        "parallel.precision=fp32",
+        f"parallel.precision={precision}",
         "model.dropout=0.1",
     ]
     ref_cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"run.dir={tmp_path / 'ref'}"])
