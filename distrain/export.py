@@ -29,8 +29,8 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tens
         except (ValueError, FileNotFoundError):
             if zero_stage > 0:
                 raise
-    # ZeRO 0: DeepSpeed's model file holds the whole module (verified, then read by torch)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO 0: DeepSpeed's model file holds the whole module
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -181,3 +181,8 @@ def test_resume_false_refuses_a_used_run_dir_and_resume_command(in_workdir, tmp_
         [*DISTRAIN, "resume", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 1 and "has no config.yaml" in p.stderr
+
+
+def test_every_minutes_saves_on_time(in_workdir, tmp_path):
+    root = _save_run(tmp_path, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001", "checkpoint.at_end=false")
+    assert [p.name for p in list_checkpoints(root)] == [f"step{s:08d}" for s in range(6, 0, -1)]
