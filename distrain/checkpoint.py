@@ -23,9 +23,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,102 @@ def newest_valid(root: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def _touch(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _host_copy(obj: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
+    """A copy that shares no tensor storage with training (tensors copied to host memory); the same
+    view of one storage (tied weights) is copied once, so the file is the one a direct save writes."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        key = (
+            obj.untyped_storage().data_ptr(),
+            obj.storage_offset(),
+            tuple(obj.shape),
+            obj.stride(),
+            obj.dtype,
+        )
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, torch.Size):
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v, memo)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_host_copy(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = (_host_copy(v, memo) for v in obj)
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+class _Writer:
+    """Runs write jobs inline, or in order on one background thread; a failure is reported (every
+    rank logs it) at the next wait() and that checkpoint never gets a manifest."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="distrain-checkpoint-writer", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure the rest of that save is skipped
+                    fn, args = job
+                    fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - reported by wait()
+                self._error = exc
+            finally:
+                self._jobs.task_done()
+
+    def submit(self, fn, *args) -> None:
+        if self.background:
+            self._jobs.put((fn, args))
+        else:
+            fn(*args)
+
+    def wait(self) -> None:
+        if self.background:
+            self._jobs.join()
+        if self._error is not None:
+            exc, self._error = self._error, None
+            log.error(
+                "a background checkpoint save failed and was not completed: %s: %s", type(exc).__name__, exc
+            )
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+
+class _HostCopyEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one save: state is copied to host memory
+    at once and written by the writer (inline when synchronous)."""
+
+    def __init__(self, base, writer: _Writer):
+        self._base, self._writer = base, writer
+
+    def save(self, state_dict, path: str) -> None:
+        self._writer.submit(
+            self._base.save, _host_copy(state_dict) if self._writer.background else state_dict, path
+        )
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints; every rank calls save() and load() together."""
 
@@ -154,6 +252,8 @@ class Checkpointer:
         self.rank = trainer.dist.rank
         self.world = trainer.dist.world_size
         self._last_save = time.monotonic()
+        self.writer = _Writer(background=cfg.checkpoint.async_save)
+        self.last_blocking_s = 0.0
 
     # -------------------------------------------------------------------------------- when
     def due(self, step: int, last: bool) -> bool:
@@ -175,52 +275,78 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------- save
     def save(self, step: int) -> Path:
+        """Save this step. Synchronous, or with checkpoint.async: block only while the state is
+        copied to host memory; files, manifest and ``latest`` are written by a background thread
+        (a second save first waits for the one before)."""
         tag = f"step{step:08d}"
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
+        self.writer.wait()  # the previous save is complete (its failure, if any, is reported)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
         self._barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        torch.save(
-            {"data": self.trainer.data.state_dict(), "rng": rng_state()}, tmp / f"rank-{self.rank:05d}.pt"
-        )
+        t0 = time.perf_counter()
+        base = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _HostCopyEngine(base, self.writer)
+        try:
+            self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = base
+        own = {"data": self.trainer.data.state_dict(), "rng": rng_state()}
+        self.writer.submit(torch.save, _host_copy(own), tmp / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:
             from distrain.config import to_yaml
 
-            torch.save(
-                {
-                    "trainer": self.trainer.state_dict(),
-                    "world_size": self.world,
-                    "config": to_yaml(self.full_cfg),
-                },
-                tmp / STATE,
-            )
-        self._barrier()
-        if self.rank == 0:
-            files = {}
-            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-            manifest = {
-                "step": step,
+            state = {
+                "trainer": self.trainer.state_dict(),
                 "world_size": self.world,
-                "zero_stage": self.full_cfg.parallel.zero_stage,
-                "created": time.time(),
-                "files": files,
+                "config": to_yaml(self.full_cfg),
             }
-            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # the same step saved again (e.g. at the end right after every_steps)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / "latest", tag)
-            self._retain()
-            log.info("checkpoint saved: %s", final)
-        self._barrier()
+            self.writer.submit(torch.save, _host_copy(state), tmp / STATE)
+        self.writer.submit(_touch, tmp / f".done-rank-{self.rank:05d}")
+        if self.rank == 0:
+            self.writer.submit(self._finalize, step, tmp, final)
+        self.last_blocking_s = time.perf_counter() - t0
+        if not self.writer.background:
+            self._barrier()  # every rank's files are on disk when save() returns
         self._last_save = time.monotonic()
         return final
+
+    def _finalize(self, step: int, tmp: Path, final: Path) -> None:
+        """Rank 0, once every rank has written: manifest, sync, rename into place, ``latest``."""
+        markers = [tmp / f".done-rank-{r:05d}" for r in range(self.world)]
+        deadline = time.monotonic() + 3600
+        while not all(m.exists() for m in markers):  # files, not collectives: safe off the main thread
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{tmp}: not every rank finished writing within an hour")
+            time.sleep(0.05)
+        for m in markers:
+            m.unlink()
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        manifest = {
+            "step": step,
+            "world_size": self.world,
+            "zero_stage": self.full_cfg.parallel.zero_stage,
+            "created": time.time(),
+            "files": files,
+        }
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():  # the same step saved again (e.g. at the end right after every_steps)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / "latest", final.name)
+        self._retain()
+        log.info("checkpoint saved: %s", final)
+
+    def close(self) -> None:
+        """Wait for a background save to finish (the end of a run, or before exiting on a signal)."""
+        self.writer.wait()
+        self.writer.close()
 
     def _retain(self) -> None:
         keep_last, keep_every = self.cfg.keep_last, self.cfg.keep_every

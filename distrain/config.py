@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), populate_by_name=True
+    )
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -352,6 +354,11 @@ class CheckpointConfig(Section):
         ge=0,
         description="With keep_last: also keep every checkpoint whose step is a multiple of this (0 = none).",
     )
+    async_save: bool = Field(
+        False,
+        alias="async",
+        description="Copy the state to host memory and write it in a background thread; training blocks only for the copy (a second save waits for the first).",
+    )
     resume: bool = Field(
         True,
         description="Resume from the newest valid checkpoint in run.dir when there is one (false = refuse to reuse a run.dir that has checkpoints).",
@@ -490,7 +497,7 @@ def check_topology(cfg: Config, world_size: int) -> None:
 
 # ---------------------------------------------------------------------------------- loading / errors
 def _valid_keys(cls: type[BaseModel]) -> list[str]:
-    return list(cls.model_fields)
+    return [f.alias or name for name, f in cls.model_fields.items()]
 
 
 def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
@@ -574,7 +581,7 @@ def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         cls = _section_class(tuple(parts[:i]), data)
-        if cls is not None and part not in cls.model_fields:
+        if cls is not None and part not in _valid_keys(cls):
             raise ConfigError(
                 f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _valid_keys(cls))}"
             )
@@ -583,7 +590,7 @@ def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
             raise ConfigError(f"bad override '{arg}': '{'.'.join(parts[: i + 1])}' is not a section")
         node = nxt
     cls = _section_class(tuple(parts[:-1]), data)
-    if cls is not None and parts[-1] not in cls.model_fields:
+    if cls is not None and parts[-1] not in _valid_keys(cls):
         prefix = ".".join(parts[:-1])
         sugg = _closest(parts[-1], _valid_keys(cls))
         if sugg.startswith("did you mean"):
@@ -626,7 +633,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 def to_yaml(cfg: Config) -> str:
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", by_alias=True)
     data["model"] = {"name": data["model"].pop("name"), **data["model"]}
     return yaml.safe_dump(data, sort_keys=False)
 
@@ -643,7 +650,7 @@ def reference_markdown() -> str:
     for title, cls in sections:
         out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
         sec = title.split(" ")[0]
-        for key, f in cls.model_fields.items():
+        for key, f in ((f.alias or k, f) for k, f in cls.model_fields.items()):
             default = (
                 "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
             )

@@ -88,6 +88,8 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     finally:
         s.tracker.close()
         s.trainer.data.close()
+        if s.trainer.checkpointer is not None:
+            s.trainer.checkpointer.close()  # a background save finishes before the run is reported
     run_dir = cfg.run.run_dir.resolve()
     summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
     if s.dist.is_main:

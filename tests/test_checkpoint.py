@@ -74,6 +74,22 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _assert_same(x, y, where):
+    if isinstance(x, dict):
+        assert set(x) == set(y), where
+        for k in x:
+            if k not in ("config", "elapsed_s"):  # the run directory and wall time differ
+                _assert_same(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list | tuple):
+        assert len(x) == len(y), where
+        for i, (p, q) in enumerate(zip(x, y, strict=True)):
+            _assert_same(p, q, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    else:
+        assert x == y, where
+
+
 def _save_run(tmp_path, *extra):
     cfg = load_config(
         CONFIGS / "gpt-cpu-tiny.yaml",
@@ -184,5 +200,39 @@ def test_resume_false_refuses_a_used_run_dir_and_resume_command(in_workdir, tmp_
 
 
 def test_every_minutes_saves_on_time(in_workdir, tmp_path):
-    root = _save_run(tmp_path, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001", "checkpoint.at_end=false")
+    root = _save_run(
+        tmp_path, "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001", "checkpoint.at_end=false"
+    )
     assert [p.name for p in list_checkpoints(root)] == [f"step{s:08d}" for s in range(6, 0, -1)]
+
+
+def test_async_saves_write_the_same_checkpoints_and_report_writer_failures(
+    in_workdir, tmp_path, caplog, monkeypatch
+):
+    import distrain.checkpoint as ck
+
+    sync_root = _save_run(tmp_path / "sync")
+    async_root = _save_run(tmp_path / "async", "checkpoint.async=true")
+    for step in (2, 4, 6):  # the same checkpoints, tensor for tensor
+        a, b = verify(sync_root / f"step{step:08d}")["files"], verify(async_root / f"step{step:08d}")["files"]
+        assert set(a) == set(b)
+        for name in ("mp_rank_00_model_states.pt", "rank-00000.pt", "distrain-state.pt"):
+            x = torch.load(sync_root / f"step{step:08d}" / name, weights_only=True)
+            y = torch.load(async_root / f"step{step:08d}" / name, weights_only=True)
+            _assert_same(x, y, name)
+
+    real_touch, calls = ck._touch, []
+
+    def failing_touch(path):  # the disk fails while the writer finishes the second checkpoint
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_touch(path)
+
+    monkeypatch.setattr(ck, "_touch", failing_touch)
+    root = _save_run(tmp_path / "failing", "checkpoint.async=true")
+    assert [p.name for p in list_checkpoints(root)] == [
+        "step00000006",
+        "step00000002",
+    ]  # step 4 never completed
+    assert "background checkpoint save failed" in caplog.text and "No space left on device" in caplog.text

@@ -174,7 +174,7 @@ def test_reference_documents_every_key():
         for cls in classes:
             for key, f in cls.model_fields.items():
                 assert f.description, f"{name}.{key} has no description"
-                assert f"`{name}.{key}`" in ref
+                assert f"`{name}.{f.alias or key}`" in ref
 
 
 def test_readme_config_reference_is_current():
