@@ -242,6 +242,63 @@ class _HostCopyEngine:
         return getattr(self._base, name)
 
 
+def to_universal(ckpt: Path) -> Path:
+    """Convert a verified ZeRO checkpoint into DeepSpeed's universal format (any world size), once;
+    written beside it as ``stepN-universal`` and marked complete last."""
+    out = ckpt.parent / f"{ckpt.name}-universal"
+    if (out / ".complete").exists():
+        return out
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = ckpt.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    ds_to_universal(
+        argparse.Namespace(
+            input_folder=str(ckpt),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+    )
+    (tmp / ".complete").write_text(ckpt.name)
+    os.rename(tmp, out)
+    _fsync_dir(ckpt.parent)
+    return out
+
+
+def resume_plan(root: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """Which checkpoint a run resumes from (rank 0 decides for all): its tag, the world size that
+    saved it, and, when that differs under ZeRO >= 1, the universal copy to load instead."""
+    info: list[dict[str, Any] | None] = [None]
+    if rank == 0:
+        found = newest_valid(root)
+        if found is not None:
+            ckpt, manifest = found
+            info = [{"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}]
+    if world > 1:
+        dist.broadcast_object_list(info, src=0)
+    plan = info[0]
+    if plan is not None and plan["world"] != world and plan["zero_stage"] > 0:
+        if rank == 0:
+            log.warning(
+                "%s was saved by %d workers and this run has %d: converting it to a universal checkpoint",
+                plan["tag"],
+                plan["world"],
+                world,
+            )
+            to_universal(root / plan["tag"])
+        if world > 1:
+            dist.barrier()
+        plan["universal"] = f"{plan['tag']}-universal"
+    return plan
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints; every rank calls save() and load() together."""
 
@@ -359,34 +416,33 @@ class Checkpointer:
                 continue
             try:
                 shutil.rmtree(ckpt)
+                shutil.rmtree(ckpt.parent / f"{ckpt.name}-universal", ignore_errors=True)
                 log.info("retention: removed %s", ckpt)
             except OSError as exc:  # never fatal: the run goes on with one checkpoint too many
                 log.warning("retention: could not remove %s: %s", ckpt, exc)
 
     # -------------------------------------------------------------------------------- load
-    def load(self) -> int | None:
-        """Restore the newest valid checkpoint of this run; the step it resumes from, or None."""
-        found = newest_valid(self.root) if self.rank == 0 else None
-        choice = [found[0].name if found else ""]
-        if self.world > 1:
-            dist.broadcast_object_list(choice, src=0)
-        if not choice[0]:
-            return None
-        ckpt = self.root / choice[0]
+    def load(self, plan: dict[str, Any]) -> int:
+        """Restore the checkpoint ``resume_plan`` chose; returns the step the run resumes from."""
+        ckpt = self.root / plan["tag"]
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-        if state["world_size"] != self.world:
-            raise CheckpointError(
-                f"{ckpt} was saved by {state['world_size']} workers and this run has {self.world}; "
-                f"resume with {state['world_size']} workers (cluster.workers / torchrun --nproc_per_node)"
-            )
-        path, _ = self.engine.load_checkpoint(str(self.root), tag=ckpt.name, load_module_strict=True)
+        tag = plan.get("universal", plan["tag"])
+        path, _ = self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
         if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+            raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
         self.trainer.load_state_dict(state["trainer"])
-        mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
-        self.trainer.data.load_state_dict(mine["data"])
-        # applied by the trainer once its data iterator exists (creating one draws from the RNG)
-        self.trainer.pending_rng = mine["rng"]
+        if plan["world"] == self.world:
+            mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+            self.trainer.data.load_state_dict(mine["data"])
+            # applied by the trainer once its data iterator exists (creating one draws from the RNG)
+            self.trainer.pending_rng = mine["rng"]
+        else:
+            log.warning(
+                "world size changed from %d to %d: weights, optimizer and schedule continue; the data order "
+                "restarts from its beginning (the saved positions belong to the old sharding)",
+                plan["world"],
+                self.world,
+            )
         self._barrier()
-        log.info("resumed from %s (step %d)", ckpt, self.trainer.step)
+        log.info("resumed from %s (step %d)", self.root / tag, self.trainer.step)
         return self.trainer.step

@@ -28,7 +28,7 @@ def setup(cfg: Config) -> Session:
     """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
     import torch
 
-    from distrain.checkpoint import Checkpointer, CheckpointError, list_checkpoints
+    from distrain.checkpoint import Checkpointer, CheckpointError, list_checkpoints, resume_plan
     from distrain.data import DataPipeline
     from distrain.models import build_model
     from distrain.parallel import build_engine, init_distributed
@@ -45,16 +45,17 @@ def setup(cfg: Config) -> Session:
     model = build_model(cfg)  # seeded by run.seed: identical on every rank
     torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(cfg, model, dist_info.world_size)
-    trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
-    trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
-    resumed_from = None
+    plan = None
     if cfg.checkpoint.resume:
-        resumed_from = trainer.checkpointer.load()
+        plan = resume_plan(run_dir / "checkpoints", dist_info.rank, dist_info.world_size)
     elif list_checkpoints(run_dir / "checkpoints"):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
         )
+    engine = build_engine(cfg, model, dist_info.world_size, load_universal=bool(plan and "universal" in plan))
+    trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
+    trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
+    resumed_from = trainer.checkpointer.load(plan) if plan else None
     trainer.tracker = tracker = Tracker(
         run_dir,
         dist_info.is_main,

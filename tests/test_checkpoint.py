@@ -31,7 +31,7 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
 def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_path, stage, precision):
     over = [
-        "train.steps=300",
+        "train.steps=600",
         "train.log_every=1",
         "train.eval_every=0",
         "data.shuffle_block=32",
@@ -53,14 +53,14 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # a scheduler's preemption notice
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     stopped = json.loads((run_dir / "summary.json").read_text())
-    assert stopped["status"] == "preempted" and 20 <= stopped["step"] < 300
+    assert stopped["status"] == "preempted" and 10 <= stopped["step"] < 600
     assert (run_dir / "checkpoints" / f"step{stopped['step']:08d}" / "manifest.json").is_file()
 
     cfg = load_config(run_dir / "config.yaml")
@@ -68,7 +68,7 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_
     assert resumed.trainer.step == stopped["step"]
     run(cfg, resumed)
     ref_losses, got = _losses(tmp_path / "ref"), _losses(run_dir)
-    assert sorted(got) == list(range(1, 301))  # one record per step: the resumed run continued the file
+    assert sorted(got) == list(range(1, 601))  # one record per step: the resumed run continued the file
     assert got == ref_losses  # bitwise: the same batches, dropout masks and optimizer state
     a, b = _weights(ref.engine), _weights(resumed.engine)
     assert all(torch.equal(a[k], b[k]) for k in a)

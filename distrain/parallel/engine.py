@@ -110,7 +110,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int):
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and schedule inside)."""
     import deepspeed
 
@@ -119,10 +119,13 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds_config = build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model))
+    if load_universal:  # resuming a checkpoint saved at another world size
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model)),
+        config=ds_config,
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
     return engine
