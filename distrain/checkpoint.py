@@ -436,12 +436,18 @@ class Checkpointer:
             self.trainer.data.load_state_dict(mine["data"])
             # applied by the trainer once its data iterator exists (creating one draws from the RNG)
             self.trainer.pending_rng = mine["rng"]
-        else:
+        else:  # another world size: each saved position belongs to the old sharding; the epoch carries
+            saved = [
+                torch.load(f, map_location="cpu", weights_only=True)["data"]
+                for f in sorted(ckpt.glob("rank-*.pt"))
+            ]
+            epoch = self.trainer.data.continue_epoch_of(saved)
             log.warning(
-                "world size changed from %d to %d: weights, optimizer and schedule continue; the data order "
-                "restarts from its beginning (the saved positions belong to the old sharding)",
+                "world size changed from %d to %d: weights, optimizer and schedule continue; the data continues "
+                "from the start of epoch %d (positions within an epoch belong to the old sharding)",
                 plan["world"],
                 self.world,
+                epoch,
             )
         self._barrier()
         log.info("resumed from %s (step %d)", self.root / tag, self.trainer.step)

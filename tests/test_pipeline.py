@@ -251,3 +251,31 @@ def test_vision_transforms_follow_the_config(in_workdir):
         ).train_batches()
     )
     assert c["images"].shape == (4, 3, 48, 48)
+
+
+def test_another_world_size_continues_from_the_saved_epoch(tmp_path):
+    files = []
+    for f in range(2):
+        p = tmp_path / f"e{f}.jsonl"
+        p.write_text("".join(json.dumps({"text": f"<{f}-{i}>" + "y" * 60}) + "\n" for i in range(10)))
+        files.append(str(p))
+    over = [
+        f"data.train_path={tmp_path}/e*.jsonl",
+        "data.seq_len=32",
+        "train.micro_batch_size=4",
+        "data.shuffle_block=4",
+    ]
+    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", over)
+    states = []
+    for rank in range(2):  # a world of 2 went through a few epochs of this small corpus
+        pipe = DataPipeline(cfg, rank=rank, world=2)
+        _take(pipe.train_batches(), 30)
+        states.append(pipe.state_dict())
+    fresh = DataPipeline(cfg, rank=0, world=1)
+    epoch = fresh.continue_epoch_of(states)
+    assert epoch >= 2
+    first = bytes(int(i) for i in next(fresh.train_batches())["input_ids"][0] if i < 256).decode()
+    expected = RowCursor(
+        sorted(files), "jsonl", 0, 1, seed=0, shuffle=True, block=4, start_epoch=epoch
+    ).next_row()
+    assert first.startswith(expected.value["text"][:20])  # the first document of that epoch's order

@@ -31,6 +31,7 @@ class DataPipeline:
         d = cfg.data
         self._loader = None
         self._pending_state: dict[str, Any] | None = None
+        self.start_epoch = 0  # a fresh stream's first epoch (continue_epoch_of sets it)
         if self.kind == "tokens":
             paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
             self.sources = []
@@ -76,6 +77,7 @@ class DataPipeline:
             block=d.shuffle_block,
             on_error=d.on_error,
             batch_size=self.cfg.train.micro_batch_size,
+            start_epoch=self.start_epoch if train else 0,
         )
 
     # ---------------------------------------------------------------- images
@@ -128,7 +130,9 @@ class DataPipeline:
         from distrain.data.vision import EpochSampler, collate
 
         ds = self._image_dataset(d.train_path, train=True)
-        sampler = EpochSampler(len(ds), self.rank, self.world, self.cfg.run.seed, d.shuffle)
+        sampler = EpochSampler(
+            len(ds), self.rank, self.world, self.cfg.run.seed, d.shuffle, start_epoch=self.start_epoch
+        )
         return StatefulDataLoader(
             ds,
             batch_size=t.micro_batch_size,
@@ -150,9 +154,9 @@ class DataPipeline:
         if self.kind == "tokens":
             files, fmt, _ = self.sources[0]
             return raydata.RayPackedText(
-                files, fmt, self.tokenizer, self.cfg, self.rank, self.world, d.ray_actors
+                files, fmt, self.tokenizer, self.cfg, self.rank, self.world, d.ray_actors, self.start_epoch
             )
-        return raydata.RayImages(self.cfg, self.rank, self.world, d.ray_actors)
+        return raydata.RayImages(self.cfg, self.rank, self.world, d.ray_actors, self.start_epoch)
 
     def train_batches(self) -> Iterator[dict[str, Any]]:
         """Endless stream of training micro-batches for this rank, from the restored position if any."""
@@ -166,6 +170,16 @@ class DataPipeline:
                 self._loader.load_state_dict(self._pending_state)
         self._iter = iter(self._loader)
         return self._iter
+
+    def continue_epoch_of(self, states: list[dict[str, Any]]) -> int:
+        """Start this (fresh) pipeline at the epoch the saved positions had reached, the earliest
+        over ranks and sources: the positions of another world size cannot be continued exactly,
+        the epoch count can. Returns that epoch."""
+        if self._loader is not None:
+            raise RuntimeError("set the starting epoch before the first batch is drawn")
+        epochs = [e for st in states for e in _epochs(st)]
+        self.start_epoch = min(epochs) if epochs else 0
+        return self.start_epoch
 
     def close(self) -> None:
         """Stop what feeds the stream (DataLoader workers, Ray Data executions)."""
@@ -235,6 +249,20 @@ class DataPipeline:
                 )
             self._eval_cache = batches
         return self._eval_cache
+
+
+def _epochs(obj: Any) -> list[int]:
+    """Every epoch counter in a saved data position (text cursors, image samplers, Ray streams)."""
+    found: list[int] = []
+    if isinstance(obj, dict):
+        if isinstance(obj.get("epoch"), int) and ("pos" in obj or "idx" in obj):
+            found.append(obj["epoch"])
+        for v in obj.values():
+            found += _epochs(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            found += _epochs(v)
+    return found
 
 
 def to_device(

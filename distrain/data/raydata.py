@@ -115,7 +115,17 @@ class TokenizeFile:
 class RayPackedText:
     """Endless stream of ``{"input_ids": [batch, seq_len], "data_errors": [4]}`` for one rank."""
 
-    def __init__(self, files: list[str], fmt: str, tokenizer, cfg, rank: int, world: int, actors: int):
+    def __init__(
+        self,
+        files: list[str],
+        fmt: str,
+        tokenizer,
+        cfg,
+        rank: int,
+        world: int,
+        actors: int,
+        start_epoch: int = 0,
+    ):
         d = cfg.data
         self.files, self.fmt, self.tok = list(files), fmt, tokenizer
         self.seq_len, self.batch_size = d.seq_len, cfg.train.micro_batch_size
@@ -133,7 +143,7 @@ class RayPackedText:
             by_file=self.by_file,
         )
         self.on_error, self.actors = d.on_error, actors
-        self.state = {"epoch": 0, "k": 0, "pos": 0, "offset": 0}
+        self.state = {"epoch": start_epoch, "k": 0, "pos": 0, "offset": 0}
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.state)
@@ -238,14 +248,14 @@ class DecodeImages:
 class RayImages:
     """Endless stream of ``{"images", "labels", "data_errors"}`` batches for one rank."""
 
-    def __init__(self, cfg, rank: int, world: int, actors: int):
+    def __init__(self, cfg, rank: int, world: int, actors: int, start_epoch: int = 0):
         from distrain.data.vision import EpochSampler
 
         self.cfg_json = cfg.model_dump_json()
         n = len(_image_dataset(self.cfg_json, rank, world))
         self.sampler = EpochSampler(n, rank, world, cfg.run.seed, cfg.data.shuffle)
         self.batch_size, self.rank, self.world, self.actors = cfg.train.micro_batch_size, rank, world, actors
-        self.state = {"epoch": 0, "pos": 0}
+        self.state = {"epoch": start_epoch, "pos": 0}
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.state)

@@ -50,13 +50,14 @@ class RowCursor:
         block: int,
         source_id: int = 0,
         loop: bool = True,
+        start_epoch: int = 0,
     ):
         self.files, self.fmt = list(files), fmt
         self.shard, self.num_shards, self.seed, self.shuffle = shard, num_shards, seed, shuffle
         self.block_size = block if shuffle else 1
         self.source_id, self.loop = source_id, loop
         self.by_file = len(self.files) % num_shards == 0
-        self.state = {"epoch": 0, "file": 0, "row": 0, "counter": 0, "block": 0, "idx": 0}
+        self.state = {"epoch": start_epoch, "file": 0, "row": 0, "counter": 0, "block": 0, "idx": 0}
         self._block: list[Row] | None = None
         self._block_end: dict[str, int] | None = None
 
@@ -147,12 +148,14 @@ class PackedText(IterableDataset):
         block: int = 1024,
         on_error: str = "skip",
         batch_size: int = 1,
+        start_epoch: int = 0,
     ):
         super().__init__()
         self.sources = sources  # (files, format, weight)
         self.tok, self.seq_len, self.text_field = tokenizer, seq_len, text_field
         self.rank, self.world, self.seed, self.shuffle, self.loop = rank, world, seed, shuffle, loop
         self.block, self.on_error, self.batch_size = block, on_error, batch_size
+        self.start_epoch = start_epoch  # where a fresh stream starts (a resume after a world-size change)
         total = sum(w for _, _, w in sources)
         self.cum = np.cumsum([w / total for _, _, w in sources])
         self._resume: dict[str, Any] | None = None
@@ -222,6 +225,7 @@ class PackedText(IterableDataset):
                 self.block,
                 source_id=i,
                 loop=self.loop,
+                start_epoch=self.start_epoch,
             )
             for i, (files, fmt, _) in enumerate(self.sources)
         ]

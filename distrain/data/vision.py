@@ -181,7 +181,9 @@ class EpochSampler(Sampler):
     (seed, epoch), cut to a multiple of the world size, every rank taking its stride. Saves its
     position with state_dict()."""
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, loop: bool = True):
+    def __init__(
+        self, n: int, rank: int, world: int, seed: int, shuffle: bool, loop: bool = True, start_epoch: int = 0
+    ):
         self.n, self.rank, self.world, self.seed, self.shuffle, self.loop = (
             n,
             rank,
@@ -191,7 +193,7 @@ class EpochSampler(Sampler):
             loop,
         )
         self.per_rank = n // world
-        self.epoch, self.pos = 0, 0
+        self.epoch, self.pos = start_epoch, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
