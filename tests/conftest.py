@@ -45,3 +45,17 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def wait_for_records(path: Path, n: int, proc, timeout: float = 300) -> None:
+    """Wait until the run writing ``path`` (metrics.jsonl) has logged ``n`` records; fail with the
+    process's stderr if it exits first."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < n):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    assert path.exists() and len(path.read_text().splitlines()) >= n, (
+        f"{path}: fewer than {n} records after {timeout}s"
+    )

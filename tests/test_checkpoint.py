@@ -15,7 +15,7 @@ import torch
 from distrain.checkpoint import CheckpointError, list_checkpoints, newest_valid, verify
 from distrain.config import load_config
 from distrain.train import run, setup
-from tests.conftest import CONFIGS, read_jsonl
+from tests.conftest import CONFIGS, read_jsonl, wait_for_records
 
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
@@ -52,10 +52,7 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_
         text=True,
     )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.05)
+    wait_for_records(metrics, 10, proc)
     proc.send_signal(signal.SIGUSR1)  # a scheduler's preemption notice
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]

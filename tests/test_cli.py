@@ -9,9 +9,8 @@ import select
 import signal
 import subprocess
 import sys
-import time
 
-from tests.conftest import CONFIGS, read_jsonl
+from tests.conftest import CONFIGS, read_jsonl, wait_for_records
 
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
@@ -55,10 +54,7 @@ def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
         text=True,
     )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
+    wait_for_records(metrics, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
