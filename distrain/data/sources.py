@@ -107,20 +107,6 @@ class Row:
         )
 
 
-def count_rows(file: str, fmt: str) -> int:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        fs, p = _fs(file)
-        with fs.open(p, "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    if fmt == "txt":
-        return 1
-    fs, p = _fs(file)
-    with fs.open(p, "rb") as f:
-        return sum(1 for _ in f)
-
-
 def read_rows(file: str, fmt: str, start: int = 0, stop: int | None = None) -> Iterator[Row]:
     """Rows ``start`` (inclusive) to ``stop`` (exclusive) of one file, in file order."""
     fs, p = _fs(file)

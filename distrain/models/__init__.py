@@ -36,27 +36,12 @@ _REGISTRY: dict[str, str] = {
     "lstm": "distrain.models.lstm",
 }
 
-_KINDS: dict[str, Literal["tokens", "images"]] = {"gpt": "tokens", "resnet": "images", "lstm": "tokens"}
-
-
-class _LazySpec:
-    def __init__(self, name: str):
-        self.name = name
-        self.batch_kind = _KINDS[name]
-
-    def load(self) -> ModelSpec:
-        return importlib.import_module(_REGISTRY[self.name]).SPEC
-
 
 def get_spec(name: str) -> ModelSpec:
-    """The ModelSpec for ``name``; ``batch_kind`` is available without importing the model."""
+    """The ModelSpec for ``name`` (its module is imported on first use)."""
     if name not in _REGISTRY:
         raise ValueError(f"model.name={name!r} is not registered; known models: {', '.join(_REGISTRY)}")
     return importlib.import_module(_REGISTRY[name]).SPEC
-
-
-def model_names() -> list[str]:
-    return list(_REGISTRY)
 
 
 def build_model(cfg: Config) -> nn.Module:
