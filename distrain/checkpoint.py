@@ -356,6 +356,7 @@ class Checkpointer:
 
             state = {
                 "trainer": self.trainer.state_dict(),
+                "meters": self.trainer.meters.state_dict(),
                 "world_size": self.world,
                 "config": to_yaml(self.full_cfg),
             }
@@ -431,6 +432,7 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
         self.trainer.load_state_dict(state["trainer"])
+        self.trainer.meters.load_state_dict(state.get("meters", {}))
         if plan["world"] == self.world:
             mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
             self.trainer.data.load_state_dict(mine["data"])

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
     )
 
+    p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
+    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+
     p = sub.add_parser("config", help="show, validate or document configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     _add_config_args(csub.add_parser("show", help="print the resolved config as YAML"))
@@ -122,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             from distrain.export import export
 
             print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
+            return EXIT_OK
+        if args.command == "report":
+            from pathlib import Path
+
+            from distrain.metrics.report import write_report
+
+            out = write_report(Path(args.run_dir), args.out)
+            print(f"wrote {out / 'report.md'}")
             return EXIT_OK
         if args.command == "data":
             from distrain.data.prepare import prepare

@@ -368,6 +368,37 @@ class CheckpointConfig(Section):
 # ---------------------------------------------------------------------------------------- metrics
 class MetricsConfig(Section):
     jsonl: bool = Field(True, description="Append one JSON object per log step to RUN_DIR/metrics.jsonl.")
+    accounting: bool = Field(
+        True,
+        description="Step-time split, FLOPs, MFU and energy per record; false keeps loss, rates and data wait only.",
+    )
+    energy: bool = Field(
+        True,
+        description="Count energy: NVML on GPUs, RAPL on CPUs, else an estimate (cpu_watts x utilisation) labelled estimated.",
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Dense peak TFLOP/s of one device for MFU; unset: the GPU table (MFU null for GPUs not in it), a matmul probe on CPU.",
+    )
+    cpu_watts: float | None = Field(
+        None,
+        gt=0,
+        description="A node's CPU power at full load, for the estimate where RAPL is unreadable; unset: 10 W per logical CPU.",
+    )
+    power_sample_s: float = Field(
+        0.1, gt=0, description="Power sampling interval for GPUs without NVML's energy counter."
+    )
+    grid_g_per_kwh: float = Field(
+        475.0,
+        ge=0,
+        description="Grid carbon intensity in g CO2e per kWh (default: IEA world average of electricity generation); set your region's.",
+    )
+    pue: float = Field(
+        1.0,
+        ge=1.0,
+        description="Data-centre power usage effectiveness multiplying the measured energy (1.0 counts the machine only).",
+    )
 
 
 # --------------------------------------------------------------------------------------- tracking

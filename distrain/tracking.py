@@ -137,17 +137,62 @@ class Console:
             ("grad_norm", "{:.3f}"),
             ("samples_per_s", "{:,.1f}"),
             ("tokens_per_s", "{:,.0f}"),
+            ("mfu", "{:.1%}"),
+            ("power_w", "{:,.0f} W"),
         ):
             if rec.get(key) is not None:
                 parts.append(f"{key} " + fmt.format(rec[key]))
+        if rec.get("power_w") is not None and rec.get("energy_estimated"):
+            parts[-1] += " (estimated)"
         if self.bar is not None:
             self.bar.console.log(" | ".join(parts))
         else:
             log.info(" | ".join(parts))
 
+    def summary(self, summary: dict[str, Any]) -> None:
+        """The end-of-run table (rank 0)."""
+        from rich.console import Console as RichConsole
+        from rich.table import Table
+
+        table = Table(title=f"run {summary.get('status', '')}", show_header=False, title_justify="left")
+        for label, value in summary_rows(summary):
+            table.add_row(label, value)
+        console = self.bar.console if self.bar is not None else RichConsole(stderr=True, width=100)
+        console.print(table)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the end-of-run summary; shared by the console table and the report."""
+    est = " (estimated)" if s.get("energy_estimated") else ""
+    rows = [
+        ("time", _fmt(s.get("elapsed_s"), "{:,.1f} s")),
+        ("steps", f"{s.get('step')}/{s.get('steps')}"),
+        ("samples", _fmt(s.get("samples_seen"), "{:,}")),
+    ]
+    if s.get("tokens_seen"):
+        rows.append(("tokens", _fmt(s.get("tokens_seen"), "{:,}")))
+    rows.append(("mean MFU", _fmt(s.get("mean_mfu"), "{:.1%}") + f"  (peak: {s.get('peak_source', 'n/a')})"))
+    if "energy_j" in s:
+        rows += [
+            ("energy", _fmt(s.get("energy_kwh"), "{:.4g} kWh") + est + f"  [{s.get('energy_source')}]"),
+            (
+                "J/token" if s.get("tokens_seen") else "J/sample",
+                _fmt(s.get("j_per_token") if s.get("tokens_seen") else s.get("j_per_sample"), "{:.4g}") + est,
+            ),
+            ("CO2e", _fmt(s.get("co2e_kg"), "{:.4g} kg") + est),
+        ]
+    rows.append(("data wait", _fmt(s.get("data_wait_pct"), "{:.1f}%")))
+    if s.get("final_eval_loss") is not None:
+        rows.append(("final eval loss", f"{s['final_eval_loss']:.4f}"))
+    return rows
 
 
 class Tracker:
@@ -174,6 +219,10 @@ class Tracker:
         if self.jsonl:
             self.jsonl.write(record)
         self.console.record(record)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.console:
+            self.console.summary(summary)
 
     def progress(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         if self.console:

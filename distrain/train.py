@@ -95,6 +95,7 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
     if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        s.tracker.summary(summary)
         log.info(
             "run %s: %s at step %d/%d in %.1fs",
             cfg.run.name,

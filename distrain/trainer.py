@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 
 from distrain.config import Config, global_batch
 from distrain.data import ERROR_KINDS, DataPipeline, to_device
+from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
 from distrain.tracking import Tracker
@@ -34,11 +34,15 @@ class Trainer:
         self.checkpointer = checkpointer
         self.spec = get_spec(cfg.model.name)
         self.step = 0
-        self.samples_seen = 0
-        self.tokens_seen = 0
         self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
         self.stop_reason: str | None = None
-        self.elapsed_before = 0.0  # training seconds of earlier attempts (resumed runs)
+        self.meters = Meters(
+            cfg,
+            dist_info,
+            global_batch(cfg, dist_info.world_size),
+            data.tokens_per_sample,
+            self.spec.flops_per_sample(cfg),
+        )
         self.pending_rng: dict[str, Any] | None = None
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
@@ -50,21 +54,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "tokens_seen": self.tokens_seen,
-            "data_skipped": self.data_skipped.tolist(),
-            "elapsed_s": self.elapsed_before
-            + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0),
-        }
+        return {"step": self.step, "data_skipped": self.data_skipped.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.samples_seen = int(state["samples_seen"])
-        self.tokens_seen = int(state["tokens_seen"])
         self.data_skipped = torch.tensor(state.get("data_skipped", [0] * len(ERROR_KINDS)), dtype=torch.long)
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
 
     # -------------------------------------------------------------- signals
     def request_stop(self, reason: str) -> None:
@@ -144,10 +138,9 @@ class Trainer:
         return self._mean_across_ranks(total / len(batches))
 
     def train(self) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
+        cfg, engine, meters = self.cfg, self.engine, self.meters
         steps, accum, log_every = cfg.train.steps, cfg.parallel.grad_accum, cfg.train.log_every
-        per_step_samples = global_batch(cfg, self.dist.world_size)
-        per_step_tokens = per_step_samples * (self.data.tokens_per_sample or 0)
+        meters.start()
         it = iter(self.data.train_batches())
         if self.pending_rng is not None:  # a resumed run continues the saved random streams
             from distrain.checkpoint import set_rng_state
@@ -155,17 +148,17 @@ class Trainer:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
         engine.train()
-        t_start = self._t_start = time.perf_counter()
-        window_t0, window_steps, window_loss, window_wait = t_start, 0, torch.zeros(()), 0.0
+        meters.restart_clocks()
+        window_loss = torch.zeros(())
         window_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
         last_eval = None
         while self.step < steps:
             log_step = (self.step + 1) % log_every == 0 or self.step + 1 == steps
             grad_norm = None
+            meters.mark()
             for micro in range(accum):
-                t_wait = time.perf_counter()
                 raw = next(it)
-                window_wait += time.perf_counter() - t_wait
+                meters.lap("data")
                 errs = raw.get("data_errors")
                 if errs is not None:
                     window_skipped += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
@@ -177,32 +170,30 @@ class Trainer:
                     if log_step and self._own_grad_norm:
                         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                meters.lap("fwd_bwd")
                 engine.step()
+                meters.lap("optim")
                 window_loss += loss.detach().float().cpu() / accum
             self.step += 1
-            window_steps += 1
-            self.samples_seen += per_step_samples
-            self.tokens_seen += per_step_tokens
+            meters.step_done()
             stopping = self._stop_agreed()
             last = self.step == steps or stopping
+            eval_loss = None
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                meters.mark()
+                eval_loss = last_eval = self.evaluate()
+                meters.lap("eval")
             record = None
             if self.step % log_every == 0 or last:
-                now = time.perf_counter()
-                dt = now - window_t0
                 gn = grad_norm if self._own_grad_norm else engine.get_global_grad_norm()
+                n = max(meters.win_steps, 1)
                 record = {
                     "step": self.step,
-                    "loss": self._mean_across_ranks(window_loss / window_steps),
+                    "loss": self._mean_across_ranks(window_loss / n),
                     "lr": float(lr),
                     "grad_norm": None if gn is None else float(gn),
-                    "samples_per_s": window_steps * per_step_samples / dt,
-                    "tokens_per_s": window_steps * per_step_tokens / dt if per_step_tokens else None,
-                    "elapsed_s": self.elapsed_before + now - t_start,
-                    "data_wait_s": window_wait / window_steps,
-                    "data_wait_pct": 100.0 * window_wait / dt,
                 }
-                if not per_step_tokens:
-                    record.pop("tokens_per_s")
+                record.update(meters.record())
                 self.data_skipped += self._sum_across_ranks(window_skipped)
                 record.update(
                     {
@@ -210,17 +201,12 @@ class Trainer:
                         for k, v in zip(ERROR_KINDS, self.data_skipped.tolist(), strict=True)
                     }
                 )
-                window_t0, window_steps, window_loss, window_wait = now, 0, torch.zeros(()), 0.0
+                window_loss = torch.zeros(())
                 window_skipped.zero_()
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
-                last_eval = self.evaluate()
-                if last_eval is not None:
-                    if record is None:
-                        record = {
-                            "step": self.step,
-                            "elapsed_s": self.elapsed_before + time.perf_counter() - t_start,
-                        }
-                    record["eval_loss"] = last_eval
+            if eval_loss is not None:
+                if record is None:
+                    record = {"step": self.step, "elapsed_s": meters.elapsed()}
+                record["eval_loss"] = eval_loss
             if record is not None:
                 self.tracker.log(record)
                 self.tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))
@@ -228,15 +214,19 @@ class Trainer:
                 self.tracker.progress(self.step)
             preempted = stopping and self.stop_reason == "preempted"
             if self.checkpointer is not None and (self.checkpointer.due(self.step, last) or preempted):
+                meters.mark()
+                meters.flush()  # the checkpoint holds current totals (energy, time)
                 self.checkpointer.save(self.step)
+                meters.lap("checkpoint")
             if stopping:
                 break
-        return {
+        meters.flush()
+        summary = {
             "status": "completed" if self.step >= steps else (self.stop_reason or "stopped"),
             "step": self.step,
             "steps": steps,
-            "samples_seen": self.samples_seen,
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed_before + time.perf_counter() - t_start,
             "final_eval_loss": last_eval,
         }
+        summary.update(meters.summary())
+        meters.close()
+        return summary

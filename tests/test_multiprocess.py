@@ -17,7 +17,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -33,7 +33,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
         *args,
         "cluster.workers=2",
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _one(*args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,89 @@
+"""``distrain report RUN_DIR``: PNG plots and a markdown summary from a run's own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PLOTS = {
+    "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")], None),
+    "throughput.png": ("throughput", [("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")], None),
+    "mfu.png": ("MFU", [("mfu", "MFU"), ("hfu", "HFU")], None),
+    "power.png": ("power (W)", [("power_w", "job power")], None),
+    "energy.png": ("cumulative energy (kWh)", [("energy_kwh", "energy")], None),
+}
+
+
+class ReportError(ValueError):
+    pass
+
+
+def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(
+            f"{metrics} does not exist; pass the run directory of a run that wrote metrics (metrics.jsonl=true)"
+        )
+    records = []
+    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ReportError(
+                f"{metrics}, line {n}: not JSON ({exc.msg}); remove or repair that line"
+            ) from None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return records, summary
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the plots that have data and ``report.md`` into ``out`` (default RUN_DIR/report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distrain.tracking import summary_rows
+
+    run_dir = Path(run_dir)
+    records, summary = read_run(run_dir)
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    estimated = any(r.get("energy_estimated") for r in records)
+    written = []
+    for fname, (title, keys, _) in PLOTS.items():
+        lines = [(label, *_series(records, k)) for k, label in keys]
+        lines = [ln for ln in lines if ln[1]]
+        if not lines:
+            continue
+        if fname == "throughput.png":
+            lines = lines[:1]  # tokens/s where the model has tokens, else samples/s
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, label=label, marker="." if len(xs) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(title + (" (estimated)" if estimated and fname in ("power.png", "energy.png") else ""))
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=100)
+        plt.close(fig)
+        written.append(fname)
+    md = [f"# Run report: {run_dir.name}", ""]
+    if summary is not None:
+        md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)] + [""]
+    else:
+        md += ["No summary.json: the run has not finished (or was killed); plots cover what it logged.", ""]
+    md += [f"![{f[:-4]}]({f})" for f in written]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out
