@@ -49,7 +49,8 @@ def step_time(size: str, accounting: bool, steps: int, warmup: int, log_every: i
         recs = [json.loads(x) for x in Path(d, "run", "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r and r["step"] > warmup]
     per_step = [
-        (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(recs, recs[1:], strict=False)
+        (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+        for a, b in zip(recs, recs[1:], strict=False)
     ]
     return statistics.median(per_step)
 

@@ -59,6 +59,27 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
     )
 
+    p = sub.add_parser("launch", help="run on Ray Train workers: a local Ray cluster, or an existing one")
+    lsub = p.add_subparsers(dest="launch_mode", required=True)
+    q = lsub.add_parser(
+        "local", help="start a one-node Ray cluster on this machine and run the workers on it"
+    )
+    _add_config_args(q)
+    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--node-ip",
+        default="127.0.0.2",
+        help="address the local Ray node binds (default 127.0.0.2: loopback; 127.0.0.1 is rewritten by Ray)",
+    )
+    q = lsub.add_parser("ray", help="run on a running Ray cluster")
+    _add_config_args(q)
+    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--address",
+        default=None,
+        help="cluster address HOST:PORT (default: cluster.address, then RAY_ADDRESS)",
+    )
+
     p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
     p.add_argument("run_dir", help="a run directory written by `distrain train`")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
@@ -107,9 +128,44 @@ def _train(args) -> int:
     return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary["status"], EXIT_INTERRUPTED)
 
 
+def _launch(args) -> int:
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"cluster.workers={args.workers}")
+    cfg = load_config(args.config, overrides)
+    from distrain.tracking import setup_logging
+
+    setup_logging(0, cfg.run.log_level)
+    from ray.train import TrainingFailedError
+
+    from distrain.cluster.ray import launch, worker_failures
+
+    try:
+        if args.launch_mode == "local":
+            summary = launch(cfg, local=True, node_ip=args.node_ip)
+        else:
+            summary = launch(cfg, address=args.address)
+    except TrainingFailedError as exc:
+        for line in worker_failures(exc):
+            sys.stderr.write(f"distrain: error: {line}\n")
+        return EXIT_ERROR
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary.get("status"), EXIT_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command not in ("train", "resume"):
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `launch ... --workers N a=b`: overrides may follow the options
+    if extra and (args.command != "launch" or any("=" not in x or x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if args.command not in ("train", "resume", "launch"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "config":
@@ -127,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
             return EXIT_OK
+        if args.command == "launch":
+            return _launch(args)
         if args.command == "report":
             from pathlib import Path
 

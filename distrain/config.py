@@ -286,6 +286,10 @@ class TrainConfig(Section):
     log_every: int = Field(
         10, ge=1, description="Write a metrics.jsonl record and a console line every N steps."
     )
+    check_replicas: bool = Field(
+        False,
+        description="At the end, check that every rank holds identical parameters (gathered under ZeRO 3); a mismatch fails the run.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- optim
@@ -418,7 +422,16 @@ class ClusterConfig(Section):
     gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker asks for (0 on CPU).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker asks for.")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How workers are placed over nodes."
+        "PACK", description="How Ray places workers over nodes (SPREAD: one per node where it can)."
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Ray restarts the worker group this many times after a worker dies (-1: without limit); each restart resumes from the newest checkpoint.",
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster address for `distrain launch ray` (default: the RAY_ADDRESS environment variable).",
     )
 
 
@@ -661,6 +674,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, data, source, overridden)) from None
+
+
+def config_from_yaml(text: str, source: str = "config") -> Config:
+    """A config from YAML text written by ``to_yaml`` (what launchers hand to their workers)."""
+    try:
+        return Config.model_validate(yaml.safe_load(text))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, yaml.safe_load(text), source, set())) from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -30,14 +30,23 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     """Rank 0 logs at ``level``; other ranks log warnings and errors only, tagged with their rank."""
     fmt = _FMT if rank == 0 else f"[rank {rank}] {_FMT}"
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_distrain", False) or type(h) is logging.StreamHandler:
-            root.removeHandler(h)
+    ours = logging.getLogger("distrain")
+    for lg in (root, ours):
+        for h in list(lg.handlers):
+            if getattr(h, "_distrain", False) or type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._distrain = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    root.addHandler(handler)
+    if root.handlers:  # a host process (a Ray worker) logs through its own handlers: leave them be
+        ours.addHandler(handler)
+        ours.propagate = False
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # a line per report() otherwise
+    else:
+        ours.propagate = True
+        root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")
+    ours.setLevel(level if rank == 0 else "WARNING")
     for noisy in (
         "DeepSpeed",
         "deepspeed",

@@ -22,6 +22,46 @@ class Session:
     engine: Any
     trainer: Any
     tracker: Any
+    workers: list[dict[str, Any]]  # rank, host and node of every rank
+
+
+def _workers(dist_info) -> list[dict[str, Any]]:
+    """Where every rank runs: host name and node (the Ray node id under Ray, else the host)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    host = socket.gethostname()
+    me = {"rank": dist_info.rank, "host": host, "node": os.environ.get("DISTRAIN_NODE_ID", host)}
+    if dist_info.world_size == 1:
+        return [me]
+    everyone: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
+def params_digest(engine) -> str:
+    """sha256 of the model's parameters on this rank (gathered in full under ZeRO 3)."""
+    import contextlib
+    import hashlib
+
+    import deepspeed
+    import torch
+
+    params = dict(engine.module.named_parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    h = hashlib.sha256()
+    with gather:
+        for name in sorted(params):
+            t = params[name].detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def setup(cfg: Config) -> Session:
@@ -65,18 +105,36 @@ def setup(cfg: Config) -> Session:
         cfg.tracking.progress_bar,
         resumed=resumed_from is not None,
     )
+    workers = _workers(dist_info)
     log.info(
-        "distrain: run %s | dir %s | world size %d | device %s | model %s (%.2fM params) | ZeRO %d | %s",
+        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s",
         cfg.run.name,
         run_dir,
         dist_info.world_size,
+        len({w["node"] for w in workers}),
         dist_info.device,
         cfg.model.name,
         n_params / 1e6,
         cfg.parallel.zero_stage,
         cfg.parallel.precision,
     )
-    return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker)
+    return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker, workers=workers)
+
+
+def _check_replicas(s: Session) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    digest = params_digest(s.engine)
+    digests: list[Any] = [digest]
+    if s.dist.world_size > 1:
+        digests = [None] * s.dist.world_size
+        dist.all_gather_object(digests, digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(
+            f"train.check_replicas: the parameters of rank(s) {differ} differ from rank 0's after training"
+        )
+    return {"replicas_identical": True, "params_sha256": digest}
 
 
 def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
@@ -92,7 +150,15 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         if s.trainer.checkpointer is not None:
             s.trainer.checkpointer.close()  # a background save finishes before the run is reported
     run_dir = cfg.run.run_dir.resolve()
-    summary.update(run_dir=str(run_dir), world_size=s.dist.world_size, finished_at=time.time())
+    summary.update(
+        run_dir=str(run_dir),
+        world_size=s.dist.world_size,
+        nodes=len({w["node"] for w in s.workers}),
+        workers=s.workers,
+        finished_at=time.time(),
+    )
+    if cfg.train.check_replicas:
+        summary.update(_check_replicas(s))
     if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         s.tracker.summary(summary)

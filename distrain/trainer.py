@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ class Trainer:
     ):
         self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
         self.checkpointer = checkpointer
+        self.on_checkpoint: list = []  # callables (step, path), run on every rank after each save
         self.spec = get_spec(cfg.model.name)
         self.step = 0
         self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
@@ -66,6 +68,9 @@ class Trainer:
         self.stop_reason = reason
 
     def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # a worker thread (Ray Train runs the loop in one): its launcher owns the signals
+
         def on_sigint(signum, frame):
             if self.stop_reason is not None:  # second Ctrl-C: stop now
                 raise KeyboardInterrupt
@@ -216,8 +221,10 @@ class Trainer:
             if self.checkpointer is not None and (self.checkpointer.due(self.step, last) or preempted):
                 meters.mark()
                 meters.flush()  # the checkpoint holds current totals (energy, time)
-                self.checkpointer.save(self.step)
+                path = self.checkpointer.save(self.step)
                 meters.lap("checkpoint")
+                for callback in self.on_checkpoint:
+                    callback(self.step, path)
             if stopping:
                 break
         meters.flush()

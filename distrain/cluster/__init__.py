@@ -1,0 +1,1 @@
+"""Launchers: Ray Train (``ray``); each ends in ``distrain.train.run`` on every worker."""

@@ -1,0 +1,208 @@
+"""Ray Train runs the job: ``TorchTrainer`` starts the workers, sets up torch.distributed the way
+torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR) and restarts the group after a worker
+dies (``cluster.max_failures``). Every worker runs ``distrain.train.run``, the same function as
+``distrain train``.
+
+distrain's own checkpoints (``RUN_DIR/checkpoints``) are the state; after each save the workers
+report a small Ray ``Checkpoint`` that points at it. After a restart, or when ``fit()`` is run again
+for the same run directory, Ray hands that pointer back and the workers resume from the newest valid
+checkpoint. Multi-node runs need ``run.dir`` on a file system every node shares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from distrain.config import Config, config_from_yaml, to_yaml
+
+log = logging.getLogger(__name__)
+
+POINTER = "distrain-checkpoint.json"
+
+# Ray Train's controller polls workers every 2 s by default; each report() waits for a poll
+HEALTH_CHECK_S = "0.2"
+
+
+def loopback_env(node_ip: str | None) -> dict[str, str]:
+    """Environment that keeps a job on this machine's loopback: gloo on ``lo``, no cloud-metadata
+    probes (a closed local proxy), no usage stats."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    if node_ip and node_ip.startswith("127."):
+        closed = "http://127.0.0.1:9"
+        env.update(
+            GLOO_SOCKET_IFNAME="lo",
+            http_proxy=closed,
+            https_proxy=closed,
+            HTTP_PROXY=closed,
+            HTTPS_PROXY=closed,
+            no_proxy="127.0.0.1,localhost",
+            NO_PROXY="127.0.0.1,localhost",
+        )
+    return env
+
+
+def _worker_env(cfg: Config, node_ip: str | None) -> dict[str, str]:
+    env = loopback_env(node_ip)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get(
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S
+    )
+    for key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "TMPDIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the config from the driver, resume if Ray holds a checkpoint pointer."""
+    import ray.train
+
+    from distrain.train import run
+
+    ctx = ray.train.get_context()
+    if not ray.get_runtime_context().runtime_env.get("working_dir") and os.path.isdir(config["cwd"]):
+        # no uploaded working dir (a local or shared-file-system run): relative paths in the config
+        # mean what they meant where the launch ran
+        os.chdir(config["cwd"])
+    os.environ["DISTRAIN_NODE_ID"] = ray.get_runtime_context().get_node_id()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpus"] else "cpu")
+    overrides = {}
+    pointer = ray.train.get_checkpoint()
+    if pointer is not None:
+        with pointer.as_directory() as d:
+            saved = json.loads((Path(d) / POINTER).read_text())
+        overrides["resume"] = True
+        if ctx.get_world_rank() == 0:
+            logging.getLogger("distrain.cluster").warning(
+                "Ray restarted the workers: resuming from the newest valid checkpoint (Ray's pointer: step %d)",
+                saved["step"],
+            )
+    cfg = config_from_yaml(config["config"], "the launcher's config")
+    if overrides:
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=overrides)})
+
+    from distrain.train import setup
+
+    session = setup(cfg)
+
+    def report(step: int, path: Path) -> None:
+        # every worker reports (Ray Train waits for all of them); rank 0 attaches the pointer
+        if ctx.get_world_rank() == 0:
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / POINTER).write_text(json.dumps({"step": step, "path": str(path)}))
+                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report({"step": step})
+
+    session.trainer.on_checkpoint.append(report)
+    summary = run(cfg, session)
+    if summary["status"] != "completed":
+        raise RuntimeError(f"training stopped at step {summary['step']}: {summary['status']}")
+
+
+def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = _worker_env(cfg, node_ip if local else None)
+    os.environ.update({k: v for k, v in env.items() if k != "GLOO_SOCKET_IFNAME"})
+    if local:
+        need = int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 0.999)
+        ray.init(
+            address="local",
+            _node_ip_address=node_ip,
+            num_cpus=max(os.cpu_count() or 1, need),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    else:  # the workers get their environment from RunConfig.worker_runtime_env (a Ray Jobs driver
+        # already has the job's runtime env, which ray.init may not redefine)
+        ray.init(address=address, log_to_driver=True)
+
+
+def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip: str = "127.0.0.2") -> dict:
+    """Run ``cfg`` with ``cfg.cluster.workers`` Ray Train workers; returns the run's summary.json.
+    ``local``: start a one-node Ray on this machine (bound to ``node_ip``); else join ``address``
+    (or ``cluster.address``, or RAY_ADDRESS)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distrain.checkpoint import CheckpointError, list_checkpoints
+
+    run_dir = cfg.run.run_dir.resolve()
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
+    if not cfg.checkpoint.resume and list_checkpoints(run_dir / "checkpoints"):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
+        )
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not local and not address:
+        raise ValueError(
+            "no Ray cluster address: pass --address HOST:PORT, set cluster.address or RAY_ADDRESS "
+            "(or use `distrain launch local` to start one on this machine)"
+        )
+    c = cfg.cluster
+    gpu = c.gpus_per_worker > 0
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if gpu else "gloo")
+    _start_ray(address, local, cfg, node_ip)
+    resources = {"CPU": c.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = c.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": os.environ.get("PWD", ".")},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=c.workers, use_gpu=gpu, resources_per_worker=resources, placement_strategy=c.placement
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _worker_env(cfg, node_ip if local else _host_ip(address))},
+        ),
+    )
+    log.info(
+        "Ray Train: %d worker(s), %s placement, %s CPU%s each, backend %s, max_failures %d",
+        c.workers,
+        c.placement,
+        c.cpus_per_worker,
+        f" + {c.gpus_per_worker} GPU" if gpu else "",
+        backend,
+        c.max_failures,
+    )
+    trainer.fit()
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "unknown"}
+
+
+def _host_ip(address: str | None) -> str | None:
+    if not address or address == "auto":
+        return None
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def worker_failures(exc: BaseException) -> list[str]:
+    """One line per failed rank from Ray Train's error (``WorkerGroupError.worker_failures``)."""
+    failures = getattr(exc, "worker_failures", None)
+    if not failures:
+        cause = getattr(exc, "controller_failure", None)
+        return [f"Ray Train failed: {cause or exc}"]
+    lines = []
+    for rank, err in sorted(failures.items()):
+        msg = str(err).strip().splitlines()
+        last = next((ln for ln in reversed(msg) if ln.strip()), repr(err))
+        lines.append(f"rank {rank}: {last.strip()}")
+    return lines

@@ -1,0 +1,268 @@
+"""Ray Train runs the job: `distrain launch local|ray` on CPU workers over gloo, all on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, REPO, read_jsonl, wait_for_records
+
+pytestmark = [pytest.mark.ray, pytest.mark.world_size]
+
+
+@pytest.fixture
+def ray_env(tmp_path) -> dict[str, str]:
+    """A subprocess environment that keeps Ray on loopback with its files in a temp dir of the test
+    (a short path: Ray's unix sockets live there and may not exceed 107 bytes)."""
+    import shutil
+    import tempfile
+
+    closed = "http://127.0.0.1:9"  # nothing listens there: cloud-metadata probes fail at once
+    tmp = Path(tempfile.mkdtemp(prefix="dr-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "http_proxy": closed,
+        "https_proxy": closed,
+        "HTTP_PROXY": closed,
+        "HTTPS_PROXY": closed,
+        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(tmp),
+        "TMPDIR": str(tmp),
+        "RAY_STATE_DIR": str(tmp_path / "nodes"),
+        "RAY_DEDUP_LOGS": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    yield env
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _distrain(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distrain.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "checkpoint.at_end=false"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir, tmp_path, ray_env, stage):
+    cfg = str(CONFIGS / "gpt-cpu-tiny.yaml")
+    ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"
+    p = _distrain(
+        ray_env,
+        "launch",
+        "local",
+        cfg,
+        "--workers",
+        "2",
+        f"run.dir={ray_dir}",
+        f"parallel.zero_stage={stage}",
+        "train.check_replicas=true",
+        *COMMON,
+    )
+    assert p.returncode == 0, p.stderr[-5000:]
+    p1 = _distrain(
+        ray_env,
+        "train",
+        cfg,
+        f"run.dir={one_dir}",
+        f"parallel.zero_stage={stage}",
+        "parallel.grad_accum=2",
+        *COMMON,
+    )
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    summary = json.loads((ray_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["replicas_identical"] is True  # every rank ends with the same parameters
+    assert summary["samples_seen"] == json.loads((one_dir / "summary.json").read_text())["samples_seen"]
+    ray_loss, one_loss = _losses(ray_dir), _losses(one_dir)
+    assert len(ray_loss) == len(one_loss) == 20
+    # Same init, lr schedule and global batch (16); the two ranks read other rows than the one
+    # process does, so the curves agree within data noise: step 1 within 2 %, the mean of the last
+    # 5 steps within 5 %, and both fall by the same third.
+    assert ray_loss[0] == pytest.approx(one_loss[0], rel=0.02)
+    assert sum(ray_loss[-5:]) / 5 == pytest.approx(sum(one_loss[-5:]) / 5, rel=0.05)
+    assert ray_loss[-1] < 0.75 * ray_loss[0] and one_loss[-1] < 0.75 * one_loss[0]
+    out = p.stdout + p.stderr
+    assert out.count("step 20/20 |") == 1  # one rank logs, once
+
+
+def test_errors_name_the_rank_that_failed(in_workdir, tmp_path, ray_env):
+    p = _distrain(
+        ray_env,
+        "launch",
+        "local",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        "--workers",
+        "2",
+        f"run.dir={tmp_path / 'r'}",
+        "data.train_path=nowhere/*.jsonl",
+        *COMMON,
+    )
+    assert p.returncode == 1
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("distrain: error:")]
+    # every rank that failed before Ray stopped the group is named, with the config key at fault
+    assert errors and all(
+        re.fullmatch(r"distrain: error: rank [01]: data.train_path: no data files at 'nowhere/\*.jsonl'.*", e)
+        for e in errors
+    ), errors
+
+
+def _ray_descendants(pid: int, marker: str) -> list:
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if marker in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ray_env):
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distrain.cli",
+            "launch",
+            "local",
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            "--workers",
+            "2",
+            f"run.dir={run_dir}",
+            "cluster.max_failures=1",
+            "train.steps=300",
+            "train.log_every=5",
+            "checkpoint.every_steps=20",
+            "checkpoint.at_end=false",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ray_env,
+    )
+    try:
+        wait_for_records(run_dir / "metrics.jsonl", 6, proc)  # past the checkpoint at step 20
+        workers = _ray_descendants(proc.pid, "RayTrainWorker")
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        killed_at = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    assert "resuming from the newest valid checkpoint" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 300
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(5, 301, 5))  # one record per log step: the file continued, no repeats
+    assert killed_at < 300 and summary["samples_seen"] == 300 * 16  # totals continued across the restart
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return s.getsockname()[1]
+
+
+def _non_loopback_peers(pids: set[int]) -> list[str]:
+    out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+    bad = []
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) < 6 or not any(f"pid={p}," in cols[5] for p in pids):
+            continue
+        peer = cols[4].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+        if not (peer.startswith("127.") or peer == "::1"):
+            bad.append(line)
+    return bad
+
+
+def test_two_node_cluster_spreads_workers_and_takes_jobs(in_workdir, tmp_path, ray_env):
+    """A head (127.0.0.2) and a worker node (127.0.0.3) from launch/ray-up.sh; a job submitted with
+    launch/ray-submit.sh runs one worker per node; launch/ray-down.sh stops both nodes."""
+    import psutil
+
+    port, dash = _free_port(), _free_port()
+    env = {**ray_env, "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash), "RAY_NUM_CPUS": "1"}
+    up = lambda **kw: subprocess.run(  # noqa: E731
+        ["bash", str(REPO / "launch" / "ray-up.sh")],
+        env={**env, **kw},
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    try:
+        p = up(RAY_ROLE="head", RAY_NODE_IP="127.0.0.2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        p = up(RAY_ROLE="worker", RAY_NODE_IP="127.0.0.3", RAY_HEAD=f"127.0.0.2:{port}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        run_dir = tmp_path / "run"
+        sub = subprocess.run(
+            [
+                "bash",
+                str(REPO / "launch" / "ray-submit.sh"),
+                "cluster.placement=STRICT_SPREAD",
+                "train.steps=10",
+                "train.log_every=5",
+                f"data.train_path={in_workdir}/data/pydoc/train-*.jsonl",
+                f"data.eval_path={in_workdir}/data/pydoc/val.jsonl",
+            ],
+            env={
+                **env,
+                "RAY_JOBS": f"http://127.0.0.1:{dash}",
+                "RAY_ADDRESS": f"127.0.0.2:{port}",
+                "RUN_DIR": str(run_dir),
+                "WORKERS": "2",
+                "PYTHON": sys.executable,
+                "EXCLUDES": "tests,benchmarks",
+            },
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
+        assert "succeeded" in sub.stdout + sub.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["nodes"] == 2
+        assert len({w["node"] for w in summary["workers"]}) == 2  # one worker on each Ray node
+        pids = set()
+        for f in (tmp_path / "nodes").glob("*.pid"):
+            top = psutil.Process(int(f.read_text()))
+            pids |= {top.pid, *(c.pid for c in top.children(recursive=True))}
+        assert pids and not _non_loopback_peers(pids)  # every Ray connection stays on loopback
+    finally:
+        down = subprocess.run(
+            ["bash", str(REPO / "launch" / "ray-down.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert down.returncode == 0, down.stderr
+    assert not list((tmp_path / "nodes").glob("*.pid"))
