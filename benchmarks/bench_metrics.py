@@ -55,6 +55,33 @@ def step_time(size: str, accounting: bool, steps: int, warmup: int, log_every: i
     return statistics.median(per_step)
 
 
+def direct_cost_us(log_every: int, steps: int = 20000) -> float:
+    """Microseconds per step the Meters calls themselves take (mark, three laps, step_done, and a
+    record every ``log_every`` steps with its energy read), in this process, world size 1."""
+    import time
+
+    import torch
+
+    from distrain.config import load_config
+    from distrain.metrics import Meters
+    from distrain.parallel import DistInfo
+
+    cfg = load_config(REPO / "configs" / "gpt-cpu-tiny.yaml")
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    m = Meters(cfg, info, per_step_samples=8, tokens_per_sample=128, flops_per_sample=1e9)
+    m.start()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        m.mark()
+        m.lap("data")
+        m.lap("fwd_bwd")
+        m.lap("optim")
+        m.step_done()
+        if (i + 1) % log_every == 0:
+            m.record()
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,large")
@@ -70,6 +97,7 @@ def main() -> None:
             for acc in (True, False):
                 times[acc].append(step_time(size, acc, steps, args.warmup, args.log_every))
         on, off = statistics.median(times[True]), statistics.median(times[False])
+        direct = direct_cost_us(args.log_every)
         print(
             json.dumps(
                 {
@@ -79,6 +107,8 @@ def main() -> None:
                     "step_ms_accounting_on": round(on * 1e3, 3),
                     "step_ms_accounting_off": round(off * 1e3, 3),
                     "throughput_ratio_on_vs_off": round(off / on, 4),
+                    "direct_cost_us_per_step": round(direct, 2),
+                    "direct_cost_pct_of_step": round(100 * direct * 1e-6 / off, 3),
                     "runs_on_ms": [round(t * 1e3, 3) for t in times[True]],
                     "runs_off_ms": [round(t * 1e3, 3) for t in times[False]],
                 }

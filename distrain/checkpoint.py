@@ -311,6 +311,7 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self.writer = _Writer(background=cfg.checkpoint.async_save)
         self.last_blocking_s = 0.0
+        self.loaded_tracker_state: dict = {}  # the tracker state of the checkpoint loaded (W&B run id)
 
     # -------------------------------------------------------------------------------- when
     def due(self, step: int, last: bool) -> bool:
@@ -357,6 +358,7 @@ class Checkpointer:
             state = {
                 "trainer": self.trainer.state_dict(),
                 "meters": self.trainer.meters.state_dict(),
+                "tracker": self.trainer.tracker.state_dict() if self.trainer.tracker else {},
                 "world_size": self.world,
                 "config": to_yaml(self.full_cfg),
             }
@@ -433,6 +435,7 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
         self.trainer.load_state_dict(state["trainer"])
         self.trainer.meters.load_state_dict(state.get("meters", {}))
+        self.loaded_tracker_state = state.get("tracker", {})
         if plan["world"] == self.world:
             mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
             self.trainer.data.load_state_dict(mine["data"])

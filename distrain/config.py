@@ -406,10 +406,33 @@ class MetricsConfig(Section):
 
 
 # --------------------------------------------------------------------------------------- tracking
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None,
+        description="W&B mode; unset: online when WANDB_API_KEY is set, else offline (a first run needs no account).",
+    )
+    project: str = Field("distrain", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); unset: the account's default.")
+    group: str | None = Field(None, description="W&B group, e.g. a sweep or an experiment family.")
+    tags: list[str] = Field(default_factory=list, description="W&B tags.")
+    name: str | None = Field(None, description="W&B run name; unset: run.name.")
+    dir: str | None = Field(
+        None, description="Directory W&B writes into (its wandb/ folder); unset: the run directory."
+    )
+    log_checkpoints: bool = Field(
+        False,
+        description="Log each checkpoint as a W&B artifact that references its directory (nothing is uploaded).",
+    )
+    init_timeout: float = Field(
+        90.0, gt=0, description="Seconds wandb.init may take before W&B is given up for local logging."
+    )
+
+
 class TrackingConfig(Section):
     progress_bar: bool = Field(
         True, description="Show a progress bar with ETA on rank 0 when the console is a terminal."
     )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases.")
 
 
 # ---------------------------------------------------------------------------------------- cluster
@@ -702,10 +725,19 @@ def reference_markdown() -> str:
     for title, cls in sections:
         out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
         sec = title.split(" ")[0]
-        for key, f in ((f.alias or k, f) for k, f in cls.model_fields.items()):
-            default = (
-                "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
-            )
-            out.append(f"| `{sec}.{key}` | `{default!r}` | {f.description} |")
+
+        def rows(prefix: str, cls: type[BaseModel]) -> None:
+            for key, f in ((f.alias or k, f) for k, f in cls.model_fields.items()):
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                    rows(f"{prefix}.{key}", f.annotation)  # a nested section: its keys in full
+                    continue
+                default = (
+                    "required"
+                    if f.is_required()
+                    else (f.default_factory() if f.default_factory else f.default)
+                )
+                out.append(f"| `{prefix}.{key}` | `{default!r}` | {f.description} |")
+
+        rows(sec, cls)
         out.append("")
     return "\n".join(out)

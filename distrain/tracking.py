@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -204,23 +206,147 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def wandb_mode(configured: str | None) -> str:
+    """The W&B mode: as configured, else online when WANDB_API_KEY is set, else offline."""
+    if configured:
+        return configured
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _redact(text: str) -> str:
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "***") if key else text
+
+
+class WandbSink:
+    """One W&B run per job, created by rank 0 only. Its id is kept in checkpoints, so a resumed,
+    restarted or requeued job continues the same run (``resume="allow"``); the x-axis is the
+    logged ``step``, so W&B's own step keeps rising when a resumed run logs a step again."""
+
+    def __init__(self, cfg, run_dir: Path, run_id: str | None, topology: dict[str, Any]):
+        w = cfg.tracking.wandb
+        self.mode = wandb_mode(w.mode)
+        self.run = None
+        self.where = "disabled"
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            wdir = Path(w.dir).resolve() if w.dir else run_dir
+            wdir.mkdir(parents=True, exist_ok=True)
+            config = cfg.model_dump(mode="json", by_alias=True)
+            config["topology"] = topology
+            self.run = wandb.init(
+                project=w.project,
+                entity=w.entity,
+                group=w.group,
+                tags=list(w.tags) or None,
+                name=w.name or cfg.run.name,
+                id=run_id or uuid.uuid4().hex[:12],
+                resume="allow",
+                dir=str(wdir),
+                mode=self.mode,
+                config=config,
+                settings=wandb.Settings(init_timeout=w.init_timeout, console="off", silent=True),
+            )
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+            if self.mode == "offline":
+                self.where = f"offline in {self.run.dir.rsplit('/files', 1)[0]} (upload: wandb sync {wdir}/wandb/offline-run-*)"
+            else:
+                self.where = f"online at {self.run.url}"
+        except Exception as exc:  # noqa: BLE001 - W&B is optional: never the reason a run fails
+            msg = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            log.warning(
+                "W&B could not start (%s: %s); training continues with local logging (metrics.jsonl). "
+                "Check tracking.wandb.* and WANDB_API_KEY, or set tracking.wandb.mode=disabled",
+                type(exc).__name__,
+                msg,
+            )
+            self.run = None
+            self.where = "failed to start; local logging only"
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k, v in record.items():
+            if isinstance(v, (str, bool)):
+                self.run.summary[k] = v
+        try:
+            self.run.log(data)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B logging failed (%s); local logging continues", _redact(str(exc)))
+            self.run = None
+
+    def log_checkpoint(self, step: int, path: Path) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(
+            f"{self.run.name}-checkpoint".replace("/", "-"), type="model", metadata={"step": step}
+        )
+        art.add_reference(Path(path).resolve().as_uri(), checksum=False)
+        self.run.log_artifact(art, aliases=[f"step-{step}", "latest"])
+
+    def finish(self, summary: dict[str, Any] | None) -> None:
+        if self.run is None:
+            return
+        try:
+            if summary is not None:
+                import wandb
+
+                for k, v in summary.items():
+                    if isinstance(v, (int, float, str, bool)) or v is None:
+                        self.run.summary[k] = v
+                self.run.log(
+                    {
+                        "summary_table": wandb.Table(
+                            columns=["metric", "value"], data=[list(r) for r in summary_rows(summary)]
+                        )
+                    }
+                )
+            self.run.finish(exit_code=0 if summary and summary.get("status") == "completed" else 1)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B could not finish the run cleanly (%s)", _redact(str(exc)))
+        self.run = None
+
+
 class Tracker:
-    """Rank 0 writes; every other rank holds a Tracker that does nothing."""
+    """Rank 0 writes (metrics.jsonl, console, W&B); every other rank holds a Tracker that does
+    nothing and never imports wandb."""
 
     def __init__(
         self,
+        cfg,
         run_dir: Path,
         enabled: bool,
-        jsonl: bool,
-        total_steps: int,
         start_step: int,
-        progress_bar: bool,
         resumed: bool = False,
+        state: dict[str, Any] | None = None,
+        topology: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
         resume_step = start_step if resumed else None
-        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if enabled and jsonl else None
-        self.console = Console(total_steps, start_step, progress_bar) if enabled else None
+        jsonl = enabled and cfg.metrics.jsonl
+        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if jsonl else None
+        self.console = Console(cfg.train.steps, start_step, cfg.tracking.progress_bar) if enabled else None
+        self.wandb = (
+            WandbSink(cfg, run_dir, (state or {}).get("wandb_run_id"), topology or {}) if enabled else None
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.wandb.run_id if self.wandb else None}
+
+    @property
+    def wandb_where(self) -> str:
+        return self.wandb.where if self.wandb else "rank 0 only"
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -228,10 +354,24 @@ class Tracker:
         if self.jsonl:
             self.jsonl.write(record)
         self.console.record(record)
+        self.wandb.log(record)
+
+    def log_checkpoint(self, step: int, path: Path) -> None:
+        if self.enabled and self.wandb is not None:
+            try:
+                self.wandb.log_checkpoint(step, path)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B checkpoint artifact failed (%s)", _redact(str(exc)))
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.console:
             self.console.summary(summary)
+        if self.wandb:
+            self.wandb.finish(summary)
+
+    def abort(self) -> None:
+        if self.wandb:
+            self.wandb.finish(None)
 
     def progress(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         if self.console:

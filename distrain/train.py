@@ -96,27 +96,40 @@ def setup(cfg: Config) -> Session:
     trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
     resumed_from = trainer.checkpointer.load(plan) if plan else None
+    workers = _workers(dist_info)
+    topology = {
+        "world_size": dist_info.world_size,
+        "nodes": len({w["node"] for w in workers}),
+        "device": dist_info.device.type,
+        "backend": dist_info.backend,
+        "zero_stage": cfg.parallel.zero_stage,
+        "precision": cfg.parallel.precision,
+        "grad_accum": cfg.parallel.grad_accum,
+        "params": n_params,
+    }
     trainer.tracker = tracker = Tracker(
+        cfg,
         run_dir,
         dist_info.is_main,
-        cfg.metrics.jsonl,
-        cfg.train.steps,
         resumed_from or 0,
-        cfg.tracking.progress_bar,
         resumed=resumed_from is not None,
+        state=trainer.checkpointer.loaded_tracker_state,
+        topology=topology,
     )
-    workers = _workers(dist_info)
+    if cfg.tracking.wandb.log_checkpoints:
+        trainer.on_checkpoint.append(tracker.log_checkpoint)
     log.info(
-        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s",
+        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s | W&B %s",
         cfg.run.name,
         run_dir,
         dist_info.world_size,
-        len({w["node"] for w in workers}),
+        topology["nodes"],
         dist_info.device,
         cfg.model.name,
         n_params / 1e6,
         cfg.parallel.zero_stage,
         cfg.parallel.precision,
+        tracker.wandb_where,
     )
     return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker, workers=workers)
 
@@ -144,6 +157,9 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     s.trainer.install_signal_handlers()
     try:
         summary = s.trainer.train()
+    except BaseException:
+        s.tracker.abort()  # the W&B run ends marked failed; metrics.jsonl keeps what was logged
+        raise
     finally:
         s.tracker.close()
         s.trainer.data.close()

@@ -59,3 +59,47 @@ def wait_for_records(path: Path, n: int, proc, timeout: float = 300) -> None:
     assert path.exists() and len(path.read_text().splitlines()) >= n, (
         f"{path}: fewer than {n} records after {timeout}s"
     )
+
+
+def read_wandb(path: Path) -> list:
+    """The records of a W&B transaction log (``run-<id>.wandb``), decoded with wandb's own protobuf
+    schema. The file is a LevelDB-style log: a 7-byte W&B header, then 32 KiB blocks of chunks, each
+    with a 7-byte header (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B transaction log"
+    records, pos, pending, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The logged rows (``run.log``) of a W&B transaction log, values decoded from JSON."""
+    import json
+
+    rows = []
+    for rec in read_wandb(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
+    return rows

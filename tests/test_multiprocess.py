@@ -62,6 +62,7 @@ def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
     out = p.stdout + p.stderr
     assert out.count("step 30/30 |") == 1 and "world size 2" in out  # rank 0 logs, rank 1 does not
     assert "[rank 1]" not in out  # no warnings or errors from rank 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone created a W&B run
 
 
 @pytest.mark.world_size

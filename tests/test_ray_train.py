@@ -181,6 +181,8 @@ def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ra
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(5, 301, 5))  # one record per log step: the file continued, no repeats
     assert killed_at < 300 and summary["samples_seen"] == 300 * 16  # totals continued across the restart
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and len({d.name.rsplit("-", 1)[1] for d in offline}) == 1  # one W&B run
 
 
 def _free_port() -> int:
