@@ -76,7 +76,16 @@ def _assert_same(x, y, where):
         assert set(x) == set(y), where
         for k in x:
             # the run directory differs; wall time and what is measured over it (energy, MFU) too
-            if k not in ("config", "elapsed_s", "energy_j", "data_wait_s", "mfu_time_s", "mfu_x_time"):
+            # and each run is its own W&B run
+            if k not in (
+                "config",
+                "elapsed_s",
+                "energy_j",
+                "data_wait_s",
+                "mfu_time_s",
+                "mfu_x_time",
+                "wandb_run_id",
+            ):
                 _assert_same(x[k], y[k], f"{where}.{k}")
     elif isinstance(x, list | tuple):
         assert len(x) == len(y), where

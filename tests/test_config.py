@@ -169,12 +169,19 @@ def test_reference_documents_every_key():
     ref = reference_markdown()
     from distrain.config import MODEL_CLASSES, Config
 
+    from pydantic import BaseModel
+
+    def check(prefix: str, cls) -> None:
+        for key, f in cls.model_fields.items():
+            assert f.description, f"{prefix}.{key} has no description"
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                check(f"{prefix}.{f.alias or key}", f.annotation)  # nested sections list their keys
+            else:
+                assert f"`{prefix}.{f.alias or key}`" in ref
+
     for name, field in Config.model_fields.items():
-        classes = MODEL_CLASSES.values() if name == "model" else [field.annotation]
-        for cls in classes:
-            for key, f in cls.model_fields.items():
-                assert f.description, f"{name}.{key} has no description"
-                assert f"`{name}.{f.alias or key}`" in ref
+        for cls in MODEL_CLASSES.values() if name == "model" else [field.annotation]:
+            check(name, cls)
 
 
 def test_readme_config_reference_is_current():
