@@ -9,6 +9,7 @@ STATE=${RAY_STATE_DIR:-${TMPDIR:-/tmp}/distrain-ray-${USER:-$(id -un)}}
 shopt -s nullglob
 files=("$STATE"/*.pid)
 [[ -n "${RAY_NODE_IP:-}" ]] && files=("$STATE/$RAY_NODE_IP.pid")
+[[ ${#files[@]} -eq 0 ]] && { echo "ray-down.sh: no node started by ray-up.sh in $STATE"; exit 0; }
 # workers before the head: reverse order of the addresses
 for ((i=${#files[@]}-1; i>=0; i--)); do
   f=${files[$i]}; [[ -f "$f" ]] || { echo "ray-down.sh: no pid file $f" >&2; continue; }

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import CONFIGS, read_jsonl, wait_for_records
+import pytest
+
+from tests.conftest import CONFIGS, REPO, read_jsonl, wait_for_records
 
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
@@ -119,3 +121,17 @@ def test_progress_bar_with_eta_on_a_terminal(in_workdir, tmp_path):
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
     assert "ETA" in text and "30/30" in text and "tok/s" in text
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "launch").glob("*.sh")))
+def test_launch_scripts_have_help_and_a_dry_run(script, tmp_path):
+    path = REPO / "launch" / script
+    h = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 0 and "DRY_RUN" in h.stdout, h.stdout + h.stderr
+    if script.startswith("ray-"):  # the others' dry runs install nothing but still check the venv
+        env = {**os.environ, "DRY_RUN": "1", "RAY_STATE_DIR": str(tmp_path)}
+        d = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=env)
+        assert d.returncode == 0 and (d.stdout.startswith("+ ") or "no node started" in d.stdout), d.stdout
+        assert not list(tmp_path.iterdir())  # nothing started, no pid file
+        if script == "ray-up.sh":  # the dashboard binds to loopback unless asked otherwise
+            assert "--dashboard-host 127.0.0.1" in d.stdout and "--node-ip-address 127.0.0.2" in d.stdout
