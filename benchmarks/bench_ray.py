@@ -58,19 +58,9 @@ def one_run(launcher: str, size: str, warmup: int) -> tuple[float, float]:
             cmd += ["127.0.0.1", "--master_port", str(_port()), "-m", "distrain.cli", "train", *args]
         else:
             cmd = [sys.executable, "-m", "distrain.cli", "launch", "local", *args]
-        closed = "http://127.0.0.1:9"
-        env = {
-            **os.environ,
-            "RAY_TMPDIR": d,
-            "TMPDIR": d,
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "http_proxy": closed,
-            "https_proxy": closed,
-            "HTTP_PROXY": closed,
-            "HTTPS_PROXY": closed,
-            "no_proxy": "127.0.0.1,localhost",
-            "NO_PROXY": "127.0.0.1,localhost",
-        }
+        from distrain.cluster.ray import loopback_env
+
+        env = {**os.environ, **loopback_env("127.0.0.2"), "RAY_TMPDIR": d, "TMPDIR": d}
         metrics = run_dir / "metrics.jsonl"
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -167,9 +167,9 @@ def test_config_show_and_validate_cli(tmp_path):
 
 def test_reference_documents_every_key():
     ref = reference_markdown()
-    from distrain.config import MODEL_CLASSES, Config
-
     from pydantic import BaseModel
+
+    from distrain.config import MODEL_CLASSES, Config
 
     def check(prefix: str, cls) -> None:
         for key, f in cls.model_fields.items():

@@ -25,17 +25,12 @@ def ray_env(tmp_path) -> dict[str, str]:
     import shutil
     import tempfile
 
-    closed = "http://127.0.0.1:9"  # nothing listens there: cloud-metadata probes fail at once
+    from distrain.cluster.ray import loopback_env
+
     tmp = Path(tempfile.mkdtemp(prefix="dr-", dir="/tmp"))
     env = {
         **os.environ,
-        "http_proxy": closed,
-        "https_proxy": closed,
-        "HTTP_PROXY": closed,
-        "HTTPS_PROXY": closed,
-        "no_proxy": "127.0.0.1,localhost",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "RAY_USAGE_STATS_ENABLED": "0",
+        **loopback_env("127.0.0.2"),  # proxies at a closed port: cloud-metadata probes fail at once
         "RAY_TMPDIR": str(tmp),
         "TMPDIR": str(tmp),
         "RAY_STATE_DIR": str(tmp_path / "nodes"),

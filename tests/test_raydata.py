@@ -23,17 +23,10 @@ def local_ray(tmp_path_factory):
 
     import ray
 
-    closed = "http://127.0.0.1:9"  # nothing listens there: any proxied request fails at once
-    env = {
-        "http_proxy": closed,
-        "https_proxy": closed,
-        "HTTP_PROXY": closed,
-        "HTTPS_PROXY": closed,
-        "no_proxy": "127.0.0.1,localhost",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
-    }
+    from distrain.cluster.ray import loopback_env
+
+    # proxies at a closed loopback port: Ray's cloud-metadata probes fail at once, nothing leaves
+    env = {**loopback_env("127.0.0.2"), "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     os.environ.pop("RAY_ADDRESS", None)
