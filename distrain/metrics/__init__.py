@@ -14,6 +14,7 @@ Formulas in one place:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -65,6 +66,7 @@ class Meters:
         self.peak_source = "off"
         self.energy: NodeEnergy | None = None
         self.energy_source = "off"
+        self._energy_read = 0.0  # this node's reader total at the previous flush
         self._cuda = dist_info.device.type == "cuda"
         self._events: list | None = None
         self._run_t0 = self._mark = time.perf_counter()
@@ -140,8 +142,6 @@ class Meters:
     def _cpu_watts(self) -> float:
         if self.mcfg.cpu_watts is not None:
             return self.mcfg.cpu_watts
-        import os
-
         return 10.0 * (os.cpu_count() or 1)
 
     # ---------------------------------------------------------------------------- timing
@@ -188,10 +188,9 @@ class Meters:
             return
         if self._cuda:
             torch.cuda.synchronize(self.dist.device)
-        before = getattr(self, "_energy_read", 0.0)
         now = self.energy.read() if self.energy else 0.0
+        joules = torch.tensor([now - self._energy_read], dtype=torch.float64)
         self._energy_read = now
-        joules = torch.tensor([now - before], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(joules)
         self.win_energy_j += float(joules.item())
@@ -286,7 +285,7 @@ class Meters:
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {k: t for k, t in self.totals.items()}
+        return dict(self.totals)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, default in _TOTALS.items():
