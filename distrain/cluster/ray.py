@@ -79,7 +79,8 @@ def train_worker(config: dict[str, Any]) -> None:
         overrides["resume"] = True
         if ctx.get_world_rank() == 0:
             logging.getLogger("distrain.cluster").warning(
-                "Ray restarted the workers: resuming from the newest valid checkpoint (Ray's pointer: step %d)",
+                "Ray holds a checkpoint of this run (a restart or a new launch): resuming from the newest "
+                "valid checkpoint (Ray's pointer: step %d)",
                 saved["step"],
             )
     cfg = config_from_yaml(config["config"], "the launcher's config")
