@@ -69,7 +69,7 @@ def direct_cost_us(log_every: int, steps: int = 20000) -> float:
     cfg = load_config(REPO / "configs" / "gpt-cpu-tiny.yaml")
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
     m = Meters(cfg, info, per_step_samples=8, tokens_per_sample=128, flops_per_sample=1e9)
-    m.start()
+    m.start([{"rank": 0, "host": "this", "gpu": None}])
     t0 = time.perf_counter()
     for i in range(steps):
         m.mark()

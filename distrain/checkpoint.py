@@ -115,6 +115,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p.name), reverse=True)
 
 
+def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
+    """A new run (``checkpoint.resume=false``) may not start in a directory that holds checkpoints."""
+    if not resume and list_checkpoints(run_dir / "checkpoints"):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
+        )
+
+
 def verify(ckpt: Path) -> dict[str, Any]:
     """Check every file of ``ckpt`` against its manifest; returns the manifest or raises CheckpointError."""
     mpath = ckpt / MANIFEST

@@ -26,19 +26,21 @@ class Session:
 
 
 def _workers(dist_info) -> list[dict[str, Any]]:
-    """Where every rank runs: host name and node (the Ray node id under Ray, else the host)."""
+    """Where every rank runs: host name, node (the Ray node id under Ray, else the host) and GPU."""
     import os
     import socket
 
-    import torch.distributed as dist
+    from distrain.metrics.energy import gpu_uuid
+    from distrain.parallel import gather_objects
 
     host = socket.gethostname()
-    me = {"rank": dist_info.rank, "host": host, "node": os.environ.get("DISTRAIN_NODE_ID", host)}
-    if dist_info.world_size == 1:
-        return [me]
-    everyone: list[Any] = [None] * dist_info.world_size
-    dist.all_gather_object(everyone, me)
-    return everyone
+    me = {
+        "rank": dist_info.rank,
+        "host": host,
+        "node": os.environ.get("DISTRAIN_NODE_ID", host),
+        "gpu": gpu_uuid(dist_info.device),
+    }
+    return gather_objects(me, dist_info.world_size)
 
 
 def params_digest(engine) -> str:
@@ -68,7 +70,7 @@ def setup(cfg: Config) -> Session:
     """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
     import torch
 
-    from distrain.checkpoint import Checkpointer, CheckpointError, list_checkpoints, resume_plan
+    from distrain.checkpoint import Checkpointer, refuse_to_overwrite, resume_plan
     from distrain.data import DataPipeline
     from distrain.models import build_model
     from distrain.parallel import build_engine, init_distributed
@@ -85,18 +87,17 @@ def setup(cfg: Config) -> Session:
     model = build_model(cfg)  # seeded by run.seed: identical on every rank
     torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
-    plan = None
-    if cfg.checkpoint.resume:
-        plan = resume_plan(run_dir / "checkpoints", dist_info.rank, dist_info.world_size)
-    elif list_checkpoints(run_dir / "checkpoints"):
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
-        )
+    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
+    plan = (
+        resume_plan(run_dir / "checkpoints", dist_info.rank, dist_info.world_size)
+        if cfg.checkpoint.resume
+        else None
+    )
     engine = build_engine(cfg, model, dist_info.world_size, load_universal=bool(plan and "universal" in plan))
     trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
+    trainer.workers = workers = _workers(dist_info)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
     resumed_from = trainer.checkpointer.load(plan) if plan else None
-    workers = _workers(dist_info)
     topology = {
         "world_size": dist_info.world_size,
         "nodes": len({w["node"] for w in workers}),
@@ -135,13 +136,10 @@ def setup(cfg: Config) -> Session:
 
 
 def _check_replicas(s: Session) -> dict[str, Any]:
-    import torch.distributed as dist
+    from distrain.parallel import gather_objects
 
     digest = params_digest(s.engine)
-    digests: list[Any] = [digest]
-    if s.dist.world_size > 1:
-        digests = [None] * s.dist.world_size
-        dist.all_gather_object(digests, digest)
+    digests = gather_objects(digest, s.dist.world_size)
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise RuntimeError(

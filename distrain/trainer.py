@@ -33,6 +33,7 @@ class Trainer:
     ):
         self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
         self.checkpointer = checkpointer
+        self.workers: list[dict[str, Any]] = []  # where every rank runs (set by distrain.train.setup)
         self.on_checkpoint: list = []  # callables (step, path), run on every rank after each save
         self.spec = get_spec(cfg.model.name)
         self.step = 0
@@ -145,7 +146,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, engine, meters = self.cfg, self.engine, self.meters
         steps, accum, log_every = cfg.train.steps, cfg.parallel.grad_accum, cfg.train.log_every
-        meters.start()
+        meters.start(self.workers)
         it = iter(self.data.train_batches())
         if self.pending_rng is not None:  # a resumed run continues the saved random streams
             from distrain.checkpoint import set_rng_state

@@ -47,7 +47,7 @@ def loopback_env(node_ip: str | None) -> dict[str, str]:
     return env
 
 
-def _worker_env(cfg: Config, node_ip: str | None) -> dict[str, str]:
+def _worker_env(node_ip: str | None) -> dict[str, str]:
     env = loopback_env(node_ip)
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S
@@ -62,7 +62,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the config from the driver, resume if Ray holds a checkpoint pointer."""
     import ray.train
 
-    from distrain.train import run
+    from distrain.train import run, setup
 
     ctx = ray.train.get_context()
     if not ray.get_runtime_context().runtime_env.get("working_dir") and os.path.isdir(config["cwd"]):
@@ -71,24 +71,18 @@ def train_worker(config: dict[str, Any]) -> None:
         os.chdir(config["cwd"])
     os.environ["DISTRAIN_NODE_ID"] = ray.get_runtime_context().get_node_id()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpus"] else "cpu")
-    overrides = {}
+    cfg = config_from_yaml(config["config"], "the launcher's config")
     pointer = ray.train.get_checkpoint()
     if pointer is not None:
         with pointer.as_directory() as d:
             saved = json.loads((Path(d) / POINTER).read_text())
-        overrides["resume"] = True
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})})
         if ctx.get_world_rank() == 0:
             logging.getLogger("distrain.cluster").warning(
                 "Ray holds a checkpoint of this run (a restart or a new launch): resuming from the newest "
                 "valid checkpoint (Ray's pointer: step %d)",
                 saved["step"],
             )
-    cfg = config_from_yaml(config["config"], "the launcher's config")
-    if overrides:
-        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=overrides)})
-
-    from distrain.train import setup
-
     session = setup(cfg)
 
     def report(step: int, path: Path) -> None:
@@ -111,7 +105,7 @@ def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> N
 
     if ray.is_initialized():
         return
-    env = _worker_env(cfg, node_ip if local else None)
+    env = _worker_env(node_ip if local else None)
     os.environ.update({k: v for k, v in env.items() if k != "GLOO_SOCKET_IFNAME"})
     if local:
         need = int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 0.999)
@@ -135,14 +129,11 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distrain.checkpoint import CheckpointError, list_checkpoints
+    from distrain.checkpoint import refuse_to_overwrite
 
     run_dir = cfg.run.run_dir.resolve()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
-    if not cfg.checkpoint.resume and list_checkpoints(run_dir / "checkpoints"):
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints and checkpoint.resume=false; pick another run.dir, or set checkpoint.resume=true to continue it"
-        )
+    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)  # before any Ray process starts
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if not local and not address:
         raise ValueError(
@@ -168,7 +159,7 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _worker_env(cfg, node_ip if local else _host_ip(address))},
+            worker_runtime_env={"env_vars": _worker_env(node_ip if local else _host_ip(address))},
         ),
     )
     log.info(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from distrain.metrics.energy import NodeEnergy, co2e_kg, open_node_energy
 from distrain.metrics.peak import cpu_probe_flops, cuda_matmul_dtype, gpu_peak_flops
+from distrain.parallel.dist import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,13 @@ class Meters:
         self._reset_window()
 
     # ----------------------------------------------------------------------------- set-up
-    def start(self) -> None:
-        """Collective (every rank): peak FLOP/s, the energy reader of each node, the clocks."""
+    def start(self, workers: list[dict[str, Any]]) -> None:
+        """Collective (every rank): peak FLOP/s, the energy reader of each node, the clocks.
+        ``workers``: every rank's ``host`` and ``gpu`` (UUID or None), in rank order."""
         if self.accounting:
             self._find_peak()
             if self.mcfg.energy:
-                self._open_energy()
+                self._open_energy(workers)
             if self._cuda:
                 self._events = []
         self.restart_clocks()
@@ -111,33 +112,19 @@ class Meters:
                 probe /= self.world
             self.peak, self.peak_source = float(probe.item()), f"CPU matmul probe ({str(dtype)[6:]})"
 
-    def _open_energy(self) -> None:
+    def _open_energy(self, workers: list[dict[str, Any]]) -> None:
         """The lowest rank on each host reads that host's devices (every rank's GPU on it)."""
-        me = (socket.gethostname(), self._gpu_uuid())
-        everyone = [me]
-        if self.world > 1:
-            everyone = [None] * self.world
-            dist.all_gather_object(everyone, me)
-        host = me[0]
-        reader = min(r for r, (h, _) in enumerate(everyone) if h == host)
-        if reader == self.dist.rank:
-            uuids = sorted({u for h, u in everyone if h == host and u})
+        host = workers[self.dist.rank]["host"]
+        on_host = [w for w in workers if w["host"] == host]
+        if min(w["rank"] for w in on_host) == self.dist.rank:
+            uuids = sorted({w["gpu"] for w in on_host if w["gpu"]})
             self.energy = open_node_energy(uuids, self._cpu_watts(), self.mcfg.power_sample_s)
         # every rank learns the job's label (the same wherever nodes are alike)
         label = [self.energy.source if self.energy else None, bool(self.energy and self.energy.estimated)]
-        labels = [label]
-        if self.world > 1:
-            labels = [None] * self.world
-            dist.all_gather_object(labels, label)
+        labels = gather_objects(label, self.world)
         sources = sorted({src for src, _ in labels if src})
         self.energy_source = ",".join(sources)
         self.totals["energy_estimated"] = self.totals["energy_estimated"] or any(est for _, est in labels)
-
-    def _gpu_uuid(self) -> str | None:
-        if not self._cuda:
-            return None
-        u = str(torch.cuda.get_device_properties(self.dist.device).uuid)
-        return u if u.startswith("GPU-") else f"GPU-{u}"
 
     def _cpu_watts(self) -> float:
         if self.mcfg.cpu_watts is not None:

@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 POWERCAP_ROOT = Path(os.environ.get("DISTRAIN_POWERCAP_ROOT", "/sys/class/powercap"))
 
 
+def gpu_uuid(device) -> str | None:
+    """The NVML UUID (``GPU-...``) of a torch CUDA device; None for other devices."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    u = str(torch.cuda.get_device_properties(device).uuid)
+    return u if u.startswith("GPU-") else f"GPU-{u}"
+
+
 def co2e_kg(joules: float, grid_g_per_kwh: float, pue: float) -> float:
     """kg CO2-equivalent of ``joules`` at the meter: kWh x PUE x grid intensity."""
     return joules / 3.6e6 * pue * grid_g_per_kwh / 1000.0

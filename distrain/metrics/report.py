@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-PLOTS = {
-    "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")], None),
-    "throughput.png": ("throughput", [("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")], None),
-    "mfu.png": ("MFU", [("mfu", "MFU"), ("hfu", "HFU")], None),
-    "power.png": ("power (W)", [("power_w", "job power")], None),
-    "energy.png": ("cumulative energy (kWh)", [("energy_kwh", "energy")], None),
+PLOTS = {  # file -> (title, [(metrics.jsonl key, legend label)])
+    "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")]),
+    "throughput.png": ("throughput", [("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")]),
+    "mfu.png": ("MFU", [("mfu", "MFU"), ("hfu", "HFU")]),
+    "power.png": ("power (W)", [("power_w", "job power")]),
+    "energy.png": ("cumulative energy (kWh)", [("energy_kwh", "energy")]),
 }
 
 
@@ -60,7 +60,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     estimated = any(r.get("energy_estimated") for r in records)
     written = []
-    for fname, (title, keys, _) in PLOTS.items():
+    for fname, (title, keys) in PLOTS.items():
         lines = [(label, *_series(records, k)) for k, label in keys]
         lines = [ln for ln in lines if ln[1]]
         if not lines:

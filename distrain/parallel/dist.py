@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,6 +58,15 @@ def check_device(cfg: Config) -> str:
             f"parallel.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use parallel.precision=fp16"
         )
     return device
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` from every rank, in rank order (collective; a plain list in a single process)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def init_distributed(cfg: Config) -> DistInfo:
