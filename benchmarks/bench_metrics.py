@@ -64,10 +64,12 @@ def direct_cost_us(log_every: int, steps: int = 20000) -> float:
 
     from distrain.config import load_config
     from distrain.metrics import Meters
-    from distrain.parallel import DistInfo
+    from distrain.parallel import DistInfo, HostComm
 
     cfg = load_config(REPO / "configs" / "gpt-cpu-tiny.yaml")
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    info = DistInfo(
+        rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo", comm=HostComm()
+    )
     m = Meters(cfg, info, per_step_samples=8, tokens_per_sample=128, flops_per_sample=1e9)
     m.start([{"rank": 0, "host": "this", "gpu": None}])
     t0 = time.perf_counter()

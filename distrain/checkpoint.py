@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -280,18 +279,18 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
-def resume_plan(root: Path, rank: int, world: int) -> dict[str, Any] | None:
-    """Which checkpoint a run resumes from (rank 0 decides for all): its tag, the world size that
-    saved it, and, when that differs under ZeRO >= 1, the universal copy to load instead."""
-    info: list[dict[str, Any] | None] = [None]
+def resume_plan(root: Path, comm) -> dict[str, Any] | None:
+    """Which checkpoint a run resumes from (rank 0 decides for all, collective over ``comm``): its
+    tag, the world size that saved it, and, when that differs under ZeRO >= 1, the universal copy
+    to load instead."""
+    info: dict[str, Any] | None = None
+    rank, world = comm.rank, comm.world_size
     if rank == 0:
         found = newest_valid(root)
         if found is not None:
             ckpt, manifest = found
-            info = [{"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}]
-    if world > 1:
-        dist.broadcast_object_list(info, src=0)
-    plan = info[0]
+            info = {"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}
+    plan = comm.broadcast(info, src=0)
     if plan is not None and plan["world"] != world and plan["zero_stage"] > 0:
         if rank == 0:
             log.warning(
@@ -301,8 +300,7 @@ def resume_plan(root: Path, rank: int, world: int) -> dict[str, Any] | None:
                 world,
             )
             to_universal(root / plan["tag"])
-        if world > 1:
-            dist.barrier()
+        comm.barrier()
         plan["universal"] = f"{plan['tag']}-universal"
     return plan
 
@@ -316,28 +314,36 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.rank = trainer.dist.rank
         self.world = trainer.dist.world_size
+        self.comm = trainer.dist.comm
+        self._time_due_posted = False  # rank 0 raised the every_minutes flag and no save followed yet
         self._last_save = time.monotonic()
         self.writer = _Writer(background=cfg.checkpoint.async_save)
         self.last_blocking_s = 0.0
         self.loaded_tracker_state: dict = {}  # the tracker state of the checkpoint loaded (W&B run id)
 
     # -------------------------------------------------------------------------------- when
-    def due(self, step: int, last: bool) -> bool:
+    def due(self, step: int, last: bool, time_due: bool = False) -> bool:
+        """Whether this step saves; ``time_due``: the agreed every_minutes flag (``time_flag``)."""
         c = self.cfg
         if last and c.at_end:
             return True
         if c.every_steps > 0 and step % c.every_steps == 0:
             return True
-        if c.every_minutes > 0:
-            elapsed = torch.tensor([time.monotonic() - self._last_save])
-            if self.world > 1:  # rank 0's clock decides for everyone
-                dist.broadcast(elapsed, src=0)
-            return float(elapsed) >= 60 * c.every_minutes
-        return False
+        return time_due
+
+    def time_flag(self) -> float:
+        """Rank 0's clock decides every_minutes for everyone: 1.0 once a save is due by the clock
+        (raised once until the save happens), for the trainer's per-step agreement; 0.0 elsewhere."""
+        minutes = self.cfg.every_minutes
+        if self.rank != 0 or minutes <= 0 or self._time_due_posted:
+            return 0.0
+        if time.monotonic() - self._last_save >= 60 * minutes:
+            self._time_due_posted = True
+            return 1.0
+        return 0.0
 
     def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        self.comm.barrier()
 
     # -------------------------------------------------------------------------------- save
     def save(self, step: int) -> Path:
@@ -378,6 +384,7 @@ class Checkpointer:
         if not self.writer.background:
             self._barrier()  # every rank's files are on disk when save() returns
         self._last_save = time.monotonic()
+        self._time_due_posted = False
         return final
 
     def _finalize(self, step: int, tmp: Path, final: Path) -> None:

@@ -219,6 +219,10 @@ class DataConfig(Section):
     prefetch_factor: int = Field(
         4, ge=1, description="Batches each worker prepares ahead (with num_workers > 0)."
     )
+    pin_memory: bool | None = Field(
+        None,
+        description="Batches in page-locked host memory, copied to the GPU without blocking (unset: on for CUDA).",
+    )
     engine: Literal["torch", "ray"] = Field(
         "torch",
         description="torch: DataLoader workers in each training process; ray: Ray Data actors read, decode and tokenize (Ray at RAY_ADDRESS, or a local one on 127.0.0.2).",
@@ -306,6 +310,10 @@ class OptimConfig(Section):
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    fused: bool | None = Field(
+        None,
+        description="torch's fused Adam(W) kernel as DeepSpeed's client optimizer (unset: on for CUDA; never with parallel.offload_optimizer, which steps with DeepSpeed's CPU Adam).",
+    )
 
 
 # ---------------------------------------------------------------------------------------- parallel
@@ -334,7 +342,25 @@ class ParallelConfig(Section):
         False, description="Recompute activations in backward to save memory (model.name=gpt)."
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="torch.distributed backend: auto = nccl on CUDA, gloo on CPU."
+        "auto",
+        description="torch.distributed backend of DeepSpeed's collectives: auto = nccl on CUDA, gloo on CPU (distrain's own small host-side collectives always use a gloo group of their own).",
+    )
+    loss_scale_power: int = Field(
+        16,
+        ge=0,
+        le=40,
+        description="fp16: dynamic loss scaling starts at 2**this, halves on an overflow (that step is skipped) and grows back.",
+    )
+    tf32: bool = Field(
+        True,
+        description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions (no effect on bf16/fp16).",
+    )
+    cudnn_benchmark: bool | None = Field(
+        None, description="CUDA: cuDNN autotunes convolution kernels (unset: on for image models)."
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="NHWC memory format for CNN weights and inputs (unset: on for image models on CUDA).",
     )
 
 

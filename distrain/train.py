@@ -31,7 +31,6 @@ def _workers(dist_info) -> list[dict[str, Any]]:
     import socket
 
     from distrain.metrics.energy import gpu_uuid
-    from distrain.parallel import gather_objects
 
     host = socket.gethostname()
     me = {
@@ -40,7 +39,7 @@ def _workers(dist_info) -> list[dict[str, Any]]:
         "node": os.environ.get("DISTRAIN_NODE_ID", host),
         "gpu": gpu_uuid(dist_info.device),
     }
-    return gather_objects(me, dist_info.world_size)
+    return dist_info.comm.gather(me)
 
 
 def params_digest(engine) -> str:
@@ -83,17 +82,17 @@ def setup(cfg: Config) -> Session:
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=dist_info.device.type == "cuda")
+    on_cuda = dist_info.device.type == "cuda"
+    pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
+    data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=pin)
     model = build_model(cfg)  # seeded by run.seed: identical on every rank
     torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
-    plan = (
-        resume_plan(run_dir / "checkpoints", dist_info.rank, dist_info.world_size)
-        if cfg.checkpoint.resume
-        else None
+    plan = resume_plan(run_dir / "checkpoints", dist_info.comm) if cfg.checkpoint.resume else None
+    engine = build_engine(
+        cfg, model, dist_info.world_size, dist_info.device, load_universal=bool(plan and "universal" in plan)
     )
-    engine = build_engine(cfg, model, dist_info.world_size, load_universal=bool(plan and "universal" in plan))
     trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
     trainer.workers = workers = _workers(dist_info)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
@@ -136,10 +135,8 @@ def setup(cfg: Config) -> Session:
 
 
 def _check_replicas(s: Session) -> dict[str, Any]:
-    from distrain.parallel import gather_objects
-
     digest = params_digest(s.engine)
-    digests = gather_objects(digest, s.dist.world_size)
+    digests = s.dist.comm.gather(digest)
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise RuntimeError(

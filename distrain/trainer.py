@@ -9,13 +9,13 @@ import threading
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from distrain.config import Config, global_batch
 from distrain.data import ERROR_KINDS, DataPipeline, to_device
 from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
+from distrain.parallel.engine import channels_last
 from distrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class Trainer:
         checkpointer=None,
     ):
         self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
+        self.comm = dist_info.comm
+        # per step, every rank's stop request and rank 0's every_minutes clock, agreed in the background
+        self.agreement = self.comm.agreement(2)
         self.checkpointer = checkpointer
         self.workers: list[dict[str, Any]] = []  # where every rank runs (set by distrain.train.setup)
         self.on_checkpoint: list = []  # callables (step, path), run on every rank after each save
@@ -50,7 +53,7 @@ class Trainer:
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
         )
-        self.channels_last = self.spec.batch_kind == "images" and dist_info.device.type == "cuda"
+        self.channels_last = channels_last(cfg, dist_info.device)
         # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
         # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here on log steps
         self._own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
@@ -94,29 +97,28 @@ class Trainer:
 
     _STOP_CODES = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
 
-    def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step if any rank was asked to (preemption wins)."""
-        flag = torch.tensor([self._STOP_CODES.get(self.stop_reason, 1.0)])
-        if self.dist.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = int(flag.item())
-        if code:
-            self.stop_reason = {1: "interrupted", 2: "preempted"}[code]
-        return bool(code)
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop, save by the clock), the same on every rank at this step boundary: a stop asked on
+        any rank (preemption wins over an interrupt) and rank 0's every_minutes clock. Host values
+        only: the GPU is not touched and the reduction overlaps the next step (``StepAgreement``)."""
+        time_flag = self.checkpointer.time_flag() if self.checkpointer is not None else 0.0
+        stop, save = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), time_flag])
+        if stop:
+            self.stop_reason = {1: "interrupted", 2: "preempted"}[int(stop)]
+        return bool(stop), bool(save)
 
-    # ----------------------------------------------------------------- loop
-    def _sum_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().cpu().clone()
-        if self.dist.world_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
+    def _loss_scale_keys(self) -> dict[str, Any]:
+        """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow."""
+        if self.cfg.parallel.precision != "fp16":
+            return {}
+        e = self.engine
+        scaler = getattr(e, "torch_autocast_z0_gradscaler", None)  # autocast without ZeRO: torch's
+        scale = scaler.get_scale() if scaler is not None else e.optimizer.loss_scale
+        return {"loss_scale": float(scale), "skipped_steps": int(e.skipped_steps)}
 
     def _mean_across_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().float().cpu()
-        if self.dist.world_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.dist.world_size
-        return float(value.item())
+        """Collective; copies ``value`` to the host (a GPU sync: log steps and eval only)."""
+        return self.comm.mean(value.detach().double().cpu())
 
     def _prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = to_device(batch, self.dist.device, self.channels_last)
@@ -136,10 +138,10 @@ class Trainer:
         if batches is None:
             return None
         self.engine.eval()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.dist.device)
         with torch.no_grad():
             for b in batches:
-                total += self.spec.loss(self.engine, self._prepare(b)).detach().float().cpu()
+                total += self.spec.loss(self.engine, self._prepare(b)).detach().float()
         self.engine.train()
         return self._mean_across_ranks(total / len(batches))
 
@@ -155,7 +157,7 @@ class Trainer:
             self.pending_rng = None
         engine.train()
         meters.restart_clocks()
-        window_loss = torch.zeros(())
+        window_loss = torch.zeros((), device=self.dist.device)  # on the device: no copy per step
         window_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
         last_eval = None
         while self.step < steps:
@@ -179,10 +181,10 @@ class Trainer:
                 meters.lap("fwd_bwd")
                 engine.step()
                 meters.lap("optim")
-                window_loss += loss.detach().float().cpu() / accum
+                window_loss += loss.detach().float() / accum
             self.step += 1
             meters.step_done()
-            stopping = self._stop_agreed()
+            stopping, save_by_clock = self._agree()
             last = self.step == steps or stopping
             eval_loss = None
             if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
@@ -199,15 +201,16 @@ class Trainer:
                     "lr": float(lr),
                     "grad_norm": None if gn is None else float(gn),
                 }
+                record.update(self._loss_scale_keys())
                 record.update(meters.record())
-                self.data_skipped += self._sum_across_ranks(window_skipped)
+                self.data_skipped += self.comm.sum(window_skipped)
                 record.update(
                     {
                         f"data_skipped_{k}": int(v)
                         for k, v in zip(ERROR_KINDS, self.data_skipped.tolist(), strict=True)
                     }
                 )
-                window_loss = torch.zeros(())
+                window_loss.zero_()
                 window_skipped.zero_()
             if eval_loss is not None:
                 if record is None:
@@ -219,7 +222,9 @@ class Trainer:
             else:
                 self.tracker.progress(self.step)
             preempted = stopping and self.stop_reason == "preempted"
-            if self.checkpointer is not None and (self.checkpointer.due(self.step, last) or preempted):
+            if self.checkpointer is not None and (
+                self.checkpointer.due(self.step, last, save_by_clock) or preempted
+            ):
                 meters.mark()
                 meters.flush()  # the checkpoint holds current totals (energy, time)
                 path = self.checkpointer.save(self.step)
@@ -228,6 +233,7 @@ class Trainer:
                     callback(self.step, path)
             if stopping:
                 break
+        self.agreement.close()  # no reduction is left in flight
         meters.flush()
         summary = {
             "status": "completed" if self.step >= steps else (self.stop_reason or "stopped"),

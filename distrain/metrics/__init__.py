@@ -19,11 +19,9 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from distrain.metrics.energy import NodeEnergy, co2e_kg, open_node_energy
 from distrain.metrics.peak import cpu_probe_flops, cuda_matmul_dtype, gpu_peak_flops
-from distrain.parallel.dist import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +102,10 @@ class Meters:
                 )
         else:
             dtype = torch.bfloat16 if self.cfg.parallel.precision == "bf16" else torch.float32
-            if self.world > 1:
-                dist.barrier()  # every rank probes at once, as they will train
-            probe = torch.tensor([cpu_probe_flops(dtype)], dtype=torch.float64)
-            if self.world > 1:
-                dist.all_reduce(probe)
-                probe /= self.world
-            self.peak, self.peak_source = float(probe.item()), f"CPU matmul probe ({str(dtype)[6:]})"
+            comm = self.dist.comm
+            comm.barrier()  # every rank probes at once, as they will train
+            probe = comm.mean(torch.tensor(cpu_probe_flops(dtype), dtype=torch.float64))
+            self.peak, self.peak_source = probe, f"CPU matmul probe ({str(dtype)[6:]})"
 
     def _open_energy(self, workers: list[dict[str, Any]]) -> None:
         """The lowest rank on each host reads that host's devices (every rank's GPU on it)."""
@@ -121,7 +116,7 @@ class Meters:
             self.energy = open_node_energy(uuids, self._cpu_watts(), self.mcfg.power_sample_s)
         # every rank learns the job's label (the same wherever nodes are alike)
         label = [self.energy.source if self.energy else None, bool(self.energy and self.energy.estimated)]
-        labels = gather_objects(label, self.world)
+        labels = self.dist.comm.gather(label)
         sources = sorted({src for src, _ in labels if src})
         self.energy_source = ",".join(sources)
         self.totals["energy_estimated"] = self.totals["energy_estimated"] or any(est for _, est in labels)
@@ -176,12 +171,10 @@ class Meters:
         if self._cuda:
             torch.cuda.synchronize(self.dist.device)
         now = self.energy.read() if self.energy else 0.0
-        joules = torch.tensor([now - self._energy_read], dtype=torch.float64)
+        joules = float(self.dist.comm.sum(torch.tensor(now - self._energy_read, dtype=torch.float64)))
         self._energy_read = now
-        if self.world > 1:
-            dist.all_reduce(joules)
-        self.win_energy_j += float(joules.item())
-        self.totals["energy_j"] += float(joules.item())
+        self.win_energy_j += joules
+        self.totals["energy_j"] += joules
 
     def _device_phases(self) -> None:
         if not self._events:

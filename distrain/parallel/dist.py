@@ -7,11 +7,11 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from distrain.config import Config, check_topology
+from distrain.parallel.collectives import HostComm
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,8 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-    backend: str
+    backend: str  # the default group's (DeepSpeed's collectives); distrain's own run on ``comm``
+    comm: HostComm
 
     @property
     def is_main(self) -> bool:
@@ -60,17 +61,22 @@ def check_device(cfg: Config) -> str:
     return device
 
 
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """``obj`` from every rank, in rank order (collective; a plain list in a single process)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
+def configure_cuda(cfg: Config, device: torch.device) -> None:
+    """The process-wide CUDA choices: TF32 for fp32 matmuls and convolutions, cuDNN's autotuner."""
+    if device.type != "cuda":
+        return
+    from distrain.models import get_spec
+
+    p = cfg.parallel
+    torch.backends.cuda.matmul.allow_tf32 = p.tf32
+    torch.backends.cudnn.allow_tf32 = p.tf32
+    images = get_spec(cfg.model.name).batch_kind == "images"
+    torch.backends.cudnn.benchmark = images if p.cudnn_benchmark is None else p.cudnn_benchmark
 
 
 def init_distributed(cfg: Config) -> DistInfo:
-    """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process."""
+    """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process, unless a
+    launcher did already, and the host group of distrain's own collectives."""
     device = check_device(cfg)
     env = os.environ
     env.setdefault("DS_ACCELERATOR", device)  # no accelerator probing (and its warning) in DeepSpeed
@@ -103,4 +109,14 @@ def init_distributed(cfg: Config) -> DistInfo:
     if not torch.distributed.is_initialized():
         kwargs = {"init_method": init_method, "rank": rank, "world_size": world} if init_method else {}
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
+    else:  # made by the launcher (Ray Train's TorchConfig, a user's own init): reported as it is
+        backend = torch.distributed.get_backend()
+    configure_cuda(cfg, dev)
+    return DistInfo(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        device=dev,
+        backend=backend,
+        comm=HostComm.create(),
+    )

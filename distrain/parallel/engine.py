@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from distrain.config import Config, global_batch
@@ -58,8 +59,37 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def build_ds_config(cfg: Config, world_size: int, has_batchnorm: bool = False) -> dict[str, Any]:
+def fused_optimizer(cfg: Config, device: torch.device) -> bool:
+    """optim.fused resolved: torch's fused Adam(W) kernel, by default on CUDA unless the optimizer
+    states are offloaded (ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam)."""
+    if cfg.parallel.offload_optimizer:
+        return False
+    return device.type == "cuda" if cfg.optim.fused is None else cfg.optim.fused
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """parallel.channels_last resolved: NHWC weights and inputs for CNNs on CUDA by default."""
+    if get_spec(cfg.model.name).batch_kind != "images":
+        return False
+    want = cfg.parallel.channels_last
+    return device.type == "cuda" if want is None else want
+
+
+def _client_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """torch's fused Adam(W), handed to DeepSpeed as a client optimizer (no C++ build); DeepSpeed
+    wraps it for ZeRO, mixed precision and the ds_config schedule as it does its own."""
+    o = cfg.optim
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+
+
+def build_ds_config(
+    cfg: Config, world_size: int, has_batchnorm: bool = False, client_optimizer: bool = False
+) -> dict[str, Any]:
+    """The ds_config; ``client_optimizer``: the optimizer is built here (``_client_optimizer``), so
+    the ds_config names none."""
     p, o, t = cfg.parallel, cfg.optim, cfg.train
+    torch_adam = not p.offload_optimizer  # ZeRO-Offload: DeepSpeed's CPU Adam steps the CPU states
     ds: dict[str, Any] = {
         "train_batch_size": global_batch(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -74,13 +104,16 @@ def build_ds_config(cfg: Config, world_size: int, has_batchnorm: bool = False) -
                 "betas": list(o.betas),
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
-                "torch_adam": True,  # torch's Adam(W): no fused_adam C++ build, identical results
+                # torch's Adam(W): no fused_adam C++ build, identical results
+                **({"torch_adam": True} if torch_adam else {}),
                 **({"adam_w_mode": False} if o.name == "adam" else {}),
             },
         },
         "scheduler": _scheduler(cfg),
         "zero_optimization": {"stage": p.zero_stage},
     }
+    if client_optimizer:
+        del ds["optimizer"]
     if p.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if p.offload_params:
@@ -92,7 +125,7 @@ def build_ds_config(cfg: Config, world_size: int, has_batchnorm: bool = False) -
         if p.precision == "bf16":
             ds["bf16"] = {"enabled": True}
         else:
-            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.loss_scale_power}
         if has_batchnorm:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
             ds["data_types"] = {"buffer_dtype": "bf16" if p.precision == "bf16" else "fp16"}
     return ds
@@ -110,8 +143,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
-    """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and schedule inside)."""
+def build_engine(
+    cfg: Config, model: nn.Module, world_size: int, device: torch.device, load_universal: bool = False
+):
+    """Wrap ``model`` in a DeepSpeed engine for ``device``; returns the engine (optimizer and
+    schedule inside)."""
     import deepspeed
 
     if cfg.parallel.activation_checkpointing:
@@ -119,13 +155,18 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ds_config = build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model))
+    if channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    fused = fused_optimizer(cfg, device)
+    ds_config = build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model), client_optimizer=fused)
     if load_universal:  # resuming a checkpoint saved at another world size
         ds_config["checkpoint"] = {"load_universal": True}
+    # DeepSpeed moves the module to the device in place, so the client optimizer's parameters are
+    # the ones it trains (and ZeRO swaps in its own flat partitions)
+    optimizer = _client_optimizer(cfg, model) if fused else None
+    params = None if fused else param_groups(model, cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config,
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
     return engine

@@ -1,0 +1,189 @@
+"""The CUDA path: fused AdamW, TF32, pinned memory, channels_last and cuDNN's autotuner for CNNs,
+fp16 with dynamic loss scaling, ZeRO-Offload, activation checkpointing, NVML energy, exact resume,
+and no host sync off log steps. Needs one CUDA GPU: `bash benchmarks/gpu_check.sh` runs these
+(`-m gpu`); the default suite deselects them."""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+
+import pytest
+import torch
+
+from distrain.config import load_config
+from distrain.train import run, setup
+from tests.conftest import CONFIGS, REPO, read_jsonl
+
+pytestmark = pytest.mark.gpu
+
+CONFIG_OF = {"gpt": "gpt-cpu-tiny.yaml", "resnet": "resnet-cpu-tiny.yaml"}
+
+
+def _cfg(tmp_path, model="gpt", *overrides, steps=30, name="run"):
+    return load_config(
+        CONFIGS / CONFIG_OF[model],
+        [
+            "run.device=cuda",
+            f"run.dir={tmp_path / name}",
+            f"train.steps={steps}",
+            "train.log_every=5",
+            "train.eval_every=0",
+            "optim.warmup_steps=3",
+            "checkpoint.at_end=false",
+            "tracking.progress_bar=false",
+            *overrides,
+        ],
+    )
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _falls(losses, factor=0.8):
+    return losses[-1] < factor * losses[0], losses
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_trains_with_fused_adamw_tf32_and_pinned_batches(in_workdir, tmp_path, stage):
+    cfg = _cfg(tmp_path, "gpt", "parallel.precision=bf16", f"parallel.zero_stage={stage}")
+    s = setup(cfg)
+    assert s.engine.basic_optimizer.defaults["fused"] is True  # torch's fused kernel, no C++ build
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert s.trainer.data.pin
+    assert next(s.engine.module.parameters()).device.type == "cuda"
+    summary = run(cfg, s)
+    assert summary["status"] == "completed"
+    ok, losses = _falls(_losses(cfg.run.run_dir))
+    assert ok, losses
+
+
+def test_fp32_without_tf32_and_unfused(in_workdir, tmp_path):
+    cfg = _cfg(tmp_path, "gpt", "parallel.tf32=false", "optim.fused=false", steps=10)
+    s = setup(cfg)
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not s.engine.basic_optimizer.defaults.get("fused")
+    run(cfg, s)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp16_dynamic_loss_scaling_recovers_from_overflow(in_workdir, tmp_path, stage):
+    """A loss scale of 2**30 overflows fp16 at once: those steps are skipped, the scale halves until
+    gradients fit, and training goes on with the loss falling."""
+    cfg = _cfg(
+        tmp_path,
+        "gpt",
+        "parallel.precision=fp16",
+        f"parallel.zero_stage={stage}",
+        "parallel.loss_scale_power=30",
+        steps=60,
+    )
+    summary = run(cfg)
+    assert summary["status"] == "completed"
+    recs = [r for r in read_jsonl(cfg.run.run_dir / "metrics.jsonl") if "loss" in r]
+    assert recs[-1]["skipped_steps"] >= 5  # 2**30 -> fits only after several halvings
+    assert recs[-1]["loss_scale"] < 2**30
+    losses = [r["loss"] for r in recs if r["step"] > recs[-1]["skipped_steps"] + 5]
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
+        ["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true"],
+    ],
+    ids=["zero2-offload-optimizer", "zero3-offload-optimizer-params"],
+)
+def test_zero_offload(in_workdir, tmp_path, overrides):
+    cfg = _cfg(tmp_path, "gpt", "parallel.precision=bf16", *overrides)
+    s = setup(cfg)
+    assert type(s.engine.basic_optimizer).__name__ == "DeepSpeedCPUAdam"
+    run(cfg, s)
+    ok, losses = _falls(_losses(cfg.run.run_dir))
+    assert ok, losses
+
+
+def test_activation_checkpointing_same_losses_less_memory(in_workdir, tmp_path):
+    common = ["model.preset=mini", "data.seq_len=256", "parallel.precision=bf16", "optim.fused=true"]
+    peaks, losses = {}, {}
+    for ac in (False, True):
+        torch.cuda.reset_peak_memory_stats()
+        cfg = _cfg(
+            tmp_path, "gpt", *common, f"parallel.activation_checkpointing={ac}", steps=10, name=f"ac{ac}"
+        )
+        run(cfg)
+        peaks[ac] = torch.cuda.max_memory_allocated()
+        losses[ac] = _losses(cfg.run.run_dir)
+    assert peaks[True] < peaks[False], peaks
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2), losses
+
+
+def test_resnet_channels_last_and_cudnn_benchmark(in_workdir, tmp_path):
+    cfg = _cfg(tmp_path, "resnet", "parallel.precision=bf16", "train.micro_batch_size=32", steps=40)
+    s = setup(cfg)
+    conv = next(m for m in s.engine.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.backends.cudnn.benchmark
+    assert s.trainer.channels_last
+    run(cfg, s)
+    ok, losses = _falls(_losses(cfg.run.run_dir))
+    assert ok, losses
+
+
+def test_nvml_energy_counter(in_workdir, tmp_path):
+    cfg = _cfg(tmp_path, "gpt", "parallel.precision=bf16", "model.preset=mini", steps=20)
+    run(cfg)
+    rec = [r for r in read_jsonl(cfg.run.run_dir / "metrics.jsonl") if "loss" in r][-1]
+    assert "nvml" in rec["energy_source"] and not rec["energy_estimated"], rec
+    assert rec["energy_j"] > 0 and rec["power_w"] > 10, rec
+    assert rec["mfu"] is not None and 0 < rec["mfu"] < 1, rec
+
+
+def test_resume_on_cuda_matches_uninterrupted(in_workdir, tmp_path):
+    common = ["parallel.precision=bf16", "parallel.zero_stage=2", "train.log_every=1"]
+    whole = _cfg(tmp_path, "gpt", *common, steps=20, name="whole")
+    run(whole)
+    first = _cfg(tmp_path, "gpt", *common, "checkpoint.every_steps=10", steps=10, name="split")
+    run(first)
+    second = _cfg(tmp_path, "gpt", *common, "checkpoint.resume=true", steps=20, name="split")
+    run(second)
+    a, b = _losses(whole.run.run_dir), _losses(second.run.run_dir)
+    assert len(b) == 20  # one record per step across the resume
+    assert b == pytest.approx(a, rel=1e-3), (a, b)  # GPU kernels are not bitwise deterministic
+
+
+SYNC_FREE = [
+    REPO / "distrain" / p for p in ("trainer.py", "metrics", "parallel", "tracking.py", "checkpoint.py")
+]
+
+
+def test_no_host_sync_off_log_steps(in_workdir, tmp_path):
+    """torch's sync debug mode warns at every call that waits for the GPU; none may come from
+    distrain's step code except on log steps (DeepSpeed's own are DeepSpeed's)."""
+    cfg = _cfg(
+        tmp_path, "gpt", "parallel.precision=bf16", "parallel.grad_accum=2", "train.log_every=4", steps=12
+    )
+    s = setup(cfg)
+    seen = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        for fs in reversed(traceback.extract_stack()[:-1]):
+            path = fs.filename
+            if any(path.startswith(str(p)) for p in SYNC_FREE):
+                seen.append((s.trainer.step, f"{path}:{fs.lineno}", str(message)[:80]))
+                return
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(cfg, s)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    off_log = [r for r in seen if r[0] in (1, 2, 5, 6, 9, 10)]
+    assert not off_log, off_log
+    assert [r for r in seen if r[0] in (4, 8, 12)], "the debug mode reported no sync even on log steps"
