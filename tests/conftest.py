@@ -18,9 +18,9 @@ os.environ.update(
     WANDB_MODE="offline",
     WANDB_SILENT="true",
     RAY_USAGE_STATS_ENABLED="0",
-    DS_ACCELERATOR="cpu",
     TOKENIZERS_PARALLELISM="false",
 )
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # benchmarks/gpu_check.sh sets cuda for the gpu tests
 # DeepSpeed JIT-compiles a CPU op on first use (~30-50 s); keep it across sessions and CI runs
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distrain" / "torch_extensions"))
 

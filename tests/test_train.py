@@ -112,3 +112,33 @@ def test_warmup_starts_above_zero_and_cosine_ends_at_floor(in_workdir, tmp_path)
     assert lrs[0] == pytest.approx(0.01 / 5)  # step 1 of 4 warmup steps: lr/(W+1), never 0
     assert lrs[:4] == sorted(lrs[:4])
     assert lrs[-1] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fused_adamw_client_optimizer_trains_as_deepspeeds_own(in_workdir, tmp_path, stage):
+    """optim.fused hands torch's fused AdamW to DeepSpeed as a client optimizer (the default on
+    CUDA); its steps, schedule and clipping match DeepSpeed's own torch AdamW step for step."""
+    from distrain.train import setup
+
+    runs = {}
+    for fused in (False, True):
+        cfg = load_config(
+            CONFIGS / "gpt-cpu-tiny.yaml",
+            [
+                f"run.dir={tmp_path / f'fused{fused}'}",
+                "train.steps=12",
+                "train.log_every=1",
+                "train.eval_every=0",
+                "checkpoint.at_end=false",
+                f"parallel.zero_stage={stage}",
+                f"optim.fused={fused}",
+            ],
+        )
+        s = setup(cfg)
+        assert bool(s.engine.basic_optimizer.defaults.get("fused")) is fused
+        run(cfg, s)
+        runs[fused] = read_jsonl(cfg.run.run_dir / "metrics.jsonl")
+    assert [r["lr"] for r in runs[True]] == pytest.approx([r["lr"] for r in runs[False]])
+    assert [r["loss"] for r in runs[True]] == pytest.approx([r["loss"] for r in runs[False]], rel=1e-4)
+    ok, (first, last) = _falls(runs[True], factor=0.9)
+    assert ok, f"fused AdamW ZeRO {stage}: loss {first:.3f} -> {last:.3f}"

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.sh runs in one shot on a lent GPU machine, so its CPU parts are proven here
+first: the dry run collects every gpu test, runs each benchmark loop on tiny shapes on the CPU and
+writes the table into a copy of RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_dry_run_writes_the_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "RESULTS": str(results), "PY": sys.executable}
+    p = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "12 tests collected" in p.stdout, p.stdout[-3000:]
+    text = results.read_text()
+    assert "## GPU check" in text and "### CPU (dry run)" in text
+    for row in (
+        "| llama plain |",
+        "| llama distrain ZeRO 0 |",
+        "| llama distrain ZeRO 3 |",
+        "| resnet plain |",
+        "| resnet distrain ZeRO 0 |",
+        "| distrain (DeepSpeed shards, manifest, sha256) |",
+        "| torch.save / torch.load |",
+    ):
+        line = next((x for x in text.splitlines() if x.startswith(row)), None)
+        assert line is not None, f"{row} missing from:\n{text}"
+        assert "nan" not in line
+    plain = next(x for x in text.splitlines() if x.startswith("| llama plain |"))
+    assert "1.000x" in plain  # each row is a ratio against the plain loop measured in the same run
+
+
+def test_gpu_wheels_dry_run_names_every_missing_package(tmp_path):
+    p = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_wheels.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", "PY": sys.executable, "WHEELS": str(tmp_path / "w")},
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    for name in ("pydantic==", "pydantic-core==", "hjson==", "torchdata==", "deepspeed=="):
+        assert name in p.stdout, p.stdout
+    assert "--python-version 3.12" in p.stdout
