@@ -315,32 +315,31 @@ class Checkpointer:
         self.rank = trainer.dist.rank
         self.world = trainer.dist.world_size
         self.comm = trainer.dist.comm
-        self._time_due_posted = False  # rank 0 raised the every_minutes flag and no save followed yet
+        self.saves = 0  # saves made by this run (the same count on every rank)
         self._last_save = time.monotonic()
         self.writer = _Writer(background=cfg.checkpoint.async_save)
         self.last_blocking_s = 0.0
         self.loaded_tracker_state: dict = {}  # the tracker state of the checkpoint loaded (W&B run id)
 
     # -------------------------------------------------------------------------------- when
-    def due(self, step: int, last: bool, time_due: bool = False) -> bool:
-        """Whether this step saves; ``time_due``: the agreed every_minutes flag (``time_flag``)."""
+    def due(self, step: int, last: bool, clock: float = 0.0) -> bool:
+        """Whether this step saves; ``clock``: the agreed every_minutes flag (``clock_flag``)."""
         c = self.cfg
         if last and c.at_end:
             return True
         if c.every_steps > 0 and step % c.every_steps == 0:
             return True
-        return time_due
+        return clock > self.saves
 
-    def time_flag(self) -> float:
-        """Rank 0's clock decides every_minutes for everyone: 1.0 once a save is due by the clock
-        (raised once until the save happens), for the trainer's per-step agreement; 0.0 elsewhere."""
+    def clock_flag(self) -> float:
+        """Rank 0's clock decides every_minutes for everyone, through the trainer's per-step
+        agreement: while a save is due by the clock rank 0 asks for save number ``saves + 1``, and
+        every other rank for none (0). A request agreed after a save it asked for is already met, so
+        the agreement's one step of lag never saves twice."""
         minutes = self.cfg.every_minutes
-        if self.rank != 0 or minutes <= 0 or self._time_due_posted:
+        if self.rank != 0 or minutes <= 0 or time.monotonic() - self._last_save < 60 * minutes:
             return 0.0
-        if time.monotonic() - self._last_save >= 60 * minutes:
-            self._time_due_posted = True
-            return 1.0
-        return 0.0
+        return float(self.saves + 1)
 
     def _barrier(self) -> None:
         self.comm.barrier()
@@ -384,7 +383,7 @@ class Checkpointer:
         if not self.writer.background:
             self._barrier()  # every rank's files are on disk when save() returns
         self._last_save = time.monotonic()
-        self._time_due_posted = False
+        self.saves += 1
         return final
 
     def _finalize(self, step: int, tmp: Path, final: Path) -> None:

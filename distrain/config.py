@@ -560,6 +560,11 @@ class Config(Section):
             raise ValueError(
                 f"parallel.offload_params needs parallel.zero_stage=3 (got {self.parallel.zero_stage})"
             )
+        if self.parallel.offload_optimizer and self.optim.fused:
+            raise ValueError(
+                "optim.fused=true and parallel.offload_optimizer=true: offloaded optimizer states step on the CPU "
+                "with DeepSpeed's CPU Adam; drop optim.fused (or set it to false)"
+            )
         if self.parallel.offload_optimizer and self.parallel.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
         check_topology(self, self.cluster.workers)

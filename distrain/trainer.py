@@ -97,15 +97,16 @@ class Trainer:
 
     _STOP_CODES = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
 
-    def _agree(self) -> tuple[bool, bool]:
-        """(stop, save by the clock), the same on every rank at this step boundary: a stop asked on
-        any rank (preemption wins over an interrupt) and rank 0's every_minutes clock. Host values
-        only: the GPU is not touched and the reduction overlaps the next step (``StepAgreement``)."""
-        time_flag = self.checkpointer.time_flag() if self.checkpointer is not None else 0.0
-        stop, save = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), time_flag])
+    def _agree(self) -> tuple[bool, float]:
+        """(stop, the every_minutes save request), the same on every rank at this step boundary: a
+        stop asked on any rank (preemption wins over an interrupt) and rank 0's checkpoint clock.
+        Host values only: the GPU is not touched and the reduction overlaps the next step
+        (``StepAgreement``)."""
+        clock = self.checkpointer.clock_flag() if self.checkpointer is not None else 0.0
+        stop, clock = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), clock])
         if stop:
             self.stop_reason = {1: "interrupted", 2: "preempted"}[int(stop)]
-        return bool(stop), bool(save)
+        return bool(stop), clock
 
     def _loss_scale_keys(self) -> dict[str, Any]:
         """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow."""
@@ -184,7 +185,7 @@ class Trainer:
                 window_loss += loss.detach().float() / accum
             self.step += 1
             meters.step_done()
-            stopping, save_by_clock = self._agree()
+            stopping, clock = self._agree()
             last = self.step == steps or stopping
             eval_loss = None
             if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
@@ -222,9 +223,7 @@ class Trainer:
             else:
                 self.tracker.progress(self.step)
             preempted = stopping and self.stop_reason == "preempted"
-            if self.checkpointer is not None and (
-                self.checkpointer.due(self.step, last, save_by_clock) or preempted
-            ):
+            if self.checkpointer is not None and (self.checkpointer.due(self.step, last, clock) or preempted):
                 meters.mark()
                 meters.flush()  # the checkpoint holds current totals (energy, time)
                 path = self.checkpointer.save(self.step)

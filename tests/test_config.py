@@ -193,3 +193,12 @@ def test_readme_config_reference_is_current():
     assert section.strip() == reference_markdown().strip(), (
         "README config reference is stale: paste `distrain config reference`"
     )
+
+
+def test_fused_optimizer_with_offload_is_refused_naming_both_keys():
+    with pytest.raises(
+        ConfigError, match=r"optim.fused=true and parallel.offload_optimizer=true.*drop optim.fused"
+    ):
+        load_config(GPT, ["optim.fused=true", "parallel.zero_stage=2", "parallel.offload_optimizer=true"])
+    cfg = load_config(GPT, ["parallel.zero_stage=2", "parallel.offload_optimizer=true"])  # unset: fine
+    assert cfg.optim.fused is None

@@ -17,8 +17,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [
+def _torchrun_cmd(*args: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -33,7 +33,10 @@ def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProces
         *args,
         "cluster.workers=2",
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_cmd(*args), capture_output=True, text=True, timeout=600, env=env)
 
 
 def _one(*args: str) -> subprocess.CompletedProcess:
@@ -90,3 +93,83 @@ def test_checkpoint_resumes_on_another_world_size(in_workdir, tmp_path, first, s
     resumed = next(r for r in after if r["step"] == 22)["loss"]
     assert before[-1]["step"] == 20
     assert resumed < before[0]["loss"] - 1.0 and resumed < before[-1]["loss"] + 0.3  # no jump back up
+
+
+def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
+    """The pid of the worker process of ``rank`` started by the torchrun agent ``parent``."""
+    import time
+    from pathlib import Path
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in Path("/proc").glob("[0-9]*"):
+            try:
+                stat = (child / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                env = (child / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent and f"RANK={rank}".encode() in env:
+                return int(child.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} under torchrun pid {parent}")
+
+
+@pytest.mark.world_size
+def test_a_notice_to_one_rank_checkpoints_every_rank_at_one_step(in_workdir, tmp_path):
+    """SIGUSR1 reaches rank 1 only (as a scheduler may deliver it): the ranks agree on one step
+    boundary, write one checkpoint there together and end as preempted."""
+    import json
+    import os
+    import signal
+
+    from distrain.checkpoint import newest_valid
+    from tests.conftest import wait_for_records
+
+    run_dir = tmp_path / "r"
+    cmd = _torchrun_cmd(
+        "train",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={run_dir}",
+        "train.steps=100000",
+        "train.log_every=1",
+        "train.eval_every=0",
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_records(run_dir / "metrics.jsonl", 5, proc)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGUSR1)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted", stderr[-3000:]
+    ckpt, manifest = newest_valid(run_dir / "checkpoints")
+    assert manifest["step"] == summary["step"] and manifest["world_size"] == 2
+    assert {"rank-00000.pt", "rank-00001.pt"} <= set(manifest["files"])  # both ranks wrote at that step
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == summary["step"]
+
+
+@pytest.mark.world_size
+def test_every_minutes_on_two_ranks_saves_by_rank_0s_clock_never_twice(in_workdir, tmp_path):
+    """A period shorter than a step: rank 0's request is agreed at the next boundary, the save is
+    made there by both ranks, and the request it answered is not saved again."""
+    from distrain.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "r"
+    p = _torchrun(
+        "train",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={run_dir}",
+        "train.steps=8",
+        "train.eval_every=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0.00001",
+        "checkpoint.at_end=false",
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert [c.name for c in list_checkpoints(run_dir / "checkpoints")] == [
+        f"step{s:08d}" for s in (8, 6, 4, 2)
+    ]
