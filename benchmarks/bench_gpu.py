@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 SHAPES = {  # name: config, overrides (GPU), overrides (dry run on the CPU)
     "llama": (
@@ -197,22 +198,6 @@ def child_load(args) -> dict:
 
 
 # --------------------------------------------------------------------------------- plain loops
-def _lr_lambda(cfg):
-    """distrain's schedule (warmup from lr/(W+1), cosine to the floor), as LambdaLR factors."""
-    import math
-
-    o, steps = cfg.optim, cfg.train.steps
-    w, start = max(o.warmup_steps, 1), (1.0 / (o.warmup_steps + 1) if o.warmup_steps else 1.0)
-
-    def f(t: int) -> float:
-        if t < w:
-            return start + (1 - start) * t / w
-        done = min((t - w + 1) / max(1, steps - w), 1.0)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
-
-    return f
-
-
 def _batches(cfg, n: int, dev) -> list[dict]:
     """distrain's own batches for the first n steps, copied to the device beforehand."""
     from distrain.data import DataPipeline, to_device
@@ -249,6 +234,8 @@ def child_plain(args) -> dict:
     opt = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True
     )
+    from bench_loop import _lr_lambda  # distrain's schedule as LambdaLR factors
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     spec = get_spec(cfg.model.name)
     energy = _nvml(args)

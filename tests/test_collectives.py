@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ast
 import json
-import socket
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import CONFIGS, REPO
+from tests.test_multiprocess import torchrun_cmd
 
 # A 2-rank job whose default group has no CPU backend, as a job under NCCL has: a collective on a
 # CPU tensor there fails with "No backend type associated with device type cpu". distrain's own
@@ -68,32 +67,13 @@ dist.destroy_process_group()
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.world_size
 def test_host_collectives_run_where_the_default_group_has_no_cpu_backend(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     (tmp_path / "ckpts").mkdir()
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_port()),
-            str(script),
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
-            str(tmp_path / "ckpts"),
-        ],
+        torchrun_cmd(str(script), str(CONFIGS / "gpt-cpu-tiny.yaml"), str(tmp_path / "ckpts")),
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,7 +17,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_cmd(*args: str) -> list[str]:
+def torchrun_cmd(*argv: str) -> list[str]:
+    """torchrun with two local ranks on a free loopback port, running ``argv`` (a script and its
+    arguments, or ``-m module ...``)."""
     return [
         sys.executable,
         "-m",
@@ -28,11 +30,12 @@ def _torchrun_cmd(*args: str) -> list[str]:
         "127.0.0.1",
         "--master_port",
         str(_port()),
-        "-m",
-        "distrain.cli",
-        *args,
-        "cluster.workers=2",
+        *argv,
     ]
+
+
+def _torchrun_cmd(*args: str) -> list[str]:
+    return torchrun_cmd("-m", "distrain.cli", *args, "cluster.workers=2")
 
 
 def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
