@@ -203,28 +203,34 @@ class _Writer:
             try:
                 if job is None:
                     return
-                if self._error is None:  # after a failure the rest of that save is skipped
-                    fn, args = job
+                fn, args, always = job
+                if self._error is None or always:  # after a failure the rest of that save is skipped
                     fn(*args)
             except BaseException as exc:  # noqa: BLE001 - reported by wait()
-                self._error = exc
+                self._error = self._error or exc
             finally:
                 self._jobs.task_done()
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args, always: bool = False) -> None:
+        """Queue ``fn(*args)``; ``always``: run it even after an earlier job of the save failed."""
         if self.background:
-            self._jobs.put((fn, args))
+            self._jobs.put((fn, args, always))
         else:
             fn(*args)
 
-    def wait(self) -> None:
+    @property
+    def error(self) -> BaseException | None:
+        """The failure of the save in progress (in the writer thread: of the jobs run so far)."""
+        return self._error
+
+    def wait(self) -> str | None:
+        """Wait for the queued jobs; returns the failure of the save, if any, as text (and clears it)."""
         if self.background:
             self._jobs.join()
-        if self._error is not None:
-            exc, self._error = self._error, None
-            log.error(
-                "a background checkpoint save failed and was not completed: %s: %s", type(exc).__name__, exc
-            )
+        if self._error is None:
+            return None
+        exc, self._error = self._error, None
+        return f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
         if self._thread is not None:
@@ -279,10 +285,13 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
-def resume_plan(root: Path, comm) -> dict[str, Any] | None:
+def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
     """Which checkpoint a run resumes from (rank 0 decides for all, collective over ``comm``): its
     tag, the world size that saved it, and, when that differs under ZeRO >= 1, the universal copy
-    to load instead."""
+    to load instead. With ``cfg``, a config that changes what the checkpoint holds (the model, its
+    precision, ZeRO stage, optimizer...) is refused before anything loads, naming each key."""
+    from distrain.config import ConfigError, resume_changes
+
     info: dict[str, Any] | None = None
     rank, world = comm.rank, comm.world_size
     if rank == 0:
@@ -290,7 +299,18 @@ def resume_plan(root: Path, comm) -> dict[str, Any] | None:
         if found is not None:
             ckpt, manifest = found
             info = {"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}
+            if cfg is not None:
+                saved = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config")
+                info["changes"] = resume_changes(saved, cfg) if saved else []
     plan = comm.broadcast(info, src=0)
+    changes = plan.pop("changes", None) if plan is not None else None
+    if changes:  # every rank raises the same error
+        raise ConfigError(
+            f"{root / plan['tag']} was saved with another config; a resume may not change: "
+            + "; ".join(changes)
+            + ". Resume with the run's own config (`distrain resume RUN_DIR`, overriding only the keys "
+            "the README lists as resumable), or start a new run in another run.dir"
+        )
     if plan is not None and plan["world"] != world and plan["zero_stage"] > 0:
         if rank == 0:
             log.warning(
@@ -351,7 +371,7 @@ class Checkpointer:
         (a second save first waits for the one before)."""
         tag = f"step{step:08d}"
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
-        self.writer.wait()  # the previous save is complete (its failure, if any, is reported)
+        self.settle()  # the previous save is complete; every rank learns of its failure on any rank
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
@@ -376,7 +396,7 @@ class Checkpointer:
                 "config": to_yaml(self.full_cfg),
             }
             self.writer.submit(torch.save, _host_copy(state), tmp / STATE)
-        self.writer.submit(_touch, tmp / f".done-rank-{self.rank:05d}")
+        self.writer.submit(self._mark_written, tmp, always=True)
         if self.rank == 0:
             self.writer.submit(self._finalize, step, tmp, final)
         self.last_blocking_s = time.perf_counter() - t0
@@ -386,11 +406,37 @@ class Checkpointer:
         self.saves += 1
         return final
 
+    def _mark_written(self, tmp: Path) -> None:
+        """This rank's last job of a save: ``.done-rank-R``, or ``.failed-rank-R`` with the error of
+        the job that failed (so rank 0 stops waiting for this rank at once)."""
+        error = self.writer.error
+        if error is None:
+            _touch(tmp / f".done-rank-{self.rank:05d}")
+        else:
+            (tmp / f".failed-rank-{self.rank:05d}").write_text(f"{type(error).__name__}: {error}")
+
+    def settle(self) -> None:
+        """Collective: wait for this rank's background writes; a save that failed on any rank is
+        logged (rank 0, naming each rank and its error) and never becomes ``latest``."""
+        failed = self.writer.wait()
+        failures = [(r, e) for r, e in enumerate(self.comm.gather(failed)) if e]
+        if failures:
+            log.error(
+                "a background checkpoint save failed and was not completed (the previous checkpoint stays "
+                "latest): %s",
+                "; ".join(f"rank {r}: {e}" for r, e in failures),
+            )
+
     def _finalize(self, step: int, tmp: Path, final: Path) -> None:
         """Rank 0, once every rank has written: manifest, sync, rename into place, ``latest``."""
         markers = [tmp / f".done-rank-{r:05d}" for r in range(self.world)]
         deadline = time.monotonic() + 3600
         while not all(m.exists() for m in markers):  # files, not collectives: safe off the main thread
+            failed = sorted(tmp.glob(".failed-rank-*"))
+            if failed:
+                raise CheckpointError(
+                    f"{tmp}: " + "; ".join(f"{f.name[8:]} failed: {f.read_text()}" for f in failed)
+                )
             if time.monotonic() > deadline:
                 raise CheckpointError(f"{tmp}: not every rank finished writing within an hour")
             time.sleep(0.05)
@@ -419,7 +465,9 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for a background save to finish (the end of a run, or before exiting on a signal)."""
-        self.writer.wait()
+        failed = self.writer.wait()  # local: also on a failing rank's way out (``settle`` is collective)
+        if failed:
+            log.error("a background checkpoint save failed and was not completed: %s", failed)
         self.writer.close()
 
     def _retain(self) -> None:

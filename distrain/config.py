@@ -744,6 +744,66 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+# What a resume may change (dotted keys or whole sections): how long and how the run goes on, where
+# it reads and writes, how it is logged and launched. Anything else (the model, precision, ZeRO
+# stage, optimizer, data format and tokenizer...) belongs to the checkpoint, and a change is refused.
+RESUMABLE_KEYS = (
+    "run.name",
+    "run.dir",
+    "run.log_level",
+    "run.device",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.check_replicas",
+    "train.global_batch_size",
+    "optim.warmup_steps",
+    "optim.fused",
+    "data.train_path",
+    "data.eval_path",
+    "data.sources",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "parallel.grad_accum",
+    "parallel.backend",
+    "parallel.tf32",
+    "parallel.cudnn_benchmark",
+    "parallel.channels_last",
+    "checkpoint",
+    "metrics",
+    "tracking",
+    "cluster",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(saved_yaml: str, cfg: Config) -> list[str]:
+    """The keys, with both values, where ``cfg`` differs from a checkpoint's saved config in ways
+    a resume may not change (``RESUMABLE_KEYS`` may)."""
+    saved = _flatten(yaml.safe_load(saved_yaml))
+    new = _flatten(yaml.safe_load(to_yaml(cfg)))
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
+            continue
+        a, b = saved.get(key, "<unset>"), new.get(key, "<unset>")
+        if a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
 def reference_markdown() -> str:
     """The config reference (every key, type, default and its one-line doc) as markdown tables."""
     out = []

@@ -67,21 +67,21 @@ def params_digest(engine) -> str:
 
 def setup(cfg: Config) -> Session:
     """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
+    import os
+
     import torch
 
     from distrain.checkpoint import Checkpointer, refuse_to_overwrite, resume_plan
     from distrain.data import DataPipeline
     from distrain.models import build_model
-    from distrain.parallel import build_engine, init_distributed
+    from distrain.parallel import build_engine, check_device, init_distributed
     from distrain.tracking import Tracker, setup_logging
     from distrain.trainer import Trainer
 
+    os.environ.setdefault("DS_ACCELERATOR", check_device(cfg))  # before anything imports DeepSpeed
+    setup_logging(int(os.environ.get("RANK", "0")), cfg.run.log_level)  # the launcher's rank, as torchrun's
     dist_info = init_distributed(cfg)
-    setup_logging(dist_info.rank, cfg.run.log_level)
     run_dir = cfg.run.run_dir.resolve()
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     on_cuda = dist_info.device.type == "cuda"
     pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
     data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=pin)
@@ -89,7 +89,7 @@ def setup(cfg: Config) -> Session:
     torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
     n_params = sum(p.numel() for p in model.parameters())
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
-    plan = resume_plan(run_dir / "checkpoints", dist_info.comm) if cfg.checkpoint.resume else None
+    plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
     engine = build_engine(
         cfg, model, dist_info.world_size, dist_info.device, load_universal=bool(plan and "universal" in plan)
     )
@@ -97,6 +97,9 @@ def setup(cfg: Config) -> Session:
     trainer.workers = workers = _workers(dist_info)
     trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
     resumed_from = trainer.checkpointer.load(plan) if plan else None
+    if dist_info.is_main:  # the launch is accepted: from here on the run directory is written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     topology = {
         "world_size": dist_info.world_size,
         "nodes": len({w["node"] for w in workers}),
@@ -150,9 +153,23 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     also writes to RUN_DIR/summary.json (a run's success is that record, not the exit path)."""
     s = session or setup(cfg)
     s.trainer.install_signal_handlers()
+    run_dir = cfg.run.run_dir.resolve()
+    summary: dict[str, Any] = {}
     try:
         summary = s.trainer.train()
-    except BaseException:
+        summary.update(
+            run_dir=str(run_dir),
+            world_size=s.dist.world_size,
+            nodes=len({w["node"] for w in s.workers}),
+            workers=s.workers,
+            finished_at=time.time(),
+        )
+        if cfg.train.check_replicas:
+            summary.update(_check_replicas(s))
+    except BaseException as exc:
+        if summary and s.dist.is_main:  # training ended and a check after it failed: the record says so
+            summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         s.tracker.abort()  # the W&B run ends marked failed; metrics.jsonl keeps what was logged
         raise
     finally:
@@ -160,16 +177,6 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         s.trainer.data.close()
         if s.trainer.checkpointer is not None:
             s.trainer.checkpointer.close()  # a background save finishes before the run is reported
-    run_dir = cfg.run.run_dir.resolve()
-    summary.update(
-        run_dir=str(run_dir),
-        world_size=s.dist.world_size,
-        nodes=len({w["node"] for w in s.workers}),
-        workers=s.workers,
-        finished_at=time.time(),
-    )
-    if cfg.train.check_replicas:
-        summary.update(_check_replicas(s))
     if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         s.tracker.summary(summary)

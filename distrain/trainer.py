@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from distrain.config import Config, global_batch
-from distrain.data import ERROR_KINDS, DataPipeline, to_device
+from distrain.data import ERROR_KINDS, DataError, DataPipeline, to_device
 from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
@@ -42,6 +42,7 @@ class Trainer:
         self.step = 0
         self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
         self.stop_reason: str | None = None
+        self._eval_n: int | None = None  # eval micro-batches per rank, agreed at the first eval
         self.meters = Meters(
             cfg,
             dist_info,
@@ -134,10 +135,26 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             return self._evaluate()
 
+    def _eval_count(self, batches: list) -> int:
+        """Collective, once: the eval micro-batches every rank runs, the fewest any rank holds (under
+        ZeRO 3 each forward gathers parameters from every rank, so the counts must agree)."""
+        if self._eval_n is None:
+            counts = self.comm.gather(len(batches))
+            if min(counts) == 0:
+                d, mb = self.cfg.data, self.cfg.train.micro_batch_size
+                raise DataError(
+                    f"data.eval_path: {d.eval_path} gives no full micro-batch of train.micro_batch_size={mb} "
+                    f"on rank(s) {[r for r, c in enumerate(counts) if c == 0]} of {len(counts)}; use a larger "
+                    "eval set (or more files), a smaller train.micro_batch_size, or drop data.eval_path"
+                )
+            self._eval_n = min(counts)
+        return self._eval_n
+
     def _evaluate(self) -> float | None:
         batches = self.data.eval_batches()
         if batches is None:
             return None
+        batches = batches[: self._eval_count(batches)]
         self.engine.eval()
         total = torch.zeros((), device=self.dist.device)
         with torch.no_grad():
@@ -233,6 +250,8 @@ class Trainer:
             if stopping:
                 break
         self.agreement.close()  # no reduction is left in flight
+        if self.checkpointer is not None:
+            self.checkpointer.settle()  # a background save's failure on any rank is known to all
         meters.flush()
         summary = {
             "status": "completed" if self.step >= steps else (self.stop_reason or "stopped"),

@@ -170,6 +170,49 @@ def test_kill_9_during_saves_never_loses_the_run(in_workdir, tmp_path):
     assert run(cfg, s)["status"] == "completed"
 
 
+def test_a_refused_launch_leaves_the_run_directory_untouched(in_workdir, tmp_path):
+    """Another config pointed at a used run dir with checkpoint.resume=false is refused, and the
+    run's config.yaml is still its own: a later `distrain resume` continues the right run."""
+    _save_run(tmp_path)
+    run_dir = tmp_path / "run"
+    before = {f: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+    p = subprocess.run(
+        [
+            *DISTRAIN,
+            "train",
+            str(CONFIGS / "lstm-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "checkpoint.resume=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 1 and "already holds checkpoints" in p.stderr, p.stderr[-3000:]
+    assert {f: f.read_bytes() for f in run_dir.iterdir() if f.is_file()} == before
+    assert load_config(run_dir / "config.yaml").model.name == "gpt"
+
+
+def test_resume_with_another_model_is_refused_naming_the_keys(in_workdir, tmp_path):
+    root = _save_run(tmp_path)
+    run_dir = tmp_path / "run"
+    config = (run_dir / "config.yaml").read_bytes()
+    p = subprocess.run(
+        [*DISTRAIN, "resume", str(run_dir), "model.preset=mini", "parallel.precision=bf16", "train.steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 1, p.stderr[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("distrain: error:")]
+    assert len(err) == 1, p.stderr[-3000:]  # one line, not a load_state_dict key dump
+    assert "a resume may not change" in err[0] and "model.preset: 'tiny' -> 'mini'" in err[0]
+    assert "parallel.precision: 'fp32' -> 'bf16'" in err[0] and "train.steps" not in err[0]
+    assert "Traceback" not in p.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config  # nothing written before acceptance
+    assert [c.name for c in list_checkpoints(root)][0] == "step00000006"
+
+
 def test_retention_keeps_last_n_and_every_k(in_workdir, tmp_path):
     root = _save_run(
         tmp_path,

@@ -16,7 +16,7 @@ from tests.test_multiprocess import torchrun_cmd
 # CPU tensor there fails with "No backend type associated with device type cpu". distrain's own
 # collectives must not touch that group; each part that issues one runs here.
 WORKER = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 import torch
@@ -63,7 +63,8 @@ out["energy_source"], out["energy_j"] = rec.get("energy_source"), rec.get("energ
 out["peak"] = meters.peak
 out["plan"] = resume_plan(Path(sys.argv[2]), comm)  # rank 0 decides, every rank learns it
 print("RESULT " + json.dumps(out), flush=True)
-dist.destroy_process_group()
+sys.stderr.flush()
+os._exit(0)  # as the CLI leaves: no interpreter teardown of the process groups' native threads
 """
 
 

@@ -176,3 +176,139 @@ def test_every_minutes_on_two_ranks_saves_by_rank_0s_clock_never_twice(in_workdi
     assert [c.name for c in list_checkpoints(run_dir / "checkpoints")] == [
         f"step{s:08d}" for s in (8, 6, 4, 2)
     ]
+
+
+DIVERGE = r"""
+import sys
+
+import torch
+
+from distrain.config import load_config
+from distrain.train import run, setup
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+s = setup(cfg)
+if s.dist.rank == 1:  # a replica drifts (a silent hardware fault would look the same)
+    with torch.no_grad():
+        next(s.engine.module.parameters()).add_(1.0)
+run(cfg, s)
+"""
+
+
+@pytest.mark.world_size
+def test_a_failed_replica_check_fails_the_run_in_summary_and_wandb(in_workdir, tmp_path):
+    from tests.conftest import read_wandb
+
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGE)
+    run_dir = tmp_path / "r"
+    p = subprocess.run(
+        torchrun_cmd(
+            str(script),
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "cluster.workers=2",
+            "train.steps=4",
+            "train.eval_every=0",
+            "train.check_replicas=true",
+            "checkpoint.at_end=false",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode != 0
+    assert "parameters of rank(s) [1] differ from rank 0's" in p.stderr, p.stderr[-3000:]
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "rank(s) [1] differ" in summary["error"]
+    assert summary["step"] == 4  # training itself completed
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit for r in read_wandb(log) if r.WhichOneof("record_type") == "exit"]
+    assert exits and exits[-1].exit_code == 1  # the W&B run is marked failed
+
+
+FULL_DISK_ON_RANK_1 = r"""
+import resource
+import signal
+import sys
+
+from distrain.config import load_config
+from distrain.train import run, setup
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+s = setup(cfg)
+if s.dist.rank == 1:  # from here on rank 1 cannot write a file over 64 KiB (EFBIG, as on a full disk)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+run(cfg, s)
+"""
+
+
+@pytest.mark.world_size
+def test_a_background_save_failing_on_rank_1_is_known_to_every_rank_at_once(in_workdir, tmp_path):
+    """Rank 1's writer fails (its ZeRO-2 optimizer shard is over its file-size limit): rank 0 stops
+    waiting for rank 1's files at once, the failure is reported at the next save and at the end,
+    and no incomplete checkpoint becomes `latest`; training goes on."""
+    import json
+    import time
+
+    from distrain.checkpoint import list_checkpoints
+
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_RANK_1)
+    run_dir = tmp_path / "r"
+    t0 = time.monotonic()
+    p = subprocess.run(
+        torchrun_cmd(
+            str(script),
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "cluster.workers=2",
+            "train.steps=6",
+            "train.eval_every=0",
+            "parallel.zero_stage=2",
+            "checkpoint.every_steps=2",
+            "checkpoint.async=true",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-4000:]
+    reports = [ln for ln in p.stderr.splitlines() if "background checkpoint save failed" in ln]
+    assert len(reports) >= 3, p.stderr[-4000:]  # at the saves of steps 4 and 6 and at the end
+    assert all("rank 1: " in ln for ln in reports), reports  # torch's writer fails on the size limit
+    assert "rank-00001 failed" in p.stderr  # rank 0's writer stopped waiting for rank 1's files
+    assert list_checkpoints(run_dir / "checkpoints") == []
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert elapsed < 300  # not an hour's wait for a marker that never comes
+
+
+@pytest.mark.world_size
+def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tmp_path):
+    """Two eval files, one per rank, of very different sizes: rank 1 holds one eval micro-batch and
+    rank 0 many. Under ZeRO 3 every forward gathers parameters from both ranks, so both run one."""
+    lines = (in_workdir / "data" / "pydoc" / "val.jsonl").read_text().splitlines(keepends=True)
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "a.jsonl").write_text("".join(lines))
+    (evals / "b.jsonl").write_text("".join(lines[:3]))
+    run_dir = tmp_path / "r"
+    p = _torchrun(
+        "train",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={run_dir}",
+        f"data.eval_path={evals}/*.jsonl",
+        "train.eval_batches=20",
+        "train.steps=4",
+        "train.eval_every=2",
+        "parallel.zero_stage=3",
+        "checkpoint.at_end=false",
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    evals_logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals_logged] == [2, 4] and all(r["eval_loss"] > 0 for r in evals_logged)

@@ -262,3 +262,24 @@ def test_two_node_cluster_spreads_workers_and_takes_jobs(in_workdir, tmp_path, r
         )
     assert down.returncode == 0, down.stderr
     assert not list((tmp_path / "nodes").glob("*.pid"))
+
+
+def test_workers_resolve_relative_paths_where_the_launch_ran(in_workdir, tmp_path, ray_env):
+    """The launch directory is the launching process's own, not $PWD (which `subprocess(cwd=...)`
+    and `os.chdir` leave as it was): here $PWD names a directory without the data."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_dir = tmp_path / "run"
+    p = _distrain(
+        {**ray_env, "PWD": str(elsewhere)},
+        "launch",
+        "local",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        "--workers",
+        "1",
+        f"run.dir={run_dir}",
+        "train.steps=3",
+        "train.eval_every=0",
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

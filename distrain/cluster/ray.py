@@ -149,7 +149,7 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": os.environ.get("PWD", ".")},
+        train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": os.getcwd()},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=gpu, resources_per_worker=resources, placement_strategy=c.placement

@@ -3,10 +3,13 @@ MASTER_ADDR/PORT in the environment. One process with none of them set is world 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,12 +77,26 @@ def configure_cuda(cfg: Config, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = images if p.cudnn_benchmark is None else p.cudnn_benchmark
 
 
+def _shm_op_cached() -> bool:
+    """Whether DeepSpeed's CPU shared-memory op, which its CPU backend builds at start, is built."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    pattern = "deepspeed_shm_comm/*.so"
+    found = (
+        Path(root).glob(pattern)
+        if root
+        else (Path.home() / ".cache" / "torch_extensions").glob("*/" + pattern)
+    )
+    return any(True for _ in found)
+
+
 def init_distributed(cfg: Config) -> DistInfo:
     """Initialise the default process group (gloo on CPU, nccl on CUDA) for this process, unless a
     launcher did already, and the host group of distrain's own collectives."""
     device = check_device(cfg)
     env = os.environ
     env.setdefault("DS_ACCELERATOR", device)  # no accelerator probing (and its warning) in DeepSpeed
+    if device == "cpu":  # torch's C++-extension helper warns that a CPU machine has no CUDA runtime
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
     init_method = None
@@ -108,7 +125,15 @@ def init_distributed(cfg: Config) -> DistInfo:
         dev = torch.device("cpu")
     if not torch.distributed.is_initialized():
         kwargs = {"init_method": init_method, "rank": rank, "world_size": world} if init_method else {}
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+        if device == "cpu" and rank == 0 and not _shm_op_cached():
+            log.info(
+                "compiling DeepSpeed's CPU communication op (once, about 30-60 s; cached in %s)",
+                env.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"),
+            )
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully"
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs
+            )
     else:  # made by the launcher (Ray Train's TorchConfig, a user's own init): reported as it is
         backend = torch.distributed.get_backend()
     configure_cuda(cfg, dev)
