@@ -28,7 +28,14 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
+@pytest.mark.parametrize(
+    "stage, precision",
+    [
+        (0, "fp32"),
+        pytest.param(2, "fp32", marks=pytest.mark.slow),  # 600-step runs: ZeRO 2 and bf16 in -m slow
+        pytest.param(2, "bf16", marks=pytest.mark.slow),
+    ],
+)
 def test_preempted_and_resumed_run_matches_an_uninterrupted_one(in_workdir, tmp_path, stage, precision):
     over = [
         "train.steps=600",

@@ -65,10 +65,11 @@ def train_worker(config: dict[str, Any]) -> None:
     from distrain.train import run, setup
 
     ctx = ray.train.get_context()
-    if not ray.get_runtime_context().runtime_env.get("working_dir") and os.path.isdir(config["cwd"]):
+    cwd = config["cwd"]
+    if not ray.get_runtime_context().runtime_env.get("working_dir") and cwd and os.path.isdir(cwd):
         # no uploaded working dir (a local or shared-file-system run): relative paths in the config
         # mean what they meant where the launch ran
-        os.chdir(config["cwd"])
+        os.chdir(cwd)
     os.environ["DISTRAIN_NODE_ID"] = ray.get_runtime_context().get_node_id()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpus"] else "cpu")
     cfg = config_from_yaml(config["config"], "the launcher's config")
@@ -149,7 +150,7 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": os.getcwd()},
+        train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": _launch_dir()},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=gpu, resources_per_worker=resources, placement_strategy=c.placement
@@ -174,6 +175,16 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     trainer.fit()
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "unknown"}
+
+
+def _launch_dir() -> str | None:
+    """This process's working directory (not $PWD, which `subprocess(cwd=...)` and `os.chdir` leave
+    stale); None where it no longer exists (a Ray Jobs driver can outlive its unpacked directory,
+    and then its workers run in the uploaded working_dir anyway)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
 
 
 def _host_ip(address: str | None) -> str | None:
