@@ -52,15 +52,6 @@ class HostComm:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
-    def max(self, t: torch.Tensor) -> torch.Tensor:
-        t = self._host(t)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
-
-    def min(self, t: torch.Tensor) -> torch.Tensor:
-        return -self.max(-self._host(t))
-
     def mean(self, t: torch.Tensor) -> float:
         """The mean over ranks of a one-element tensor, as a float."""
         return float(self.sum(t.double()).item()) / self.world_size
