@@ -35,15 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from distrain.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "distrain-state.pt"
 _TAG = re.compile(r"^step(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or altered; the message names the file."""
 
 
 def _sha256(path: Path) -> str:
@@ -97,6 +95,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RandomState:
+    """This rank's random streams (torch, CUDA, Python, NumPy) as a per-rank checkpointed part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, saved: SavedRanks) -> None:
+        """The saved streams of this rank; at another world size the streams seeded for this rank
+        (run.seed + rank) go on (the old ranks' streams belong to other ranks)."""
+        if saved.same_world:
+            set_rng_state(saved.own())
+
+
+class SavedRanks:
+    """What a checkpoint holds for one per-rank part: this rank's own state (saved at the same
+    world size), or every saved rank's, read on demand. The part decides what a new world size
+    means for it."""
+
+    def __init__(self, ckpt: Path, key: str, saved_world: int, rank: int, world: int, own: dict | None):
+        self.ckpt, self.key, self.saved_world, self.rank, self.world = ckpt, key, saved_world, rank, world
+        self._own = own
+
+    @property
+    def same_world(self) -> bool:
+        return self.saved_world == self.world
+
+    def own(self) -> dict[str, Any]:
+        """This rank's saved state (same world size only)."""
+        if not self.same_world or self._own is None:
+            raise CheckpointError(
+                f"{self.ckpt}: saved by {self.saved_world} ranks, this run has {self.world}: rank {self.rank} has no own '{self.key}' state"
+            )
+        return self._own[self.key]
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every saved rank's state, in rank order (reads every rank's file: a world-size change only)."""
+        files = [self.ckpt / f"rank-{r:05d}.pt" for r in range(self.saved_world)]
+        return [torch.load(f, map_location="cpu", weights_only=True)[self.key] for f in files]
 
 
 def step_of(tag: str) -> int | None:
@@ -290,7 +328,8 @@ def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
     tag, the world size that saved it, and, when that differs under ZeRO >= 1, the universal copy
     to load instead. With ``cfg``, a config that changes what the checkpoint holds (the model, its
     precision, ZeRO stage, optimizer...) is refused before anything loads, naming each key."""
-    from distrain.config import ConfigError, resume_changes
+    from distrain.config import resume_changes
+    from distrain.errors import ConfigError
 
     info: dict[str, Any] | None = None
     rank, world = comm.rank, comm.world_size
@@ -326,20 +365,23 @@ def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
 
 
 class Checkpointer:
-    """Saves and restores one run's checkpoints; every rank calls save() and load() together."""
+    """Saves and restores one run's checkpoints; every rank calls save() and load() together.
 
-    def __init__(self, cfg, engine, trainer, run_dir: Path):
+    Besides DeepSpeed's engine shards it saves two sets of parts with ``state_dict()`` and
+    ``load_state_dict()`` under fixed keys: ``job`` parts, the same on every rank and written once
+    by rank 0 (trainer progress, meters, tracker), and ``rank`` parts, one file per rank (data
+    position, random streams), which are handed a ``SavedRanks`` on load."""
+
+    def __init__(self, cfg, engine, comm, run_dir: Path, job: dict[str, Any], rank: dict[str, Any]):
         self.full_cfg = cfg
-        self.cfg, self.engine, self.trainer = cfg.checkpoint, engine, trainer
+        self.cfg, self.engine, self.comm = cfg.checkpoint, engine, comm
+        self.job_parts, self.rank_parts = dict(job), dict(rank)
         self.root = run_dir / "checkpoints"
-        self.rank = trainer.dist.rank
-        self.world = trainer.dist.world_size
-        self.comm = trainer.dist.comm
+        self.rank, self.world = comm.rank, comm.world_size
         self.saves = 0  # saves made by this run (the same count on every rank)
         self._last_save = time.monotonic()
         self.writer = _Writer(background=cfg.checkpoint.async_save)
         self.last_blocking_s = 0.0
-        self.loaded_tracker_state: dict = {}  # the tracker state of the checkpoint loaded (W&B run id)
 
     # -------------------------------------------------------------------------------- when
     def due(self, step: int, last: bool, clock: float = 0.0) -> bool:
@@ -383,18 +425,13 @@ class Checkpointer:
             self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
         finally:
             self.engine.checkpoint_engine = base
-        own = {"data": self.trainer.data.state_dict(), "rng": rng_state()}
+        own = {key: part.state_dict() for key, part in self.rank_parts.items()}
         self.writer.submit(torch.save, _host_copy(own), tmp / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:
             from distrain.config import to_yaml
 
-            state = {
-                "trainer": self.trainer.state_dict(),
-                "meters": self.trainer.meters.state_dict(),
-                "tracker": self.trainer.tracker.state_dict() if self.trainer.tracker else {},
-                "world_size": self.world,
-                "config": to_yaml(self.full_cfg),
-            }
+            state = {key: part.state_dict() for key, part in self.job_parts.items()}
+            state.update(world_size=self.world, config=to_yaml(self.full_cfg))
             self.writer.submit(torch.save, _host_copy(state), tmp / STATE)
         self.writer.submit(self._mark_written, tmp, always=True)
         if self.rank == 0:
@@ -487,35 +524,21 @@ class Checkpointer:
                 log.warning("retention: could not remove %s: %s", ckpt, exc)
 
     # -------------------------------------------------------------------------------- load
-    def load(self, plan: dict[str, Any]) -> int:
-        """Restore the checkpoint ``resume_plan`` chose; returns the step the run resumes from."""
+    def load(self, plan: dict[str, Any]) -> None:
+        """Restore the checkpoint ``resume_plan`` chose: the engine, then every part."""
         ckpt = self.root / plan["tag"]
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         tag = plan.get("universal", plan["tag"])
         path, _ = self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
-        self.trainer.load_state_dict(state["trainer"])
-        self.trainer.meters.load_state_dict(state.get("meters", {}))
-        self.loaded_tracker_state = state.get("tracker", {})
+        for key, part in self.job_parts.items():
+            if key in state:  # a part added after the checkpoint was written keeps its fresh state
+                part.load_state_dict(state[key])
+        own = None
         if plan["world"] == self.world:
-            mine = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
-            self.trainer.data.load_state_dict(mine["data"])
-            # applied by the trainer once its data iterator exists (creating one draws from the RNG)
-            self.trainer.pending_rng = mine["rng"]
-        else:  # another world size: each saved position belongs to the old sharding; the epoch carries
-            saved = [
-                torch.load(f, map_location="cpu", weights_only=True)["data"]
-                for f in sorted(ckpt.glob("rank-*.pt"))
-            ]
-            epoch = self.trainer.data.continue_epoch_of(saved)
-            log.warning(
-                "world size changed from %d to %d: weights, optimizer and schedule continue; the data continues "
-                "from the start of epoch %d (positions within an epoch belong to the old sharding)",
-                plan["world"],
-                self.world,
-                epoch,
-            )
+            own = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+        for key, part in self.rank_parts.items():
+            part.load_state_dict(SavedRanks(ckpt, key, plan["world"], self.rank, self.world, own))
         self._barrier()
-        log.info("resumed from %s (step %d)", self.root / tag, self.trainer.step)
-        return self.trainer.step
+        log.info("resumed from %s (saved at step %d)", self.root / tag, step_of(plan["tag"]))

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from distrain.config import ConfigError, load_config, reference_markdown, to_yaml
+from distrain.config import load_config, reference_markdown, to_yaml
+from distrain.errors import ConfigError, UserError
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_PREEMPTED = (
@@ -22,6 +23,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="section.key=value",
         help="overrides, applied over the YAML (CLI > YAML > defaults)",
+    )
+
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="run on Ray Train workers: a local Ray cluster, or an existing one")
+    lsub = p.add_subparsers(dest="launch_mode", required=True)
+    q = lsub.add_parser(
+        "local", help="start a one-node Ray cluster on this machine and run the workers on it"
+    )
+    _add_config_args(q)
+    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--node-ip",
+        default="127.0.0.2",
+        help="address the local Ray node binds (default 127.0.0.2: loopback; 127.0.0.1 is rewritten by Ray)",
+    )
+    q = lsub.add_parser("ray", help="run on a running Ray cluster")
+    _add_config_args(q)
+    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--address",
+        default=None,
+        help="cluster address HOST:PORT (default: cluster.address, then RAY_ADDRESS)",
     )
 
 
@@ -59,27 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
     )
 
-    p = sub.add_parser("launch", help="run on Ray Train workers: a local Ray cluster, or an existing one")
-    lsub = p.add_subparsers(dest="launch_mode", required=True)
-    q = lsub.add_parser(
-        "local", help="start a one-node Ray cluster on this machine and run the workers on it"
-    )
-    _add_config_args(q)
-    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
-    q.add_argument(
-        "--node-ip",
-        default="127.0.0.2",
-        help="address the local Ray node binds (default 127.0.0.2: loopback; 127.0.0.1 is rewritten by Ray)",
-    )
-    q = lsub.add_parser("ray", help="run on a running Ray cluster")
-    _add_config_args(q)
-    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
-    q.add_argument(
-        "--address",
-        default=None,
-        help="cluster address HOST:PORT (default: cluster.address, then RAY_ADDRESS)",
-    )
-
+    _add_launch(sub)
     p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
     p.add_argument("run_dir", help="a run directory written by `distrain train`")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
@@ -207,13 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             logging.shutdown()
             os._exit(code)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except UserError as exc:  # the message names the key, file or row and the fix
         if os.environ.get("DISTRAIN_DEBUG"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        return _fail(msg)
+        return _fail(str(exc))
     except KeyboardInterrupt:
         sys.stderr.write("distrain: aborted\n")
         return EXIT_INTERRUPTED

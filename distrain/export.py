@@ -12,6 +12,7 @@ import torch
 
 from distrain.checkpoint import CheckpointError, newest_valid, verify
 from distrain.config import load_config
+from distrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -34,65 +35,78 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tens
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path, step: int | None = None) -> Path:
-    run_dir, out = Path(run_dir), Path(out)
-    if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, dict]:
+    """The checkpoint to export (``step``, or the newest that verifies) and its manifest."""
     root = run_dir / "checkpoints"
-    if step is not None:
-        ckpt = root / f"step{step:08d}"
-        if not ckpt.is_dir():
-            raise CheckpointError(f"{ckpt} does not exist; list {root} for the saved steps")
-        manifest = verify(ckpt)
-    else:
+    if step is None:
         found = newest_valid(root)
         if found is None:
             raise CheckpointError(f"{root} holds no complete, verified checkpoint")
-        ckpt, manifest = found
+        return found
+    ckpt = root / f"step{step:08d}"
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} does not exist; list {root} for the saved steps")
+    return ckpt, verify(ckpt)
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], out: Path, step: int) -> Path:
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    unique = {}
+    for k, v in sd.items():  # tied weights are stored once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v.contiguous()
+    path = out / "model.safetensors"
+    save_file(unique, str(path), metadata={"format": "pt", "step": str(step)})
+    return path
+
+
+def _save_hf(sd: dict[str, torch.Tensor], out: Path, cfg, ckpt: Path) -> Path:
+    from distrain.models import build_model
+
+    model = build_model(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None, "freeze": []})})
+    )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.save_pretrained(str(out))
+    if cfg.data.tokenizer != "bytes":
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(cfg.data.tokenizer, local_files_only=True).save_pretrained(str(out))
+    return out
+
+
+# a format's model restriction: (model.name it needs, what the other models export as)
+_NEEDS = {"hf": ("gpt", "safetensors or torchvision"), "torchvision": ("resnet", "safetensors or hf")}
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, step: int | None = None) -> Path:
+    """Write the checkpoint's consolidated fp32 weights as ``fmt`` under ``out``; returns the path."""
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    ckpt, manifest = _checkpoint(run_dir, step)
     cfg = load_config(run_dir / "config.yaml")
+    if fmt in _NEEDS and cfg.model.name != _NEEDS[fmt][0]:
+        need, other = _NEEDS[fmt]
+        what = "transformers models" if fmt == "hf" else "torchvision models"
+        raise ConfigError(
+            f"--format {fmt} exports {what} (model.name={need}); {cfg.model.name} exports as {other}"
+        )
     sd = consolidated_state_dict(ckpt, manifest["zero_stage"])
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        seen: dict[int, str] = {}
-        unique = {}
-        for k, v in sd.items():  # tied weights are stored once
-            if v.data_ptr() in seen:
-                continue
-            seen[v.data_ptr()] = k
-            unique[k] = v.contiguous()
-        save_file(
-            unique, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(manifest["step"])}
-        )
-        path = out / "model.safetensors"
+        path = _save_safetensors(sd, out, manifest["step"])
     elif fmt == "hf":
-        if cfg.model.name != "gpt":
-            raise ValueError(
-                f"--format hf exports transformers models (model.name=gpt); {cfg.model.name} exports as safetensors or torchvision"
-            )
-        from distrain.models import build_model
-
-        model = build_model(
-            cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None, "freeze": []})})
-        )
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{ckpt}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        model.save_pretrained(str(out))
-        if cfg.data.tokenizer != "bytes":
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(cfg.data.tokenizer, local_files_only=True).save_pretrained(str(out))
-        path = out
+        path = _save_hf(sd, out, cfg, ckpt)
     else:
-        if cfg.model.name != "resnet":
-            raise ValueError(
-                f"--format torchvision exports model.name=resnet; {cfg.model.name} exports as safetensors or hf"
-            )
         path = out / "model.pt"
         torch.save(sd, path)
     log.info("exported %s (step %d) as %s to %s", ckpt, manifest["step"], fmt, path)

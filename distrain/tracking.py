@@ -320,36 +320,43 @@ class WandbSink:
 
 class Tracker:
     """Rank 0 writes (metrics.jsonl, console, W&B); every other rank holds a Tracker that does
-    nothing and never imports wandb."""
+    nothing and never imports wandb. Nothing is written before ``start``: a resumed run first
+    restores the tracker's state (its W&B run id) from the checkpoint."""
 
-    def __init__(
-        self,
-        cfg,
-        run_dir: Path,
-        enabled: bool,
-        start_step: int,
-        resumed: bool = False,
-        state: dict[str, Any] | None = None,
-        topology: dict[str, Any] | None = None,
-    ):
-        self.enabled = enabled
-        resume_step = start_step if resumed else None
-        jsonl = enabled and cfg.metrics.jsonl
-        self.jsonl = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if jsonl else None
-        self.console = Console(cfg.train.steps, start_step, cfg.tracking.progress_bar) if enabled else None
-        self.wandb = (
-            WandbSink(cfg, run_dir, (state or {}).get("wandb_run_id"), topology or {}) if enabled else None
-        )
+    def __init__(self, cfg, run_dir: Path, enabled: bool, topology: dict[str, Any]):
+        self.cfg, self.run_dir, self.enabled, self.topology = cfg, run_dir, enabled, topology
+        self.jsonl: JsonlWriter | None = None
+        self.console: Console | None = None
+        self.wandb: WandbSink | None = None
+        self._run_id: str | None = None
+        self._resumed = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wandb_run_id": self.wandb.run_id if self.wandb else None}
+        run_id = self.wandb.run_id if self.wandb else self._run_id
+        return {"wandb_run_id": run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run: the same W&B run, and metrics.jsonl continued from the resumed step."""
+        self._run_id = state.get("wandb_run_id")
+        self._resumed = True
+
+    def start(self, step: int) -> None:
+        """Open the outputs (rank 0), the run continuing at ``step``: metrics.jsonl (without the
+        records an interrupted attempt wrote after ``step``), the console and the W&B run."""
+        if not self.enabled:
+            return
+        cfg = self.cfg
+        if cfg.metrics.jsonl:
+            self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl", step if self._resumed else None)
+        self.console = Console(cfg.train.steps, step, cfg.tracking.progress_bar)
+        self.wandb = WandbSink(cfg, self.run_dir, self._run_id, self.topology)
 
     @property
     def wandb_where(self) -> str:
         return self.wandb.where if self.wandb else "rank 0 only"
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.console is None:
             return
         if self.jsonl:
             self.jsonl.write(record)

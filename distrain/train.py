@@ -6,23 +6,34 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distrain.config import Config, to_yaml
+
+if TYPE_CHECKING:
+    from distrain.checkpoint import Checkpointer
+    from distrain.data import DataPipeline
+    from distrain.metrics import Meters
+    from distrain.parallel import DistInfo
+    from distrain.tracking import Tracker
+    from distrain.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Session:
-    """Everything one rank builds for a run."""
+    """Everything one rank builds for a run, each part whole."""
 
     cfg: Config
-    dist: Any
-    engine: Any
-    trainer: Any
-    tracker: Any
-    workers: list[dict[str, Any]]  # rank, host and node of every rank
+    dist: DistInfo
+    engine: Any  # deepspeed.DeepSpeedEngine
+    data: DataPipeline
+    meters: Meters
+    tracker: Tracker
+    checkpointer: Checkpointer
+    trainer: Trainer
+    workers: list[dict[str, Any]]  # rank, host, node and GPU of every rank
 
 
 def _workers(dist_info) -> list[dict[str, Any]]:
@@ -65,18 +76,51 @@ def params_digest(engine) -> str:
     return h.hexdigest()
 
 
-def setup(cfg: Config) -> Session:
-    """Initialise torch.distributed and build data, model, engine, tracker and trainer for this rank."""
+def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
+    return {
+        "world_size": dist_info.world_size,
+        "nodes": len({w["node"] for w in workers}),
+        "device": dist_info.device.type,
+        "backend": dist_info.backend,
+        "zero_stage": cfg.parallel.zero_stage,
+        "precision": cfg.parallel.precision,
+        "grad_accum": cfg.parallel.grad_accum,
+        "params": n_params,
+    }
+
+
+def _announce(cfg: Config, run_dir, dist_info, topology: dict[str, Any], wandb_where: str) -> None:
+    log.info(
+        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s | W&B %s",
+        cfg.run.name,
+        run_dir,
+        dist_info.world_size,
+        topology["nodes"],
+        dist_info.device,
+        cfg.model.name,
+        topology["params"] / 1e6,
+        cfg.parallel.zero_stage,
+        cfg.parallel.precision,
+        wandb_where,
+    )
+
+
+def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
+    """Initialise torch.distributed and build every part of this rank whole, in dependency order:
+    data, model and engine, then meters, tracker and checkpointer (which restores their state on a
+    resume), then the trainer. ``on_checkpoint``: callables (step, path) run after each save."""
     import os
 
     import torch
 
-    from distrain.checkpoint import Checkpointer, refuse_to_overwrite, resume_plan
+    from distrain.checkpoint import Checkpointer, RandomState, refuse_to_overwrite, resume_plan
+    from distrain.config import global_batch
     from distrain.data import DataPipeline
-    from distrain.models import build_model
+    from distrain.metrics import Meters
+    from distrain.models import build_model, get_spec
     from distrain.parallel import build_engine, check_device, init_distributed
     from distrain.tracking import Tracker, setup_logging
-    from distrain.trainer import Trainer
+    from distrain.trainer import Progress, Trainer
 
     os.environ.setdefault("DS_ACCELERATOR", check_device(cfg))  # before anything imports DeepSpeed
     setup_logging(int(os.environ.get("RANK", "0")), cfg.run.log_level)  # the launcher's rank, as torchrun's
@@ -90,51 +134,34 @@ def setup(cfg: Config) -> Session:
     n_params = sum(p.numel() for p in model.parameters())
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
-    engine = build_engine(
-        cfg, model, dist_info.world_size, dist_info.device, load_universal=bool(plan and "universal" in plan)
+    universal = bool(plan and "universal" in plan)
+    engine = build_engine(cfg, model, dist_info.world_size, dist_info.device, load_universal=universal)
+    workers = _workers(dist_info)
+    spec = get_spec(cfg.model.name)
+    batch = global_batch(cfg, dist_info.world_size)
+    meters = Meters(cfg, dist_info, batch, data.tokens_per_sample, spec.flops_per_sample(cfg))
+    topology = _topology(cfg, dist_info, workers, n_params)
+    tracker = Tracker(cfg, run_dir, dist_info.is_main, topology)
+    progress = Progress()
+    checkpointer = Checkpointer(
+        cfg,
+        engine,
+        dist_info.comm,
+        run_dir,
+        job={"trainer": progress, "meters": meters, "tracker": tracker},
+        rank={"data": data, "rng": RandomState()},
     )
-    trainer = Trainer(cfg, engine, data, dist_info, tracker=None)
-    trainer.workers = workers = _workers(dist_info)
-    trainer.checkpointer = Checkpointer(cfg, engine, trainer, run_dir)
-    resumed_from = trainer.checkpointer.load(plan) if plan else None
+    if plan:
+        checkpointer.load(plan)
     if dist_info.is_main:  # the launch is accepted: from here on the run directory is written
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    topology = {
-        "world_size": dist_info.world_size,
-        "nodes": len({w["node"] for w in workers}),
-        "device": dist_info.device.type,
-        "backend": dist_info.backend,
-        "zero_stage": cfg.parallel.zero_stage,
-        "precision": cfg.parallel.precision,
-        "grad_accum": cfg.parallel.grad_accum,
-        "params": n_params,
-    }
-    trainer.tracker = tracker = Tracker(
-        cfg,
-        run_dir,
-        dist_info.is_main,
-        resumed_from or 0,
-        resumed=resumed_from is not None,
-        state=trainer.checkpointer.loaded_tracker_state,
-        topology=topology,
-    )
-    if cfg.tracking.wandb.log_checkpoints:
-        trainer.on_checkpoint.append(tracker.log_checkpoint)
-    log.info(
-        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s | W&B %s",
-        cfg.run.name,
-        run_dir,
-        dist_info.world_size,
-        topology["nodes"],
-        dist_info.device,
-        cfg.model.name,
-        n_params / 1e6,
-        cfg.parallel.zero_stage,
-        cfg.parallel.precision,
-        tracker.wandb_where,
-    )
-    return Session(cfg=cfg, dist=dist_info, engine=engine, trainer=trainer, tracker=tracker, workers=workers)
+    meters.start(workers)  # collective: the peak FLOP/s probe, each node's energy reader
+    tracker.start(progress.step)
+    callbacks = [*([tracker.log_checkpoint] if cfg.tracking.wandb.log_checkpoints else []), *on_checkpoint]
+    trainer = Trainer(cfg, engine, data, dist_info, progress, meters, tracker, checkpointer, callbacks)
+    _announce(cfg, run_dir, dist_info, topology, tracker.wandb_where)
+    return Session(cfg, dist_info, engine, data, meters, tracker, checkpointer, trainer, workers)
 
 
 def _check_replicas(s: Session) -> dict[str, Any]:
@@ -174,9 +201,8 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         raise
     finally:
         s.tracker.close()
-        s.trainer.data.close()
-        if s.trainer.checkpointer is not None:
-            s.trainer.checkpointer.close()  # a background save finishes before the run is reported
+        s.data.close()
+        s.checkpointer.close()  # a background save finishes before the run is reported
     if s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         s.tracker.summary(summary)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from distrain.config import Config, global_batch
+from distrain.config import Config
 from distrain.data import ERROR_KINDS, DataError, DataPipeline, to_device
+from distrain.errors import UserError
 from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
@@ -21,6 +23,126 @@ from distrain.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(UserError):
+    """Training produced non-finite losses or gradients for too many consecutive steps."""
+
+
+class Progress:
+    """The trainer's checkpointed counters (job-wide): optimizer steps done, bad rows skipped on
+    all ranks by kind, and steps skipped for a non-finite loss or gradient."""
+
+    def __init__(self):
+        self.step = 0
+        self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
+        self.nonfinite_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data_skipped": self.data_skipped.tolist(),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.data_skipped = torch.tensor(state.get("data_skipped", [0] * len(ERROR_KINDS)), dtype=torch.long)
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+
+def _sit_out(*args, **kwargs) -> None:
+    """An optimizer step that changes nothing (stands in for one step of an unfused optimizer)."""
+
+
+class NonFiniteGuard:
+    """``train.on_nonfinite``: a step whose loss or gradients are not finite updates nothing.
+
+    DeepSpeed's mixed-precision and ZeRO optimizers detect it themselves (``engine.skipped_steps``,
+    with gradient clipping on: ``parallel.grad_clip`` > 0). A plain torch optimizer (ZeRO 0 in fp32
+    or autocast) is told on the device, through the fused kernel's ``found_inf`` (the weights, the
+    moments and the step count stay as they were), so no step reads a value back to the host;
+    with ``optim.fused=false`` the flag is read on the host every step and the optimizer sits a bad
+    step out. Streaks are checked on log steps: with ``stop``, ``train.max_nonfinite_steps``
+    consecutive skipped steps end the run naming the step and the ranks whose loss was not finite."""
+
+    def __init__(self, cfg: Config, engine, comm, device: torch.device):
+        self.mode, self.limit = cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps
+        self.engine, self.comm = engine, comm
+        opt = engine.optimizer
+        self.own = (
+            isinstance(opt, torch.optim.Optimizer)
+            and getattr(engine, "torch_autocast_z0_gradscaler", None) is None
+        )
+        self.on_device = self.own and bool(getattr(opt, "defaults", {}).get("fused"))
+        self.found = torch.zeros((), device=device)  # 1.0 when this step is skipped (own path)
+        # skipped steps in the window, the current and the longest streak, the window's step of the
+        # last skip: on the device for the own path, host ints (DeepSpeed's counter) otherwise
+        new = (lambda: torch.zeros((), dtype=torch.long, device=device)) if self.own else int
+        self.skipped, self.streak, self.max_streak, self.last_bad, self.step_no = (new() for _ in range(5))
+        self.bad_loss = torch.zeros((), dtype=torch.long, device=device)  # this rank's, in the window
+        self._ds_skipped = int(getattr(engine, "skipped_steps", 0))
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """A micro-batch's loss (on the device): counted on this rank when it is not finite."""
+        self.bad_loss += (~torch.isfinite(loss.detach())).long()
+
+    def before_step(self, grads: list[torch.Tensor], norm: torch.Tensor | None) -> torch.Tensor | None:
+        """Own path, after the last backward of a step: the total gradient norm (computed here if
+        not given), and the optimizer told to skip a non-finite step. Returns the norm."""
+        if not self.own:
+            return norm
+        if norm is None:
+            norm = (
+                torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.found.device)
+            )
+        self.found.copy_(~torch.isfinite(norm))
+        if self.on_device:
+            self.engine.optimizer.found_inf = self.found
+        elif bool(self.found):  # unfused: a host read this step; the optimizer sits this step out
+            self.engine.optimizer.step = _sit_out
+        return norm
+
+    def after_step(self) -> None:
+        """Count the step: skipped or not (own flag, or DeepSpeed's counter), and the streak."""
+        self.step_no += 1
+        vars(self.engine.optimizer).pop("step", None)  # an unfused optimizer that sat out: its own step back
+        if self.own:  # on the device, in place
+            bad = self.found.long()
+            self.skipped += bad
+            self.streak.add_(1).mul_(bad)
+            torch.maximum(self.max_streak, self.streak, out=self.max_streak)
+            self.last_bad.copy_(torch.where(bad > 0, self.step_no, self.last_bad))
+            return
+        now = int(getattr(self.engine, "skipped_steps", 0))  # a host counter DeepSpeed keeps
+        bad, self._ds_skipped = int(now > self._ds_skipped), now
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.max_streak = max(self.max_streak, self.streak)
+        self.last_bad = self.step_no if bad else self.last_bad
+
+    def window(self, start_step: int) -> int:
+        """Collective, on log steps: the steps skipped in the window (raises NonFiniteError when
+        ``stop`` and a streak reached the limit), then a new window."""
+        skipped, longest, last = (int(t) for t in (self.skipped, self.max_streak, self.last_bad))
+        bad_ranks = [r for r, n in enumerate(self.comm.gather(int(self.bad_loss))) if n]
+        self.bad_loss.zero_()
+        if self.own:
+            self.skipped.zero_()
+            self.max_streak.copy_(self.streak)  # a streak that goes on counts in the next window
+            self.step_no.zero_()
+            self.last_bad.zero_()
+        else:
+            self.skipped, self.max_streak, self.step_no, self.last_bad = 0, self.streak, 0, 0
+        if self.mode == "stop" and longest >= self.limit:
+            where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
+            raise NonFiniteError(
+                f"train.on_nonfinite=stop: {longest} consecutive steps up to step {start_step + last} were "
+                f"skipped ({where}); the weights are those before them. Lower optim.lr or raise "
+                "optim.warmup_steps, keep parallel.grad_clip on, check the data there, or set "
+                "train.on_nonfinite=skip to go on skipping such steps"
+            )
+        return skipped
+
+
 class Trainer:
     def __init__(
         self,
@@ -28,44 +150,33 @@ class Trainer:
         engine,
         data: DataPipeline,
         dist_info: DistInfo,
+        progress: Progress,
+        meters: Meters,
         tracker: Tracker,
-        checkpointer=None,
+        checkpointer,
+        on_checkpoint: list[Callable[[int, Any], None]] | tuple = (),
     ):
-        self.cfg, self.engine, self.data, self.dist, self.tracker = cfg, engine, data, dist_info, tracker
+        self.cfg, self.engine, self.data, self.dist = cfg, engine, data, dist_info
+        self.progress, self.meters, self.tracker, self.checkpointer = progress, meters, tracker, checkpointer
+        self.on_checkpoint = list(on_checkpoint)  # callables (step, path), run on every rank after each save
         self.comm = dist_info.comm
         # per step, every rank's stop request and rank 0's every_minutes clock, agreed in the background
         self.agreement = self.comm.agreement(2)
-        self.checkpointer = checkpointer
-        self.workers: list[dict[str, Any]] = []  # where every rank runs (set by distrain.train.setup)
-        self.on_checkpoint: list = []  # callables (step, path), run on every rank after each save
         self.spec = get_spec(cfg.model.name)
-        self.step = 0
-        self.data_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)  # bad rows skipped, all ranks
         self.stop_reason: str | None = None
         self._eval_n: int | None = None  # eval micro-batches per rank, agreed at the first eval
-        self.meters = Meters(
-            cfg,
-            dist_info,
-            global_batch(cfg, dist_info.world_size),
-            data.tokens_per_sample,
-            self.spec.flops_per_sample(cfg),
-        )
-        self.pending_rng: dict[str, Any] | None = None
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
         )
         self.channels_last = channels_last(cfg, dist_info.device)
         # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
-        # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here on log steps
+        # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here
         self._own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
+        self.guard = NonFiniteGuard(cfg, engine, self.comm, dist_info.device)
 
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data_skipped": self.data_skipped.tolist()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.data_skipped = torch.tensor(state.get("data_skipped", [0] * len(ERROR_KINDS)), dtype=torch.long)
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # -------------------------------------------------------------- signals
     def request_stop(self, reason: str) -> None:
@@ -103,25 +214,13 @@ class Trainer:
         stop asked on any rank (preemption wins over an interrupt) and rank 0's checkpoint clock.
         Host values only: the GPU is not touched and the reduction overlaps the next step
         (``StepAgreement``)."""
-        clock = self.checkpointer.clock_flag() if self.checkpointer is not None else 0.0
+        clock = self.checkpointer.clock_flag()
         stop, clock = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), clock])
         if stop:
             self.stop_reason = {1: "interrupted", 2: "preempted"}[int(stop)]
         return bool(stop), clock
 
-    def _loss_scale_keys(self) -> dict[str, Any]:
-        """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow."""
-        if self.cfg.parallel.precision != "fp16":
-            return {}
-        e = self.engine
-        scaler = getattr(e, "torch_autocast_z0_gradscaler", None)  # autocast without ZeRO: torch's
-        scale = scaler.get_scale() if scaler is not None else e.optimizer.loss_scale
-        return {"loss_scale": float(scale), "skipped_steps": int(e.skipped_steps)}
-
-    def _mean_across_ranks(self, value: torch.Tensor) -> float:
-        """Collective; copies ``value`` to the host (a GPU sync: log steps and eval only)."""
-        return self.comm.mean(value.detach().double().cpu())
-
+    # ----------------------------------------------------------------- eval
     def _prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = to_device(batch, self.dist.device, self.channels_last)
         if self.float_dtype is not None and "images" in batch:  # DeepSpeed bf16/fp16 weights take that input
@@ -161,104 +260,137 @@ class Trainer:
             for b in batches:
                 total += self.spec.loss(self.engine, self._prepare(b)).detach().float()
         self.engine.train()
-        return self._mean_across_ranks(total / len(batches))
+        return self.comm.mean(total.div(len(batches)).double().cpu())  # a host copy: eval only
+
+    # ----------------------------------------------------------------- loop
+    def _step(self, it, window: dict[str, Any], log_step: bool) -> None:
+        """One optimizer step of ``parallel.grad_accum`` micro-batches; the loss, skipped rows and
+        (on log steps) the lr and grad norm accumulate in ``window``, on the device."""
+        engine, meters, accum = self.engine, self.meters, self.cfg.parallel.grad_accum
+        step_loss = torch.zeros((), device=self.dist.device)
+        meters.mark()
+        for micro in range(accum):
+            raw = next(it)
+            meters.lap("data")
+            errs = raw.get("data_errors")
+            if errs is not None:
+                window["skipped_rows"] += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
+            loss = self.spec.loss(engine, self._prepare(raw))
+            self.guard.watch_loss(loss)
+            engine.backward(loss)
+            if micro == accum - 1:
+                window["lr"] = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                norm = self.guard.before_step(grads, None) if self.guard.own else None
+                if log_step and self._own_grad_norm:
+                    if norm is None:
+                        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                    window["grad_norm"] = norm
+            meters.lap("fwd_bwd")
+            engine.step()
+            meters.lap("optim")
+            step_loss = step_loss + loss.detach().float() / accum
+        finite = torch.isfinite(step_loss)  # a step with a non-finite loss is not part of the mean
+        window["loss"] += torch.where(finite, step_loss, 0.0)
+        window["loss_steps"] += finite
+        self.guard.after_step()
+        self.progress.step += 1
+        meters.step_done()
+
+    def _record(self, window: dict[str, Any]) -> dict[str, Any]:
+        """Collective: the metrics.jsonl record of the window that ends at this step."""
+        meters, p = self.meters, self.progress
+        p.nonfinite_steps += self.guard.window(p.step - meters.win_steps)
+        loss_sum, loss_steps = self.comm.sum(
+            torch.stack([window["loss"], window["loss_steps"]]).double().cpu()
+        )
+        gn = window["grad_norm"] if self._own_grad_norm else self.engine.get_global_grad_norm()
+        record = {
+            "step": p.step,
+            "loss": float(loss_sum / loss_steps) if loss_steps else None,
+            "lr": float(window["lr"]),
+            "grad_norm": None if gn is None else float(gn),
+            "nonfinite_steps": p.nonfinite_steps,
+        }
+        record.update(self._loss_scale_keys())
+        record.update(meters.record())
+        p.data_skipped += self.comm.sum(window["skipped_rows"])
+        record.update(
+            {f"data_skipped_{k}": int(v) for k, v in zip(ERROR_KINDS, p.data_skipped.tolist(), strict=True)}
+        )
+        for key in ("loss", "loss_steps", "skipped_rows"):
+            window[key].zero_()
+        return record
+
+    def _loss_scale_keys(self) -> dict[str, Any]:
+        """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow."""
+        if self.cfg.parallel.precision != "fp16":
+            return {}
+        e = self.engine
+        scaler = getattr(e, "torch_autocast_z0_gradscaler", None)  # autocast without ZeRO: torch's
+        scale = scaler.get_scale() if scaler is not None else e.optimizer.loss_scale
+        return {"loss_scale": float(scale), "skipped_steps": int(e.skipped_steps)}
+
+    def _checkpoint(self) -> None:
+        meters = self.meters
+        meters.mark()
+        meters.flush()  # the checkpoint holds current totals (energy, time)
+        path = self.checkpointer.save(self.step)
+        meters.lap("checkpoint")
+        for callback in self.on_checkpoint:
+            callback(self.step, path)
 
     def train(self) -> dict[str, Any]:
-        cfg, engine, meters = self.cfg, self.engine, self.meters
-        steps, accum, log_every = cfg.train.steps, cfg.parallel.grad_accum, cfg.train.log_every
-        meters.start(self.workers)
+        cfg, meters, tracker = self.cfg, self.meters, self.tracker
+        steps, log_every, eval_every = cfg.train.steps, cfg.train.log_every, cfg.train.eval_every
         it = iter(self.data.train_batches())
-        if self.pending_rng is not None:  # a resumed run continues the saved random streams
-            from distrain.checkpoint import set_rng_state
-
-            set_rng_state(self.pending_rng)
-            self.pending_rng = None
-        engine.train()
+        self.engine.train()
         meters.restart_clocks()
-        window_loss = torch.zeros((), device=self.dist.device)  # on the device: no copy per step
-        window_skipped = torch.zeros(len(ERROR_KINDS), dtype=torch.long)
+        window = {
+            "loss": torch.zeros((), device=self.dist.device),  # on the device: no copy per step
+            "loss_steps": torch.zeros((), device=self.dist.device),  # steps whose loss was finite
+            "skipped_rows": torch.zeros(len(ERROR_KINDS), dtype=torch.long),
+            "lr": 0.0,
+            "grad_norm": None,
+        }
         last_eval = None
         while self.step < steps:
-            log_step = (self.step + 1) % log_every == 0 or self.step + 1 == steps
-            grad_norm = None
-            meters.mark()
-            for micro in range(accum):
-                raw = next(it)
-                meters.lap("data")
-                errs = raw.get("data_errors")
-                if errs is not None:
-                    window_skipped += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
-                batch = self._prepare(raw)
-                loss = self.spec.loss(engine, batch)
-                engine.backward(loss)
-                if micro == accum - 1:
-                    lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
-                    if log_step and self._own_grad_norm:
-                        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                meters.lap("fwd_bwd")
-                engine.step()
-                meters.lap("optim")
-                window_loss += loss.detach().float() / accum
-            self.step += 1
-            meters.step_done()
+            self._step(it, window, log_step=(self.step + 1) % log_every == 0 or self.step + 1 == steps)
             stopping, clock = self._agree()
             last = self.step == steps or stopping
             eval_loss = None
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+            if (eval_every and self.step % eval_every == 0) or last:
                 meters.mark()
                 eval_loss = last_eval = self.evaluate()
                 meters.lap("eval")
-            record = None
-            if self.step % log_every == 0 or last:
-                gn = grad_norm if self._own_grad_norm else engine.get_global_grad_norm()
-                n = max(meters.win_steps, 1)
-                record = {
-                    "step": self.step,
-                    "loss": self._mean_across_ranks(window_loss / n),
-                    "lr": float(lr),
-                    "grad_norm": None if gn is None else float(gn),
-                }
-                record.update(self._loss_scale_keys())
-                record.update(meters.record())
-                self.data_skipped += self.comm.sum(window_skipped)
-                record.update(
-                    {
-                        f"data_skipped_{k}": int(v)
-                        for k, v in zip(ERROR_KINDS, self.data_skipped.tolist(), strict=True)
-                    }
-                )
-                window_loss.zero_()
-                window_skipped.zero_()
+            record = self._record(window) if self.step % log_every == 0 or last else None
             if eval_loss is not None:
-                if record is None:
-                    record = {"step": self.step, "elapsed_s": meters.elapsed()}
+                record = record or {"step": self.step, "elapsed_s": meters.elapsed()}
                 record["eval_loss"] = eval_loss
             if record is not None:
-                self.tracker.log(record)
-                self.tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))
+                tracker.log(record)
+                tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))
             else:
-                self.tracker.progress(self.step)
-            preempted = stopping and self.stop_reason == "preempted"
-            if self.checkpointer is not None and (self.checkpointer.due(self.step, last, clock) or preempted):
-                meters.mark()
-                meters.flush()  # the checkpoint holds current totals (energy, time)
-                path = self.checkpointer.save(self.step)
-                meters.lap("checkpoint")
-                for callback in self.on_checkpoint:
-                    callback(self.step, path)
+                tracker.progress(self.step)
+            if self.checkpointer.due(self.step, last, clock) or (
+                stopping and self.stop_reason == "preempted"
+            ):
+                self._checkpoint()
             if stopping:
                 break
+        return self._finish(steps, last_eval)
+
+    def _finish(self, steps: int, last_eval: float | None) -> dict[str, Any]:
         self.agreement.close()  # no reduction is left in flight
-        if self.checkpointer is not None:
-            self.checkpointer.settle()  # a background save's failure on any rank is known to all
-        meters.flush()
+        self.checkpointer.settle()  # a background save's failure on any rank is known to all
+        self.meters.flush()
         summary = {
             "status": "completed" if self.step >= steps else (self.stop_reason or "stopped"),
             "step": self.step,
             "steps": steps,
             "final_eval_loss": last_eval,
+            "nonfinite_steps": self.progress.nonfinite_steps,
         }
-        summary.update(meters.summary())
-        meters.close()
+        summary.update(self.meters.summary())
+        self.meters.close()
         return summary

@@ -117,7 +117,7 @@ def test_topology_error_prints_every_factor():
 
 
 def test_cross_section_checks():
-    with pytest.raises(ConfigError, match="activation_checkpointing is supported for model.name=gpt only"):
+    with pytest.raises(ConfigError, match="activation_checkpointing is not supported by model.name=lstm"):
         load_config(CONFIGS / "lstm-cpu-tiny.yaml", ["parallel.activation_checkpointing=true"])
     with pytest.raises(ConfigError, match=r"data.seq_len \(256\) exceeds model.max_seq_len \(128\)"):
         load_config(GPT, ["data.seq_len=256", "model.max_seq_len=128"])
@@ -169,7 +169,8 @@ def test_reference_documents_every_key():
     ref = reference_markdown()
     from pydantic import BaseModel
 
-    from distrain.config import MODEL_CLASSES, Config
+    from distrain import models
+    from distrain.config import Config
 
     def check(prefix: str, cls) -> None:
         for key, f in cls.model_fields.items():
@@ -180,7 +181,8 @@ def test_reference_documents_every_key():
                 assert f"`{prefix}.{f.alias or key}`" in ref
 
     for name, field in Config.model_fields.items():
-        for cls in MODEL_CLASSES.values() if name == "model" else [field.annotation]:
+        model_classes = [models.model_config_class(n) for n in models.names()]
+        for cls in model_classes if name == "model" else [field.annotation]:
             check(name, cls)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distrain.config import load_config
+from distrain.errors import CheckpointError, ConfigError
 from distrain.models import build_model
 from distrain.train import run, setup
 from tests.conftest import CONFIGS
@@ -94,19 +95,19 @@ def test_init_from_safetensors_file_and_errors(in_workdir, tmp_path):
     got = build_model(cfg2)
     assert all(torch.equal(got.state_dict()[k], v) for k, v in donor.state_dict().items())
 
-    with pytest.raises(FileNotFoundError, match="model.init_from: .*missing.pt does not exist"):
+    with pytest.raises(CheckpointError, match="model.init_from: .*missing.pt does not exist"):
         build_model(
             load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'missing.pt'}"])
         )
     torch.save({"other": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="no tensor in .*other.pt matches"):
+    with pytest.raises(CheckpointError, match="no tensor in .*other.pt matches"):
         build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'other.pt'}"]))
     torch.save({"w": [object]}, tmp_path / "pickle.pt")
-    with pytest.raises(ValueError, match="not a weights-only torch state dict"):
+    with pytest.raises(CheckpointError, match="not a weights-only torch state dict"):
         build_model(
             load_config(CONFIGS / "lstm-cpu-tiny.yaml", [f"model.init_from={tmp_path / 'pickle.pt'}"])
         )
-    with pytest.raises(ValueError, match=r"model.freeze: pattern 'nothing\.\*' matches no parameter"):
+    with pytest.raises(ConfigError, match=r"model.freeze: pattern 'nothing\.\*' matches no parameter"):
         build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", ["model.freeze=['nothing.*']"]))
-    with pytest.raises(ValueError, match="every parameter is frozen"):
+    with pytest.raises(ConfigError, match="every parameter is frozen"):
         build_model(load_config(CONFIGS / "lstm-cpu-tiny.yaml", ["model.freeze=['*']"]))

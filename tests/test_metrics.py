@@ -13,10 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import distrain.metrics.energy as energy_mod
+import distrain.metrics.throughput as throughput_mod
 from distrain.config import load_config
-from distrain.metrics.energy import CpuEstimate, NvmlReader, RaplReader, co2e_kg
-from distrain.metrics.peak import gpu_peak_flops
+from distrain.metrics import Meters
+from distrain.metrics.energy import CpuEstimate, EnergyMeter, NvmlReader, RaplReader, co2e_kg
+from distrain.metrics.peak import find_peak, gpu_peak_flops
+from distrain.metrics.throughput import Throughput
+from distrain.parallel import DistInfo, HostComm
 from distrain.train import run
 from tests.conftest import CONFIGS, REPO, read_jsonl
 
@@ -124,6 +130,216 @@ def test_peak_table_knows_cards_and_refuses_to_guess_the_rest():
     peak, why = gpu_peak_flops("NVIDIA GeForce GTX 1080", "fp32")
     assert peak is None and "not in the peak-FLOPs table" in why
     assert gpu_peak_flops("Tesla V100-SXM2-32GB", "bf16")[0] is None  # no bf16 on Volta
+
+
+# --------------------------------------------------------------------- the meters, one by one
+class Clock:
+    """A perf_counter that moves only when told."""
+
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+class FakeComm:
+    """HostComm's surface for ``nodes`` alike nodes: sum multiplies, gather answers ``gathered``."""
+
+    def __init__(self, nodes: int = 1, gathered: list | None = None, mean: float = 0.0):
+        self.nodes, self.gathered, self.mean_value, self.calls = nodes, gathered, mean, []
+
+    def sum(self, t):
+        self.calls.append("sum")
+        return t * self.nodes
+
+    def gather(self, obj):
+        self.calls.append("gather")
+        return self.gathered if self.gathered is not None else [obj]
+
+    def mean(self, t):
+        self.calls.append("mean")
+        return self.mean_value
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+
+def _info(comm, rank: int = 0, world: int = 1) -> DistInfo:
+    return DistInfo(
+        rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"), backend="gloo", comm=comm
+    )
+
+
+def test_throughput_rates_count_training_time_and_mfu_is_time_weighted(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(throughput_mod, "time", clock)
+    tp = Throughput(8, 128, 1e9, world_size=2, hfu_factor=4 / 3)
+    tp.peak = 1e10
+    tp.start()
+    for _ in range(2):  # per step: 0.5 s data, 1.5 s fwd_bwd, 0.5 s optim
+        tp.mark()
+        for phase, dt in (("data", 0.5), ("fwd_bwd", 1.5), ("optim", 0.5)):
+            clock.t += dt
+            tp.lap(phase)
+        tp.step_done()
+    tp.mark()
+    clock.t += 1.0
+    tp.lap("eval")  # 1 s of eval: not training time
+    tp.flush()
+    rec, wall = tp.window_keys()
+    assert wall == pytest.approx(6.0)
+    assert rec["samples_per_s"] == pytest.approx(16 / 5.0) and rec[
+        "samples_per_s_per_device"
+    ] == pytest.approx(1.6)
+    assert rec["tokens_per_s"] == pytest.approx(16 * 128 / 5.0)
+    assert rec["step_time_s"] == pytest.approx(2.5) and rec["eval_s"] == pytest.approx(0.5)
+    assert rec["data_wait_s"] == pytest.approx(0.5) and rec["data_wait_pct"] == pytest.approx(20.0)
+    assert rec["tflops_per_device"] == pytest.approx(2 * 8e9 / 5.0 / 2 / 1e12)
+    assert rec["mfu"] == pytest.approx(0.16) and rec["hfu"] == pytest.approx(0.16 * 4 / 3)
+    assert tp.total_keys() == {"samples_total": 16, "tokens_total": 2048, "flops_total": 16e9}
+    tp.reset_window()
+    tp.peak = 4e10  # a second window: 1 step in 2.5 s at a quarter of the MFU
+    tp.mark()
+    clock.t += 2.5
+    tp.lap("fwd_bwd")
+    tp.step_done()
+    rec2, _ = tp.window_keys()
+    assert rec2["mfu"] == pytest.approx(8e9 / 2.5 / 2 / 4e10)
+    tp.flush()
+    s = tp.summary()
+    assert s["mean_mfu"] == pytest.approx((0.16 * 5.0 + rec2["mfu"] * 2.5) / 7.5)
+    assert s["elapsed_s"] == pytest.approx(8.5) and s["data_wait_pct"] == pytest.approx(100 * 1.0 / 8.5)
+
+
+def test_throughput_elapsed_continues_a_resumed_run_and_accounting_off_keeps_rates(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(throughput_mod, "time", clock)
+    tp = Throughput(4, None, 1e6, world_size=1, accounting=False)
+    tp.load_state_dict({"samples": 40, "elapsed_s": 30.0})  # an older checkpoint: other keys missing
+    assert tp.totals["flops"] == 0.0 and tp.totals["samples"] == 40
+    tp.start()
+    clock.t += 2.0
+    tp.step_done()
+    assert tp.elapsed() == pytest.approx(32.0)
+    tp.flush()
+    rec, _ = tp.window_keys()
+    assert "tokens_per_s" not in rec and not {"mfu", "step_time_s", "fwd_bwd_s"} & set(rec)
+    assert rec["elapsed_s"] == pytest.approx(32.0) and tp.total_keys() == {
+        "samples_total": 44,
+        "flops_total": 4e6,
+    }
+
+
+class FakeNode:
+    def __init__(self, source="rapl", estimated=False, step_j=10.0):
+        self.source, self.estimated, self.step_j, self.j, self.closed = source, estimated, step_j, 0.0, False
+
+    def read(self):
+        self.j += self.step_j
+        return self.j
+
+    def close(self):
+        self.closed = True
+
+
+def _energy_cfg(**kw):
+    return load_config(CONFIGS / "gpt-cpu-tiny.yaml", [f"metrics.{k}={v}" for k, v in kw.items()]).metrics
+
+
+def test_energy_meter_opens_one_reader_per_host_and_labels_the_job(monkeypatch):
+    opened = []
+    monkeypatch.setattr(
+        energy_mod, "open_node_energy", lambda uuids, watts, s: opened.append((uuids, watts)) or FakeNode()
+    )
+    workers = [
+        {"rank": 0, "host": "a", "gpu": "GPU-1"},
+        {"rank": 1, "host": "a", "gpu": "GPU-0"},
+        {"rank": 2, "host": "b", "gpu": None},
+    ]
+    labels = [["nvml+rapl", False], [None, False], ["estimated", True]]
+    lowest, other = (
+        EnergyMeter(_energy_cfg(cpu_watts=20), _info(FakeComm(gathered=labels), r)) for r in (0, 1)
+    )
+    lowest.open(workers)
+    other.open(workers)
+    assert opened == [(["GPU-0", "GPU-1"], 20.0)]  # rank 0 reads both GPUs of host a; rank 1 nothing
+    assert lowest.reader is not None and other.reader is None
+    for m in (lowest, other):
+        assert m.on and m.source == "estimated,nvml+rapl" and m.totals["energy_estimated"] is True
+
+
+def test_energy_meter_sums_nodes_per_window_and_derives_the_keys(monkeypatch):
+    monkeypatch.setattr(energy_mod, "open_node_energy", lambda uuids, watts, s: FakeNode(step_j=1.8e6))
+    comm = FakeComm(nodes=2)  # two alike nodes: the sum doubles this node's joules
+    m = EnergyMeter(_energy_cfg(grid_g_per_kwh=400, pue=1.5), _info(comm))
+    m.flush()
+    assert comm.calls == [] and m.totals["energy_j"] == 0.0  # off until opened: no collective
+    m.open([{"rank": 0, "host": "h", "gpu": None}])
+    m.flush()
+    m.flush()
+    assert m.win_energy_j == pytest.approx(7.2e6) and m.power_w(3600.0) == pytest.approx(2000.0)
+    m.reset_window()
+    assert m.win_energy_j == 0.0 and m.totals["energy_j"] == pytest.approx(7.2e6)  # 2 kWh
+    keys = m.keys(samples=1000, tokens=None)
+    assert keys["energy_kwh"] == pytest.approx(2.0) and keys["co2e_kg"] == pytest.approx(1.2)
+    assert keys["j_per_sample"] == pytest.approx(7200.0) and "j_per_token" not in keys
+    assert m.keys(samples=0, tokens=0)["j_per_sample"] is None and m.keys(0, 0)["j_per_token"] is None
+    assert m.keys(1, 7200)["j_per_token"] == pytest.approx(1000.0)
+    reader = m.reader
+    m.close()
+    assert reader.closed and m.reader is None
+
+
+def test_find_peak_prefers_the_config_then_the_gpu_table_then_the_probe(monkeypatch, caplog):
+    comm = FakeComm(mean=3.5e11)
+    assert find_peak(2.0, "fp32", torch.device("cpu"), comm) == (2e12, "metrics.peak_tflops")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    peak, source = find_peak(None, "bf16", torch.device("cuda"), comm)
+    assert peak == pytest.approx(989.4e12) and "H100 SXM" in source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA GeForce GTX 1080")
+    with caplog.at_level("WARNING", logger="distrain.metrics.peak"):
+        assert find_peak(None, "fp32", torch.device("cuda"), comm)[0] is None
+    assert "MFU is not reported" in caplog.text and comm.calls == []  # no collective off the CPU path
+    assert find_peak(None, "bf16", torch.device("cpu"), comm) == (3.5e11, "CPU matmul probe (bfloat16)")
+    assert comm.calls == ["barrier", "mean"]  # every rank probes at once; one figure for the job
+
+
+def test_meters_checkpoint_the_same_flat_totals(monkeypatch):
+    monkeypatch.setattr(energy_mod, "open_node_energy", lambda uuids, watts, s: FakeNode(source="rapl"))
+    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", ["metrics.peak_tflops=1.0"])
+    m = Meters(cfg, _info(HostComm()), per_step_samples=8, tokens_per_sample=16, flops_per_sample=1e3)
+    m.start([{"rank": 0, "host": "h", "gpu": None}])
+    assert (m.peak, m.peak_source, m.energy_source) == (1e12, "metrics.peak_tflops", "rapl")
+    m.step_done()
+    m.record()
+    state = m.state_dict()
+    # the keys every checkpoint so far holds, in their order: older checkpoints keep loading
+    assert list(state) == [
+        "samples",
+        "tokens",
+        "flops",
+        "energy_j",
+        "elapsed_s",
+        "data_wait_s",
+        "mfu_time_s",
+        "mfu_x_time",
+        "energy_estimated",
+    ]
+    assert set(state) == set(m.throughput.totals) | set(m.energy_meter.totals)  # each meter's, all saved
+    assert state["samples"] == 8 and state["tokens"] == 128 and state["energy_j"] == pytest.approx(10.0)
+    m.totals["energy_j"] = 99.0  # the flat view writes where each total lives
+    assert m.energy_meter.totals["energy_j"] == 99.0 and m.summary()["energy_j"] == 99.0
+    fresh = Meters(cfg, _info(HostComm()), per_step_samples=8, tokens_per_sample=16, flops_per_sample=1e3)
+    fresh.load_state_dict({"samples": 24, "energy_j": 5})  # missing keys keep their defaults
+    assert fresh.state_dict() == {
+        **dict.fromkeys(state, 0.0),
+        "samples": 24,
+        "tokens": 0,
+        "energy_j": 5.0,
+        "energy_estimated": False,
+    }
+    m.close()
 
 
 # ------------------------------------------------------------------------------ in a run

@@ -312,3 +312,60 @@ def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tm
     assert p.returncode == 0, p.stderr[-4000:]
     evals_logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals_logged] == [2, 4] and all(r["eval_loss"] > 0 for r in evals_logged)
+
+
+NAN_ON_RANK_1 = r"""
+import sys
+
+import distrain.models.gpt as gpt
+from distrain.config import load_config
+from distrain.train import run, setup
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+s = setup(cfg)
+calls = [0]
+loss = gpt.loss
+
+
+def poisoned(model, batch):  # rank 1's loss is NaN at steps 3 to 5
+    out = loss(model, batch)
+    calls[0] += model.training
+    return out * float("nan") if s.dist.rank == 1 and model.training and 3 <= calls[0] <= 5 else out
+
+
+s.trainer.spec = s.trainer.spec.__class__(**{**s.trainer.spec.__dict__, "loss": poisoned})
+run(cfg, s)
+"""
+
+
+@pytest.mark.world_size
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(in_workdir, tmp_path, stage):
+    """Gradients are averaged over ranks, so one rank's NaN loss makes every rank skip the step (the
+    replicas stay identical); three in a row stop the run on both ranks, naming rank 1."""
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_RANK_1)
+    run_dir = tmp_path / "r"
+    p = subprocess.run(
+        torchrun_cmd(
+            str(script),
+            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            f"run.dir={run_dir}",
+            "cluster.workers=2",
+            "train.steps=10",
+            "train.log_every=1",
+            "train.eval_every=0",
+            f"parallel.zero_stage={stage}",
+            "checkpoint.at_end=false",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode != 0
+    msg = "3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
+    assert p.stderr.count(msg) >= 2, p.stderr[-3000:]  # both ranks stop, at the same step
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["nonfinite_steps"] for r in recs] == [0, 0, 1, 2]
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in recs)  # rank 0's finite loss

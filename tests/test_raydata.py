@@ -10,6 +10,7 @@ import torch
 
 from distrain.config import load_config
 from distrain.data import DataError, DataPipeline
+from distrain.errors import ConfigError
 from distrain.train import run
 from tests.conftest import CONFIGS, read_jsonl
 
@@ -119,7 +120,7 @@ def test_ray_engine_bad_rows_and_training(in_workdir, local_ray, tmp_path):
 
 
 def test_ray_engine_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="data.engine=ray reads one source"):
+    with pytest.raises(ConfigError, match="data.engine=ray reads one source"):
         load_config(
             CONFIGS / "gpt-cpu-tiny.yaml",
             ["data.engine=ray", "data.train_path=null", "data.sources=[{path: a.jsonl}, {path: b.jsonl}]"],

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distrain.config import Config, config_from_yaml, to_yaml
+from distrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ def train_worker(config: dict[str, Any]) -> None:
                 "valid checkpoint (Ray's pointer: step %d)",
                 saved["step"],
             )
-    session = setup(cfg)
 
     def report(step: int, path: Path) -> None:
         # every worker reports (Ray Train waits for all of them); rank 0 attaches the pointer
@@ -95,8 +95,7 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report({"step": step})
 
-    session.trainer.on_checkpoint.append(report)
-    summary = run(cfg, session)
+    summary = run(cfg, setup(cfg, on_checkpoint=[report]))
     if summary["status"] != "completed":
         raise RuntimeError(f"training stopped at step {summary['step']}: {summary['status']}")
 
@@ -137,7 +136,7 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)  # before any Ray process starts
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if not local and not address:
-        raise ValueError(
+        raise ConfigError(
             "no Ray cluster address: pass --address HOST:PORT, set cluster.address or RAY_ADDRESS "
             "(or use `distrain launch local` to start one on this machine)"
         )
@@ -198,14 +197,21 @@ def _host_ip(address: str | None) -> str | None:
 
 
 def worker_failures(exc: BaseException) -> list[str]:
-    """One line per failed rank from Ray Train's error (``WorkerGroupError.worker_failures``)."""
+    """What to print per failed rank from Ray Train's error (``WorkerGroupError.worker_failures``):
+    one line for a user error (its message names the key, file or row), the worker's traceback for
+    anything else."""
+    from distrain.errors import UserError
+
     failures = getattr(exc, "worker_failures", None)
     if not failures:
         cause = getattr(exc, "controller_failure", None)
         return [f"Ray Train failed: {cause or exc}"]
     lines = []
     for rank, err in sorted(failures.items()):
-        msg = str(err).strip().splitlines()
-        last = next((ln for ln in reversed(msg) if ln.strip()), repr(err))
-        lines.append(f"rank {rank}: {last.strip()}")
+        base = getattr(err, "_base_exc", err)  # Ray Train keeps the worker's exception and traceback
+        text = str(err).strip()
+        if isinstance(base, UserError):
+            lines.append(f"rank {rank}: {base}")
+        else:
+            lines.append(f"rank {rank}: {type(base).__name__}: {base}\n{text}")
     return lines

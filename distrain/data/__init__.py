@@ -16,7 +16,7 @@ from distrain.config import Config
 from distrain.data.sources import DataError, detect_format, resolve_files
 from distrain.data.text import ERROR_KINDS
 from distrain.data.tokenizer import load_tokenizer
-from distrain.models import get_spec
+from distrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # torchdata's StatefulDataLoader calls a deprecated torch API on every construction; nothing to act on
@@ -30,7 +30,7 @@ class DataPipeline:
 
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1, pin_memory: bool = False):
         self.cfg, self.rank, self.world, self.pin = cfg, rank, world, pin_memory
-        self.kind = get_spec(cfg.model.name).batch_kind
+        self.kind = cfg.model.batch_kind
         d = cfg.data
         self._loader = None
         self._pending_state: dict[str, Any] | None = None
@@ -42,13 +42,13 @@ class DataPipeline:
                 key = f"data.sources[{i}].path" if d.sources else "data.train_path"
                 fmt = detect_format(path, d.format, key)
                 if fmt == "imagefolder":
-                    raise ValueError(
+                    raise DataError(
                         f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text"
                     )
                 self.sources.append((resolve_files(path, key), fmt, weight))
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ValueError(
+                raise ConfigError(
                     f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of data.tokenizer="
                     f"{d.tokenizer} ({self.tokenizer.vocab_size}); set model.vocab_size >= {self.tokenizer.vocab_size}"
                 )
@@ -56,7 +56,7 @@ class DataPipeline:
         else:
             fmt = detect_format(d.train_path, d.format, "data.train_path")
             if fmt not in ("imagefolder", "parquet"):
-                raise ValueError(
+                raise DataError(
                     f"data.format={fmt} holds no images; model.name={cfg.model.name} needs imagefolder or parquet"
                 )
             self.tokenizer = None
@@ -106,11 +106,11 @@ class DataPipeline:
             )
         top = len(ds.classes) if fmt == "imagefolder" else max(ds.classes) + 1
         if top > m.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}"
             )
         if len(ds) < self.cfg.train.micro_batch_size * self.world:
-            raise ValueError(
+            raise DataError(
                 f"{key}: {path} has {len(ds)} images, fewer than train.micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world}"
             )
         return ds
@@ -150,7 +150,7 @@ class DataPipeline:
         from distrain.data import raydata
 
         if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
-            raise RuntimeError(
+            raise ConfigError(
                 "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
             )
         d = self.cfg.data
@@ -162,16 +162,15 @@ class DataPipeline:
         return raydata.RayImages(self.cfg, self.rank, self.world, d.ray_actors, self.start_epoch)
 
     def train_batches(self) -> Iterator[dict[str, Any]]:
-        """Endless stream of training micro-batches for this rank, from the restored position if any."""
-        if self._loader is None and self.cfg.data.engine == "ray":
-            self._loader = self._ray_stream()
-            if self._pending_state is not None:
-                self._loader.load_state_dict(self._pending_state)
-        if self._loader is None:
-            self._loader = self._train_loader()
-            if self._pending_state is not None:
-                self._loader.load_state_dict(self._pending_state)
-        self._iter = iter(self._loader)
+        """Endless stream of training micro-batches for this rank, from the restored position if any.
+        Building it draws nothing from the run's random streams (a resumed run restores those
+        before its stream exists)."""
+        with torch.random.fork_rng(devices=[]):
+            if self._loader is None:
+                self._loader = self._ray_stream() if self.cfg.data.engine == "ray" else self._train_loader()
+                if self._pending_state is not None:
+                    self._loader.load_state_dict(self._pending_state)
+            self._iter = iter(self._loader)
         return self._iter
 
     def continue_epoch_of(self, states: list[dict[str, Any]]) -> int:
@@ -204,7 +203,25 @@ class DataPipeline:
         loader = self._pending_state if self._loader is None else self._loader.state_dict()
         return {"layout": self._layout(), "loader": loader}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state) -> None:
+        """Restore a position: this rank's own ``state_dict()``, or a checkpoint's ``SavedRanks``.
+        Saved at another world size, each position belongs to the old sharding: the stream starts
+        at the epoch the saved positions had reached (the earliest over ranks and sources)."""
+        from distrain.checkpoint import SavedRanks
+
+        if isinstance(state, SavedRanks):
+            if not state.same_world:
+                epoch = self.continue_epoch_of(state.all())
+                if self.rank == 0:
+                    log.warning(
+                        "world size changed from %d to %d: the data continues from the start of epoch %d "
+                        "(positions within an epoch belong to the old sharding)",
+                        state.saved_world,
+                        self.world,
+                        epoch,
+                    )
+                return
+            state = state.own()
         if self._loader is not None:
             raise RuntimeError("load the data position before the first batch is drawn")
         saved, now = state.get("layout"), self._layout()

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from distrain.errors import DataError
+
 _EXT = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -18,10 +20,6 @@ _EXT = {
 }
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _GLOB = set("*?[")
-
-
-class DataError(ValueError):
-    """A bad row, file or path; the message names it and says how to fix or skip it."""
 
 
 def _fs(path: str):
@@ -61,7 +59,7 @@ def resolve_files(path: str, key: str, exts: set[str] | None = None) -> list[str
             if path.startswith("data/")
             else ""
         )
-        raise FileNotFoundError(f"{key}: no data files at {path!r}{hint}")
+        raise DataError(f"{key}: no data files at {path!r}{hint}")
     return files
 
 
@@ -82,7 +80,7 @@ def detect_format(path: str, fmt: str, key: str) -> str:
         return "imagefolder"
     kinds = {_EXT.get(_suffix(f)) for f in resolve_files(path, key)}
     if len(kinds) != 1 or None in kinds:
-        raise ValueError(
+        raise DataError(
             f"{key}: cannot infer the format of {path!r} (found {sorted(str(k) for k in kinds)}); set data.format"
         )
     return kinds.pop()

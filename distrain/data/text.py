@@ -213,7 +213,10 @@ class PackedText(IterableDataset):
         self, shard: int, num_shards: int
     ) -> Iterator[tuple[np.ndarray, dict[str, Any], int, np.ndarray]]:
         """(window, mixer state before its last document, token offset into that document after
-        the window, bad rows counted since the previous window)."""
+        the window, bad rows counted since the previous window).
+
+        One generator on purpose: the packing buffer, the sources' cursors and the mixing draw
+        change together per document, and the resumable state is read between two yields."""
         cursors = [
             RowCursor(
                 files,

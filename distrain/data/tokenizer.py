@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distrain.errors import DataError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255; id 256 ends a document."""
@@ -29,16 +31,16 @@ class HFTokenizer:
 
         p = Path(path)
         if not p.is_dir():
-            raise FileNotFoundError(
+            raise DataError(
                 f"data.tokenizer: {path} is not a directory; use 'bytes' or a local tokenizer directory saved with save_pretrained"
             )
         try:
             self.tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - say which directory failed and why
-            raise ValueError(f"data.tokenizer: cannot load a tokenizer from {path}: {exc}") from None
+            raise DataError(f"data.tokenizer: cannot load a tokenizer from {path}: {exc}") from None
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         if eos is None:
-            raise ValueError(
+            raise DataError(
                 f"data.tokenizer: the tokenizer in {path} has no eos_token (or sep_token) to end documents; set one and save it again"
             )
         self.eos_id = int(eos)

@@ -119,9 +119,7 @@ class ImageFolderDataset(_Images):
                 if "." + f.rsplit(".", 1)[-1].lower() in IMAGE_EXT:
                     self.samples.append((fs.unstrip_protocol(f) if "://" in root else f, ci))
         if not self.samples:
-            raise FileNotFoundError(
-                f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/"
-            )
+            raise DataError(f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -155,14 +153,14 @@ class ParquetImageDataset(_Images):
             for row in read_rows(f, "parquet"):
                 for col, k in ((image_field, "data.image_field"), (label_field, "data.label_field")):
                     if col not in row.value:
-                        raise KeyError(
+                        raise DataError(
                             f"{k}: {f} has no column {col!r} (columns: {sorted(row.value)}); set {k}"
                         )
                 raw = row.value[image_field]
                 data = raw.get("bytes") if isinstance(raw, dict) else raw
                 self.rows.append((data, int(row.value[label_field]), row.where))
         if not self.rows:
-            raise FileNotFoundError(f"{key}: no rows in {path}")
+            raise DataError(f"{key}: no rows in {path}")
         self.classes = sorted({lab for _, lab, _ in self.rows})
 
     def __len__(self) -> int:

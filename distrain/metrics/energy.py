@@ -11,6 +11,9 @@
 One process per node reads (the lowest rank on each host); the others read nothing, and the job
 total is the sum over ranks, so every node counts once however many ranks it runs.
 CO2e = kWh x grid intensity (g/kWh) x PUE.
+
+``EnergyMeter`` does that for a job: it opens the reader on the lowest rank of each host, and sums
+what every node's reader counted over each window (the edges being each record and checkpoint).
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distrain.config.schema import MetricsConfig
+    from distrain.parallel import DistInfo
 
 log = logging.getLogger(__name__)
+
+TOTALS: dict[str, Any] = {"energy_j": 0.0, "energy_estimated": False}
 
 POWERCAP_ROOT = Path(os.environ.get("DISTRAIN_POWERCAP_ROOT", "/sys/class/powercap"))
 
@@ -229,3 +238,101 @@ def open_node_energy(gpu_uuids: list[str], cpu_watts: float, sample_s: float = 0
     rapl = RaplReader()
     readers.append(rapl if rapl.available else CpuEstimate(cpu_watts))
     return NodeEnergy(readers, gpus_unmeasured=unmeasured)
+
+
+class EnergyMeter:
+    """The job's energy: one ``NodeEnergy`` per host, read at the edges of each window and summed
+    over nodes through ``dist_info.comm``. ``source`` is "off" until ``open`` (and stays so when
+    energy is not counted); ``totals`` holds the job's joules and whether any node estimated."""
+
+    def __init__(self, mcfg: MetricsConfig, dist_info: DistInfo):
+        self.mcfg = mcfg
+        self.rank = dist_info.rank
+        self.device = dist_info.device
+        self.comm = dist_info.comm
+        self.reader: NodeEnergy | None = None  # this host's, on its lowest rank only
+        self.source = "off"
+        self.totals: dict[str, Any] = dict(TOTALS)
+        self.win_energy_j = 0.0  # the job's joules in the current window
+        self._read = 0.0  # this node's reader total at the previous flush
+
+    @property
+    def on(self) -> bool:
+        return self.source != "off"
+
+    def open(self, workers: list[dict[str, Any]]) -> None:
+        """Collective. The lowest rank on each host reads that host's devices (every rank's GPU on
+        it); ``workers``: every rank's ``rank``, ``host`` and ``gpu`` (UUID or None), in rank order."""
+        host = workers[self.rank]["host"]
+        on_host = [w for w in workers if w["host"] == host]
+        if min(w["rank"] for w in on_host) == self.rank:
+            uuids = sorted({w["gpu"] for w in on_host if w["gpu"]})
+            self.reader = open_node_energy(uuids, self.cpu_watts(), self.mcfg.power_sample_s)
+        # every rank learns the job's label (the same wherever nodes are alike)
+        label = [self.reader.source if self.reader else None, bool(self.reader and self.reader.estimated)]
+        labels = self.comm.gather(label)
+        self.source = ",".join(sorted({src for src, _ in labels if src}))
+        self.totals["energy_estimated"] = self.totals["energy_estimated"] or any(est for _, est in labels)
+
+    def cpu_watts(self) -> float:
+        """A node's CPU power at full load for the estimate: ``metrics.cpu_watts``, else 10 W per CPU."""
+        if self.mcfg.cpu_watts is not None:
+            return self.mcfg.cpu_watts
+        return 10.0 * (os.cpu_count() or 1)
+
+    def reset_window(self) -> None:
+        self.win_energy_j = 0.0
+
+    def restart(self) -> None:
+        """Training starts now: energy used before (set-up, probes) is not counted, as its time is
+        not (a local read of this node's counter)."""
+        self._read = self.reader.read() if self.reader else 0.0
+        self.reset_window()
+
+    def flush(self) -> None:
+        """Collective: close the energy window (synchronize the device, read, sum over nodes) into
+        the window and the totals. Nothing where energy is off."""
+        if not self.on:
+            return
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = self.reader.read() if self.reader else 0.0
+        joules = float(self.comm.sum(torch.tensor(now - self._read, dtype=torch.float64)))
+        self._read = now
+        self.win_energy_j += joules
+        self.totals["energy_j"] += joules
+
+    def power_w(self, wall_s: float) -> float:
+        """The job's mean power over a window of ``wall_s`` seconds (after ``flush``)."""
+        return self.win_energy_j / wall_s
+
+    def keys(self, samples: int, tokens: int | None) -> dict[str, Any]:
+        """The job's energy so far: J, kWh, CO2e (kWh x PUE x grid g/kWh), J per sample and, where
+        ``tokens`` are counted (not None), J per token; with the source label."""
+        j, m = self.totals["energy_j"], self.mcfg
+        out: dict[str, Any] = {
+            "energy_j": j,
+            "energy_kwh": j / 3.6e6,
+            "co2e_kg": co2e_kg(j, m.grid_g_per_kwh, m.pue),
+            "j_per_sample": j / samples if samples else None,
+        }
+        if tokens is not None:
+            out["j_per_token"] = j / tokens if tokens else None
+        out["energy_source"] = self.source
+        out["energy_estimated"] = bool(self.totals["energy_estimated"])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.totals)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This meter's keys of a checkpoint's flat totals; a key missing keeps its default."""
+        for k, default in TOTALS.items():
+            self.totals[k] = type(default)(state.get(k, default))
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None

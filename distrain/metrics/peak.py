@@ -4,14 +4,24 @@ GPUs: a table of dense (no sparsity) tensor-core peaks per model and dtype, each
 source. A GPU that is not in the table has no peak: MFU is reported as null rather than guessed
 (set ``metrics.peak_tflops`` to supply one). CPUs have no published per-dtype peak a run could
 trust, so a short matmul probe at start measures what this process can reach.
+
+``find_peak`` picks one per run: ``metrics.peak_tflops`` where set, else the table on a GPU, else
+the probe on every rank, averaged (one figure for the job).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from distrain.parallel import HostComm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,3 +123,23 @@ def cpu_probe_flops(dtype: torch.dtype = torch.float32, n: int = 512, budget_s: 
         if runs >= 200:
             break
     return 2.0 * n**3 / best
+
+
+def find_peak(
+    peak_tflops: float | None, precision: str, device: torch.device, comm: HostComm
+) -> tuple[float | None, str]:
+    """(peak FLOP/s per device, its source) for MFU: ``peak_tflops`` (``metrics.peak_tflops``) where
+    set, else the GPU table on CUDA (None where the card is not in it), else the CPU matmul probe of
+    every rank averaged over ``comm``. Collective on the CPU path: every rank calls it."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, "metrics.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak, source = gpu_peak_flops(name, cuda_matmul_dtype(precision))
+        if peak is None:
+            log.warning("MFU is not reported: %s; set metrics.peak_tflops to this GPU's dense peak", source)
+        return peak, source
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    comm.barrier()  # every rank probes at once, as they will train
+    probe = comm.mean(torch.tensor(cpu_probe_flops(dtype), dtype=torch.float64))
+    return probe, f"CPU matmul probe ({str(dtype)[6:]})"

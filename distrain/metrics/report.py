@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distrain.errors import UserError
+
 PLOTS = {  # file -> (title, [(metrics.jsonl key, legend label)])
     "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")]),
     "throughput.png": ("throughput", [("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")]),
@@ -15,8 +17,8 @@ PLOTS = {  # file -> (title, [(metrics.jsonl key, legend label)])
 }
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(UserError):
+    """A run directory without the records a report is made of."""
 
 
 def read_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

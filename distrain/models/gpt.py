@@ -2,13 +2,88 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-from torch import nn
+from pydantic import Field, model_validator
 
-from distrain.config import Config
+from distrain.config.schema import ModelSection
 from distrain.models import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from distrain.config import Config
+
+_GPT_PRESETS: dict[str, dict[str, int]] = {
+    # name: n_layer, n_head, d_model, d_ff (0 = arch default), n_kv_head (llama only; 0 = n_head)
+    "tiny": dict(n_layer=2, n_head=4, d_model=64, d_ff=256, n_kv_head=0),
+    "mini": dict(n_layer=4, n_head=8, d_model=256, d_ff=1024, n_kv_head=0),
+    "small": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, n_kv_head=0),  # GPT-2 124M
+    "medium": dict(n_layer=24, n_head=16, d_model=1024, d_ff=4096, n_kv_head=0),  # GPT-2 350M
+    "large": dict(n_layer=36, n_head=20, d_model=1280, d_ff=5120, n_kv_head=0),  # GPT-2 774M
+    "1b": dict(n_layer=16, n_head=32, d_model=2048, d_ff=8192, n_kv_head=8),  # Llama-3.2-1B shape
+    "xl": dict(n_layer=48, n_head=25, d_model=1600, d_ff=6400, n_kv_head=0),  # GPT-2 1.5B
+}
+
+
+class GPTModelConfig(ModelSection):
+    activation_checkpointing: ClassVar[bool] = True
+
+    name: Literal["gpt"] = Field(
+        "gpt", description="Decoder-only causal LM built by transformers from a config (random init)."
+    )
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2",
+        description="Architecture: gpt2 (learned positions, GELU MLP) or llama (RoPE, SwiGLU, RMSNorm, GQA).",
+    )
+    preset: Literal["tiny", "mini", "small", "medium", "large", "1b", "xl"] = Field(
+        "tiny", description="Size preset; the fields below override single dimensions."
+    )
+    n_layer: int | None = Field(None, ge=1, description="Transformer blocks (default: from preset).")
+    n_head: int | None = Field(None, ge=1, description="Attention heads (default: from preset).")
+    n_kv_head: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value heads for grouped-query attention, llama only (default: from preset, else n_head).",
+    )
+    d_model: int | None = Field(None, ge=8, description="Hidden size (default: from preset).")
+    d_ff: int | None = Field(None, ge=8, description="MLP inner size (default: from preset).")
+    vocab_size: int = Field(
+        512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257)."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=1, description="Longest sequence the position embedding covers (default: data.seq_len)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
+
+    @model_validator(mode="after")
+    def _fill_preset(self) -> GPTModelConfig:
+        p = _GPT_PRESETS[self.preset]
+        for key in ("n_layer", "n_head", "d_model", "d_ff"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, p[key])
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", p["n_kv_head"] or self.n_head)
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
+            )
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("model.n_kv_head applies to arch=llama only; remove it or set model.arch=llama")
+        return self
+
+    def check(self, cfg) -> None:
+        max_len = self.max_seq_len or cfg.data.seq_len
+        if cfg.data.seq_len > max_len:
+            raise ValueError(
+                f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({max_len}); raise model.max_seq_len or lower data.seq_len"
+            )
 
 
 def hf_config(cfg: Config):
@@ -54,6 +129,11 @@ def build(cfg: Config) -> nn.Module:
 
     model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa")
     model.loss_type = "ForCausalLM"  # mean next-token cross-entropy (transformers' default, named)
+    if cfg.parallel.activation_checkpointing:  # recompute each block's activations in backward
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -83,4 +163,4 @@ def flops_per_sample(cfg: Config) -> float:
     return float(per_token * T)
 
 
-SPEC = ModelSpec(name="gpt", batch_kind="tokens", build=build, loss=loss, flops_per_sample=flops_per_sample)
+SPEC = ModelSpec(name="gpt", config=GPTModelConfig, build=build, loss=loss, flops_per_sample=flops_per_sample)

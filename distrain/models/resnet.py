@@ -4,19 +4,46 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from pydantic import Field
 
-from distrain.config import Config
+from distrain.config.schema import ModelSection
 from distrain.models import ModelSpec
-from distrain.models.flops import measured_train_flops
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from distrain.config import Config
+
+
+class ResNetModelConfig(ModelSection):
+    batch_kind: ClassVar[Literal["tokens", "images"]] = "images"
+
+    name: Literal["resnet"] = Field(
+        "resnet", description="torchvision ResNet image classifier (random init)."
+    )
+    depth: Literal[18, 34, 50] = Field(18, description="ResNet depth: 18, 34 or 50.")
+    num_classes: int = Field(10, ge=2, description="Output classes; must cover the data's labels.")
+    image_size: int = Field(32, ge=8, description="Square input size the data is resized/cropped to.")
+    in_channels: Literal[1, 3] = Field(
+        3, description="Input channels (greyscale images are converted to this)."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
+
+    def check(self, cfg) -> None:
+        for key in ("mean", "std"):
+            values = getattr(cfg.data, key)
+            if values is not None and len(values) != self.in_channels:
+                raise ValueError(
+                    f"data.{key} has {len(values)} values but model.in_channels={self.in_channels}; give one per channel"
+                )
 
 
 def build(cfg: Config) -> nn.Module:
     import torchvision
+    from torch import nn
 
     m = cfg.model
     model = getattr(torchvision.models, f"resnet{m.depth}")(weights=None, num_classes=m.num_classes)
@@ -29,13 +56,19 @@ def build(cfg: Config) -> nn.Module:
 
 
 def loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    import torch.nn.functional as F
+
     logits = model(batch["images"])
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
 @lru_cache(maxsize=16)
 def _flops(depth: int, num_classes: int, image_size: int, in_channels: int) -> float:
+    import torch
     import torchvision
+    from torch import nn
+
+    from distrain.models.flops import measured_train_flops
 
     def make() -> nn.Module:
         model = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
@@ -58,5 +91,5 @@ def flops_per_sample(cfg: Config) -> float:
 
 
 SPEC = ModelSpec(
-    name="resnet", batch_kind="images", build=build, loss=loss, flops_per_sample=flops_per_sample
+    name="resnet", config=ResNetModelConfig, build=build, loss=loss, flops_per_sample=flops_per_sample
 )

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distrain.errors import CheckpointError, ConfigError
+
 log = logging.getLogger(__name__)
 
 _STATE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
@@ -18,7 +20,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a HF directory, a .safetensors file or a torch file (weights_only)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"model.init_from: {p} does not exist; give a HF model directory, a .safetensors file or a .pt/.pth state dict"
         )
     if p.is_dir():
@@ -31,7 +33,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         for name in _STATE_FILES:
             if (p / name).is_file():
                 return read_state_dict(p / name)
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"model.init_from: directory {p} holds none of {', '.join(_STATE_FILES)} or sharded model-*-of-*.safetensors"
         )
     if p.suffix == ".safetensors":
@@ -41,14 +43,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise ValueError(
+        raise CheckpointError(
             f"model.init_from: {p} is not a weights-only torch state dict ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
         ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"model.init_from: {p} does not hold a mapping of parameter names to tensors")
+        raise CheckpointError(f"model.init_from: {p} does not hold a mapping of parameter names to tensors")
     return obj
 
 
@@ -63,7 +65,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
     unexpected = sorted(k for k in sd if k not in own)
     if not usable:
-        raise ValueError(
+        raise CheckpointError(
             f"model.init_from: no tensor in {path} matches the model's names and shapes "
             f"(file has e.g. {list(sd)[:3]}, model has e.g. {list(own)[:3]}); is model.name/preset right?"
         )
@@ -101,7 +103,7 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> int:
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ValueError(
+            raise ConfigError(
                 f"model.freeze: pattern {pat!r} matches no parameter; names look like {names[:4]}"
             )
     frozen = 0
@@ -111,7 +113,7 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> int:
             frozen += p.numel()
     total = sum(p.numel() for p in model.parameters())
     if frozen == total:
-        raise ValueError(
+        raise ConfigError(
             "model.freeze: every parameter is frozen, so nothing would train; narrow the patterns"
         )
     log.info("freeze: %d of %d parameters frozen", frozen, total)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distrain.config import Config, check_topology
+from distrain.errors import TopologyError
 from distrain.parallel.collectives import HostComm
 
 log = logging.getLogger(__name__)
@@ -41,24 +42,24 @@ def check_device(cfg: Config) -> str:
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
     if device == "cuda" and not has_cuda:
-        raise RuntimeError(
+        raise TopologyError(
             "run.device=cuda but no CUDA GPU is visible to this process; set run.device=cpu (or auto) to train on the CPU"
         )
     if device == "cpu":
         if p.backend == "nccl":
-            raise RuntimeError(
+            raise TopologyError(
                 "parallel.backend=nccl needs CUDA GPUs; on the CPU set parallel.backend=gloo (or auto)"
             )
         if p.precision == "fp16":
-            raise RuntimeError(
+            raise TopologyError(
                 "parallel.precision=fp16 runs on CUDA only; on the CPU use parallel.precision=bf16 or fp32"
             )
         if p.offload_optimizer or p.offload_params:
-            raise RuntimeError(
+            raise TopologyError(
                 "parallel.offload_optimizer/offload_params move state from GPU to CPU memory; on the CPU set both to false"
             )
     elif p.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError(
+        raise TopologyError(
             f"parallel.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use parallel.precision=fp16"
         )
     return device
@@ -68,12 +69,11 @@ def configure_cuda(cfg: Config, device: torch.device) -> None:
     """The process-wide CUDA choices: TF32 for fp32 matmuls and convolutions, cuDNN's autotuner."""
     if device.type != "cuda":
         return
-    from distrain.models import get_spec
 
     p = cfg.parallel
     torch.backends.cuda.matmul.allow_tf32 = p.tf32
     torch.backends.cudnn.allow_tf32 = p.tf32
-    images = get_spec(cfg.model.name).batch_kind == "images"
+    images = cfg.model.batch_kind == "images"
     torch.backends.cudnn.benchmark = images if p.cudnn_benchmark is None else p.cudnn_benchmark
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from distrain.config import Config, global_batch
-from distrain.models import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def mixed_precision_mode(cfg: Config) -> str | None:
         return None
     if p.mixed_precision != "auto":
         return p.mixed_precision
-    return "autocast" if get_spec(cfg.model.name).batch_kind == "images" else "params"
+    return "autocast" if cfg.model.batch_kind == "images" else "params"
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -60,16 +59,20 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def fused_optimizer(cfg: Config, device: torch.device) -> bool:
-    """optim.fused resolved: torch's fused Adam(W) kernel, by default on CUDA unless the optimizer
-    states are offloaded (ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam)."""
+    """optim.fused resolved: torch's fused Adam(W) kernel, by default on CUDA, and on any device
+    where DeepSpeed steps a plain torch optimizer (ZeRO 0 in fp32 or autocast): its ``found_inf``
+    skips a non-finite step on the device (``train.on_nonfinite``). Never with offloaded optimizer
+    states (ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam)."""
     if cfg.parallel.offload_optimizer:
         return False
-    return device.type == "cuda" if cfg.optim.fused is None else cfg.optim.fused
+    if cfg.optim.fused is not None:
+        return cfg.optim.fused
+    return device.type == "cuda" or (cfg.parallel.zero_stage == 0 and mixed_precision_mode(cfg) != "params")
 
 
 def channels_last(cfg: Config, device: torch.device) -> bool:
     """parallel.channels_last resolved: NHWC weights and inputs for CNNs on CUDA by default."""
-    if get_spec(cfg.model.name).batch_kind != "images":
+    if cfg.model.batch_kind != "images":
         return False
     want = cfg.parallel.channels_last
     return device.type == "cuda" if want is None else want
@@ -150,11 +153,6 @@ def build_engine(
     schedule inside)."""
     import deepspeed
 
-    if cfg.parallel.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     fused = fused_optimizer(cfg, device)

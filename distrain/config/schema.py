@@ -1,31 +1,50 @@
-"""The typed config tree: YAML file + dotted command-line overrides, validated by pydantic.
-
-Precedence, written down once: command-line ``section.key=value`` > YAML file > field defaults.
+"""The config schema: the sections of the config tree and their validators (pydantic).
 
 Every field carries a one-line ``description``; ``distrain config reference`` prints them all as the
-README's config reference. Unknown keys are errors that name the key, where it came from and the
-closest valid key; bad values name the key, the value and what is allowed.
+README's config reference. The ``model`` section is the config class of the model ``model.name``
+names, found through the model registry (each model's own rules live on its class); nothing here
+imports torch or builds anything.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message says what is wrong and how to fix it."""
+from distrain.errors import TopologyError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, protected_namespaces=(), populate_by_name=True
     )
+
+
+class ModelSection(Section):
+    """Base of every model's config class (one per model file, beside its ``ModelSpec``).
+
+    A model of ``batch_kind`` "tokens" has a ``vocab_size`` field (the data checks the tokenizer
+    against it); one of "images" has ``num_classes``, ``image_size`` and ``in_channels`` (the data
+    decodes and checks labels by them)."""
+
+    batch_kind: ClassVar[Literal["tokens", "images"]] = "tokens"
+    activation_checkpointing: ClassVar[bool] = False
+    """Whether ``parallel.activation_checkpointing`` applies to this model."""
+
+    name: str = Field(..., description="Which registered model.")
+    init_from: str | None = Field(
+        None,
+        description="Start from local weights: a HF model directory, a .safetensors file or a torch state-dict file (.pt/.pth, loaded weights_only).",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameter-name glob patterns (fnmatch) to freeze, e.g. ['transformer.h.0.*'].",
+    )
+
+    def check(self, cfg: Config) -> None:
+        """Rules between this model and other sections (raise ValueError naming keys and the fix)."""
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -49,125 +68,6 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.dir) if self.dir else Path("runs") / self.name
-
-
-# ------------------------------------------------------------------------------------------- model
-_GPT_PRESETS: dict[str, dict[str, int]] = {
-    # name: n_layer, n_head, d_model, d_ff (0 = arch default), n_kv_head (llama only; 0 = n_head)
-    "tiny": dict(n_layer=2, n_head=4, d_model=64, d_ff=256, n_kv_head=0),
-    "mini": dict(n_layer=4, n_head=8, d_model=256, d_ff=1024, n_kv_head=0),
-    "small": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, n_kv_head=0),  # GPT-2 124M
-    "medium": dict(n_layer=24, n_head=16, d_model=1024, d_ff=4096, n_kv_head=0),  # GPT-2 350M
-    "large": dict(n_layer=36, n_head=20, d_model=1280, d_ff=5120, n_kv_head=0),  # GPT-2 774M
-    "1b": dict(n_layer=16, n_head=32, d_model=2048, d_ff=8192, n_kv_head=8),  # Llama-3.2-1B shape
-    "xl": dict(n_layer=48, n_head=25, d_model=1600, d_ff=6400, n_kv_head=0),  # GPT-2 1.5B
-}
-
-
-class _ModelCommon(Section):
-    init_from: str | None = Field(
-        None,
-        description="Start from local weights: a HF model directory, a .safetensors file or a torch state-dict file (.pt/.pth, loaded weights_only).",
-    )
-    freeze: list[str] = Field(
-        default_factory=list,
-        description="Parameter-name glob patterns (fnmatch) to freeze, e.g. ['transformer.h.0.*'].",
-    )
-
-
-class GPTModelConfig(_ModelCommon):
-    name: Literal["gpt"] = Field(
-        "gpt", description="Decoder-only causal LM built by transformers from a config (random init)."
-    )
-    arch: Literal["gpt2", "llama"] = Field(
-        "gpt2",
-        description="Architecture: gpt2 (learned positions, GELU MLP) or llama (RoPE, SwiGLU, RMSNorm, GQA).",
-    )
-    preset: Literal["tiny", "mini", "small", "medium", "large", "1b", "xl"] = Field(
-        "tiny", description="Size preset; the fields below override single dimensions."
-    )
-    n_layer: int | None = Field(None, ge=1, description="Transformer blocks (default: from preset).")
-    n_head: int | None = Field(None, ge=1, description="Attention heads (default: from preset).")
-    n_kv_head: int | None = Field(
-        None,
-        ge=1,
-        description="Key/value heads for grouped-query attention, llama only (default: from preset, else n_head).",
-    )
-    d_model: int | None = Field(None, ge=8, description="Hidden size (default: from preset).")
-    d_ff: int | None = Field(None, ge=8, description="MLP inner size (default: from preset).")
-    vocab_size: int = Field(
-        512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257)."
-    )
-    max_seq_len: int | None = Field(
-        None, ge=1, description="Longest sequence the position embedding covers (default: data.seq_len)."
-    )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
-    tie_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
-
-    @model_validator(mode="after")
-    def _fill_preset(self) -> GPTModelConfig:
-        p = _GPT_PRESETS[self.preset]
-        for key in ("n_layer", "n_head", "d_model", "d_ff"):
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, p[key])
-        if self.n_kv_head is None:
-            object.__setattr__(self, "n_kv_head", p["n_kv_head"] or self.n_head)
-        if self.d_model % self.n_head:
-            raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
-            )
-        if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
-            )
-        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
-            raise ValueError("model.n_kv_head applies to arch=llama only; remove it or set model.arch=llama")
-        return self
-
-
-class ResNetModelConfig(_ModelCommon):
-    name: Literal["resnet"] = Field(
-        "resnet", description="torchvision ResNet image classifier (random init)."
-    )
-    depth: Literal[18, 34, 50] = Field(18, description="ResNet depth: 18, 34 or 50.")
-    num_classes: int = Field(10, ge=2, description="Output classes; must cover the data's labels.")
-    image_size: int = Field(32, ge=8, description="Square input size the data is resized/cropped to.")
-    in_channels: Literal[1, 3] = Field(
-        3, description="Input channels (greyscale images are converted to this)."
-    )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
-
-
-class LSTMModelConfig(_ModelCommon):
-    name: Literal["lstm"] = Field("lstm", description="Recurrent LM: embedding, nn.LSTM, linear head.")
-    vocab_size: int = Field(
-        512, ge=2, description="Vocabulary size; must cover the tokenizer's (byte tokenizer: 257)."
-    )
-    d_embed: int = Field(128, ge=1, description="Embedding size.")
-    d_hidden: int = Field(256, ge=1, description="LSTM hidden size.")
-    n_layer: int = Field(2, ge=1, description="Stacked LSTM layers.")
-    dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Dropout between LSTM layers and before the head."
-    )
-    tie_embeddings: bool = Field(
-        False, description="Share the embedding with the head (needs d_embed == d_hidden)."
-    )
-
-    @model_validator(mode="after")
-    def _tie_ok(self) -> LSTMModelConfig:
-        if self.tie_embeddings and self.d_embed != self.d_hidden:
-            raise ValueError(
-                f"model.tie_embeddings needs model.d_embed ({self.d_embed}) == model.d_hidden ({self.d_hidden})"
-            )
-        return self
-
-
-ModelConfig = Annotated[GPTModelConfig | ResNetModelConfig | LSTMModelConfig, Field(discriminator="name")]
-MODEL_CLASSES: dict[str, type[Section]] = {
-    "gpt": GPTModelConfig,
-    "resnet": ResNetModelConfig,
-    "lstm": LSTMModelConfig,
-}
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -294,6 +194,13 @@ class TrainConfig(Section):
         False,
         description="At the end, check that every rank holds identical parameters (gathered under ZeRO 3); a mismatch fails the run.",
     )
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "stop",
+        description="A step whose loss or gradients are not finite updates nothing (weights, optimizer state) and is counted (metrics.jsonl nonfinite_steps); stop: end the run after train.max_nonfinite_steps such steps in a row (checked on log steps), skip: go on.",
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="With train.on_nonfinite=stop: consecutive skipped steps that end the run."
+    )
 
 
 # ------------------------------------------------------------------------------------------- optim
@@ -312,7 +219,7 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
     fused: bool | None = Field(
         None,
-        description="torch's fused Adam(W) kernel as DeepSpeed's client optimizer (unset: on for CUDA; never with parallel.offload_optimizer, which steps with DeepSpeed's CPU Adam).",
+        description="torch's fused Adam(W) kernel as DeepSpeed's client optimizer (unset: on for CUDA, and at ZeRO 0 in fp32 or autocast on any device, where it skips non-finite steps on the device; never with parallel.offload_optimizer, which steps with DeepSpeed's CPU Adam).",
     )
 
 
@@ -488,7 +395,7 @@ class Config(Section):
     """The whole config tree."""
 
     run: RunConfig = Field(default_factory=RunConfig, description="Run name, directory, device, seed.")
-    model: ModelConfig = Field(..., description="Which model and its shape.")
+    model: SerializeAsAny[ModelSection] = Field(..., description="Which model and its shape.")
     data: DataConfig = Field(..., description="Where the data is and how it is read.")
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Steps, batch sizes, eval and log cadence."
@@ -510,63 +417,51 @@ class Config(Section):
         default_factory=ClusterConfig, description="Workers and resources for launchers."
     )
 
+    @field_validator("model", mode="wrap")
+    @classmethod
+    def _model_section(cls, value: Any, handler) -> ModelSection:
+        """Validate the model section with the config class of the model it names."""
+        if isinstance(value, ModelSection):
+            return value
+        if not isinstance(value, dict):
+            return handler(value)
+        from distrain.models import model_config_class, names  # the registry: no torch, no model built
+
+        if "name" not in value:
+            raise ValueError(f"missing required key 'model.name'; allowed: {', '.join(names())}")
+        return model_config_class(value["name"]).model_validate(value)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        from distrain.models import get_spec  # local: models import torch
-
-        kind = get_spec(self.model.name).batch_kind
-        fmt = self.data.format
+        kind, fmt, d, p = self.model.batch_kind, self.data.format, self.data, self.parallel
         if kind == "images" and fmt in ("jsonl", "txt"):
             raise ValueError(
                 f"model.name={self.model.name} trains on images but data.format={fmt} is text; use imagefolder or parquet"
-            )
-        if self.data.engine == "ray" and self.data.sources is not None and len(self.data.sources) > 1:
-            raise ValueError(
-                "data.engine=ray reads one source; mix several with data.engine=torch, or merge them into one data.train_path"
-            )
-        if kind == "images" and self.data.sources is not None:
-            raise ValueError("data.sources mixes text sources; for images set data.train_path")
-        if (
-            self.data.mean is not None
-            and self.model.name == "resnet"
-            and len(self.data.mean) != self.model.in_channels
-        ):
-            raise ValueError(
-                f"data.mean has {len(self.data.mean)} values but model.in_channels={self.model.in_channels}"
-            )
-        if (
-            self.data.std is not None
-            and self.model.name == "resnet"
-            and len(self.data.std) != self.model.in_channels
-        ):
-            raise ValueError(
-                f"data.std has {len(self.data.std)} values but model.in_channels={self.model.in_channels}"
             )
         if kind == "tokens" and fmt == "imagefolder":
             raise ValueError(
                 f"model.name={self.model.name} trains on text but data.format=imagefolder; use jsonl, txt or parquet"
             )
-        if self.parallel.activation_checkpointing and self.model.name != "gpt":
+        if kind == "images" and d.sources is not None:
+            raise ValueError("data.sources mixes text sources; for images set data.train_path")
+        if d.engine == "ray" and d.sources is not None and len(d.sources) > 1:
             raise ValueError(
-                f"parallel.activation_checkpointing is supported for model.name=gpt only (got {self.model.name}); set it to false"
+                "data.engine=ray reads one source; mix several with data.engine=torch, or merge them into one data.train_path"
             )
-        if self.model.name == "gpt":
-            max_len = self.model.max_seq_len or self.data.seq_len
-            if self.data.seq_len > max_len:
-                raise ValueError(
-                    f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({max_len}); raise model.max_seq_len or lower data.seq_len"
-                )
-        if self.parallel.offload_params and self.parallel.zero_stage != 3:
+        if p.activation_checkpointing and not self.model.activation_checkpointing:
             raise ValueError(
-                f"parallel.offload_params needs parallel.zero_stage=3 (got {self.parallel.zero_stage})"
+                f"parallel.activation_checkpointing is not supported by model.name={self.model.name}; set it to false"
             )
-        if self.parallel.offload_optimizer and self.optim.fused:
+        if p.offload_params and p.zero_stage != 3:
+            raise ValueError(f"parallel.offload_params needs parallel.zero_stage=3 (got {p.zero_stage})")
+        if p.offload_optimizer and self.optim.fused:
             raise ValueError(
                 "optim.fused=true and parallel.offload_optimizer=true: offloaded optimizer states step on the CPU "
                 "with DeepSpeed's CPU Adam; drop optim.fused (or set it to false)"
             )
-        if self.parallel.offload_optimizer and self.parallel.zero_stage == 0:
+        if p.offload_optimizer and p.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
+        self.model.check(self)
         check_topology(self, self.cluster.workers)
         return self
 
@@ -586,249 +481,8 @@ def check_topology(cfg: Config, world_size: int) -> None:
             if want % per == 0
             else "pick train.global_batch_size divisible by micro_batch_size x workers"
         )
-        raise ValueError(
+        raise TopologyError(
             f"train.global_batch_size={want} but train.micro_batch_size={cfg.train.micro_batch_size} x "
             f"parallel.grad_accum={cfg.parallel.grad_accum} x world size {world_size} = {have}; {hint}, "
             "or drop train.global_batch_size"
         )
-
-
-# ---------------------------------------------------------------------------------- loading / errors
-def _valid_keys(cls: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in cls.model_fields.items()]
-
-
-def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
-    """The pydantic class that owns the keys below ``path`` (the model section follows model.name)."""
-    cls: type[BaseModel] = Config
-    for part in path:
-        if cls is Config and part == "model":
-            name = (
-                (data.get("model") or {}).get("name", "gpt") if isinstance(data.get("model"), dict) else "gpt"
-            )
-            cls = MODEL_CLASSES.get(name, GPTModelConfig)
-            continue
-        field = cls.model_fields.get(part)
-        ann = getattr(field, "annotation", None) if field else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
-            return None
-    return cls
-
-
-def _closest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(options)}"
-
-
-def _format_errors(err: ValidationError, data: dict, source: str, overridden: set[str]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # the discriminated union adds the tag ('model', 'gpt', ...): drop it
-        if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_CLASSES:
-            loc = [loc[0]] + loc[2:]
-        key = ".".join(loc) if loc else "(top level)"
-        if e["type"] == "union_tag_invalid":
-            key = "model.name"
-        where = f"command-line argument '{key}=...'" if key in overridden else source
-        if e["type"] == "extra_forbidden":
-            owner = _section_class(tuple(loc[:-1]), data)
-            opts = [f for f in _valid_keys(owner)] if owner else []
-            prefix = ".".join(loc[:-1])
-            sugg = _closest(loc[-1], opts)
-            if sugg.startswith("did you mean"):
-                sugg = f"did you mean '{prefix + '.' if prefix else ''}{sugg.split(chr(39))[1]}'?"
-            lines.append(f"unknown key '{key}' in {where}; {sugg}")
-        elif e["type"] == "missing":
-            lines.append(f"missing required key '{key}' in {source}")
-        elif e["type"] == "union_tag_invalid":
-            lines.append(
-                f"model.name={e.get('ctx', {}).get('tag')!r} is not a known model ({where}); allowed: {', '.join(MODEL_CLASSES)}"
-            )
-        elif e["type"] == "union_tag_not_found":
-            lines.append(
-                f"missing required key 'model.name' in {source}; allowed: {', '.join(MODEL_CLASSES)}"
-            )
-        elif e["type"] == "value_error" and not e["loc"] or e["type"] == "value_error" and len(loc) <= 1:
-            lines.append(f"{e['msg'].removeprefix('Value error, ')} ({source})")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"key '{key}' = {e.get('input')!r} in {where}: {msg}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    if "=" not in arg or arg.startswith("="):
-        raise ConfigError(f"bad override '{arg}': write section.key=value, e.g. train.steps=50")
-    key, raw = arg.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(
-            f"bad override '{arg}': the key must be dotted, section.key=value (e.g. optim.lr=3e-4)"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"bad override '{arg}': value is not valid YAML ({exc.problem})") from None
-    return parts, value
-
-
-def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        cls = _section_class(tuple(parts[:i]), data)
-        if cls is not None and part not in _valid_keys(cls):
-            raise ConfigError(
-                f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _valid_keys(cls))}"
-            )
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"bad override '{arg}': '{'.'.join(parts[: i + 1])}' is not a section")
-        node = nxt
-    cls = _section_class(tuple(parts[:-1]), data)
-    if cls is not None and parts[-1] not in _valid_keys(cls):
-        prefix = ".".join(parts[:-1])
-        sugg = _closest(parts[-1], _valid_keys(cls))
-        if sugg.startswith("did you mean"):
-            sugg = f"did you mean '{prefix}.{sugg.split(chr(39))[1]}'?"
-        raise ConfigError(f"bad override '{arg}': unknown key '{'.'.join(parts)}'; {sugg}")
-    node[parts[-1]] = value
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML ``path`` (may be None for overrides only), apply ``overrides``, validate."""
-    data: dict = {}
-    source = "the command line"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file {path} not found; pass a YAML file such as configs/gpt-cpu-tiny.yaml"
-            )
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
-        data = loaded
-    overridden: set[str] = set()
-    for arg in overrides:
-        parts, value = parse_override(arg)
-        _set_override(data, parts, value, arg)
-        overridden.add(".".join(parts))
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, data, source, overridden)) from None
-
-
-def config_from_yaml(text: str, source: str = "config") -> Config:
-    """A config from YAML text written by ``to_yaml`` (what launchers hand to their workers)."""
-    try:
-        return Config.model_validate(yaml.safe_load(text))
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, yaml.safe_load(text), source, set())) from None
-
-
-def to_yaml(cfg: Config) -> str:
-    data = cfg.model_dump(mode="json", by_alias=True)
-    data["model"] = {"name": data["model"].pop("name"), **data["model"]}
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-# What a resume may change (dotted keys or whole sections): how long and how the run goes on, where
-# it reads and writes, how it is logged and launched. Anything else (the model, precision, ZeRO
-# stage, optimizer, data format and tokenizer...) belongs to the checkpoint, and a change is refused.
-RESUMABLE_KEYS = (
-    "run.name",
-    "run.dir",
-    "run.log_level",
-    "run.device",
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.check_replicas",
-    "train.global_batch_size",
-    "optim.warmup_steps",
-    "optim.fused",
-    "data.train_path",
-    "data.eval_path",
-    "data.sources",
-    "data.num_workers",
-    "data.prefetch_factor",
-    "data.pin_memory",
-    "parallel.grad_accum",
-    "parallel.backend",
-    "parallel.tf32",
-    "parallel.cudnn_benchmark",
-    "parallel.channels_last",
-    "checkpoint",
-    "metrics",
-    "tracking",
-    "cluster",
-)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def resume_changes(saved_yaml: str, cfg: Config) -> list[str]:
-    """The keys, with both values, where ``cfg`` differs from a checkpoint's saved config in ways
-    a resume may not change (``RESUMABLE_KEYS`` may)."""
-    saved = _flatten(yaml.safe_load(saved_yaml))
-    new = _flatten(yaml.safe_load(to_yaml(cfg)))
-    out = []
-    for key in sorted(set(saved) | set(new)):
-        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
-            continue
-        a, b = saved.get(key, "<unset>"), new.get(key, "<unset>")
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def reference_markdown() -> str:
-    """The config reference (every key, type, default and its one-line doc) as markdown tables."""
-    out = []
-    sections: list[tuple[str, type[BaseModel]]] = []
-    for name, field in Config.model_fields.items():
-        if name == "model":
-            sections += [(f"model (name: {k})", c) for k, c in MODEL_CLASSES.items()]
-        else:
-            sections.append((name, field.annotation))
-    for title, cls in sections:
-        out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
-        sec = title.split(" ")[0]
-
-        def rows(prefix: str, cls: type[BaseModel]) -> None:
-            for key, f in ((f.alias or k, f) for k, f in cls.model_fields.items()):
-                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
-                    rows(f"{prefix}.{key}", f.annotation)  # a nested section: its keys in full
-                    continue
-                default = (
-                    "required"
-                    if f.is_required()
-                    else (f.default_factory() if f.default_factory else f.default)
-                )
-                out.append(f"| `{prefix}.{key}` | `{default!r}` | {f.description} |")
-
-        rows(sec, cls)
-        out.append("")
-    return "\n".join(out)

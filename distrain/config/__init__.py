@@ -1,0 +1,32 @@
+"""The typed config tree: the schema (``schema.py``: sections and their validators) and the loader
+(``loader.py``: YAML, dotted command-line overrides, error text). Data only: nothing here imports
+torch or builds a part."""
+
+from distrain.config.loader import (
+    RESUMABLE_KEYS,
+    config_from_yaml,
+    load_config,
+    parse_override,
+    reference_markdown,
+    resume_changes,
+    to_yaml,
+)
+from distrain.config.schema import Config, ModelSection, Section, check_topology, global_batch
+from distrain.errors import ConfigError, TopologyError
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "Config",
+    "ConfigError",
+    "ModelSection",
+    "Section",
+    "TopologyError",
+    "check_topology",
+    "config_from_yaml",
+    "global_batch",
+    "load_config",
+    "parse_override",
+    "reference_markdown",
+    "resume_changes",
+    "to_yaml",
+]
