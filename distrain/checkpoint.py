@@ -323,14 +323,40 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
+def _changes(ckpt: Path, cfg) -> list[str]:
+    """The keys where ``cfg`` changes what checkpoint ``ckpt`` holds (its saved config)."""
+    from distrain.config import resume_changes
+
+    saved = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config")
+    return resume_changes(saved, cfg) if saved else []
+
+
+def _refuse_changes(ckpt: Path, changes: list[str]) -> None:
+    if changes:
+        from distrain.errors import ConfigError
+
+        raise ConfigError(
+            f"{ckpt} was saved with another config; a resume may not change: "
+            + "; ".join(changes)
+            + ". Resume with the run's own config (`distrain resume RUN_DIR`, overriding only the keys "
+            "the README lists as resumable), or start a new run in another run.dir"
+        )
+
+
+def check_launch(run_dir: Path, cfg) -> None:
+    """A launcher's check before any worker starts (or anything is written): a new run may not
+    reuse a directory with checkpoints, and a resume may not change what the newest one holds."""
+    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
+    found = newest_valid(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if found is not None:
+        _refuse_changes(found[0], _changes(found[0], cfg))
+
+
 def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
     """Which checkpoint a run resumes from (rank 0 decides for all, collective over ``comm``): its
     tag, the world size that saved it, and, when that differs under ZeRO >= 1, the universal copy
     to load instead. With ``cfg``, a config that changes what the checkpoint holds (the model, its
     precision, ZeRO stage, optimizer...) is refused before anything loads, naming each key."""
-    from distrain.config import resume_changes
-    from distrain.errors import ConfigError
-
     info: dict[str, Any] | None = None
     rank, world = comm.rank, comm.world_size
     if rank == 0:
@@ -339,17 +365,10 @@ def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
             ckpt, manifest = found
             info = {"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}
             if cfg is not None:
-                saved = torch.load(ckpt / STATE, map_location="cpu", weights_only=True).get("config")
-                info["changes"] = resume_changes(saved, cfg) if saved else []
+                info["changes"] = _changes(ckpt, cfg)
     plan = comm.broadcast(info, src=0)
-    changes = plan.pop("changes", None) if plan is not None else None
-    if changes:  # every rank raises the same error
-        raise ConfigError(
-            f"{root / plan['tag']} was saved with another config; a resume may not change: "
-            + "; ".join(changes)
-            + ". Resume with the run's own config (`distrain resume RUN_DIR`, overriding only the keys "
-            "the README lists as resumable), or start a new run in another run.dir"
-        )
+    if plan is not None:  # every rank raises the same error
+        _refuse_changes(root / plan["tag"], plan.pop("changes", None) or [])
     if plan is not None and plan["world"] != world and plan["zero_stage"] > 0:
         if rank == 0:
             log.warning(

@@ -230,3 +230,18 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_step_and_rank(in_workdi
     finally:
         POISON.clear()
     assert summary["status"] == "completed" and summary["nonfinite_steps"] == 2
+
+
+def test_a_ray_launch_that_changes_the_model_is_refused_before_ray_starts(in_workdir, tmp_path):
+    from distrain.cluster.ray import launch
+
+    run(_cfg(tmp_path, "train.steps=2", "checkpoint.at_end=true"))
+    run_dir = tmp_path / "r"
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    other = _cfg(tmp_path, "train.steps=4", "model.d=16")
+    with pytest.raises(ConfigError, match=r"a resume may not change: model.d: 32 -> 16"):
+        launch(other, local=True)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no RUN_DIR/ray
+    import ray
+
+    assert not ray.is_initialized()

@@ -129,11 +129,11 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distrain.checkpoint import refuse_to_overwrite
+    from distrain.checkpoint import check_launch
 
     run_dir = cfg.run.run_dir.resolve()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
-    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)  # before any Ray process starts
+    check_launch(run_dir, cfg)  # before any Ray process starts or RUN_DIR/ray is written
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if not local and not address:
         raise ConfigError(
