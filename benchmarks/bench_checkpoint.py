@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from distrain.checkpoint import _Writer
+    from distrain.checkpoint import _Writer, resume_plan
     from distrain.config import load_config
     from distrain.data import DataPipeline
     from distrain.train import run, setup
@@ -79,9 +79,10 @@ def main() -> None:
             t0 = time.perf_counter()
             torch.load(path, map_location="cpu", weights_only=True)
             rows["torch_load"].append(time.perf_counter() - t0)
-            s.trainer.data = DataPipeline(cfg)  # a fresh pipeline takes the restored position (not timed)
+            # a fresh pipeline (one that has drawn no batch) takes the restored position (not timed)
+            ck.rank_parts["data"] = DataPipeline(cfg)
             t0 = time.perf_counter()
-            ck.load()
+            ck.load(resume_plan(ck.root, ck.comm))  # the plan verifies the newest checkpoint's hashes
             rows["load"].append(time.perf_counter() - t0)
             path.unlink()
         med = {k: statistics.median(v) for k, v in rows.items()}

@@ -61,6 +61,18 @@ def wait_for_records(path: Path, n: int, proc, timeout: float = 300) -> None:
     )
 
 
+def complete_steps(path: Path) -> list[int]:
+    """The steps of the records a running process has finished writing to ``path`` (metrics.jsonl;
+    a line being written is left out)."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    return [json.loads(ln)["step"] for ln in lines if ln.endswith("\n") and ln.strip()]
+
+
 def read_wandb(path: Path) -> list:
     """The records of a W&B transaction log (``run-<id>.wandb``), decoded with wandb's own protobuf
     schema. The file is a LevelDB-style log: a 7-byte W&B header, then 32 KiB blocks of chunks, each

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, read_jsonl, wait_for_records
+from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_records
 
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
@@ -61,11 +61,19 @@ def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
     )
     metrics = run_dir / "metrics.jsonl"
     wait_for_records(metrics, 3, proc)
+    before = complete_steps(metrics)[-1]  # one record per step: step `before` had ended
     proc.send_signal(signal.SIGINT)
+    after = complete_steps(metrics)[-1]
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and 3 <= summary["step"] < 1000000
+    # the step in flight is finished and no other: at the earliest the one after `before`, at the
+    # latest the step after the one being logged as Ctrl-C came, two past the last record complete by then
+    assert summary["status"] == "interrupted" and before + 1 <= summary["step"] <= after + 2, (
+        before,
+        summary["step"],
+        after,
+    )
     recs = read_jsonl(metrics)
     assert recs[-1]["step"] == summary["step"]  # the last finished step was logged
     assert (run_dir / "checkpoints" / f"step{summary['step']:08d}").is_dir()

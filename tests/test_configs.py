@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from distrain.config import load_config
+from distrain.errors import TopologyError
 from distrain.parallel import check_device
 from distrain.train import run
 from tests.conftest import CONFIGS, read_jsonl
@@ -21,10 +23,27 @@ def test_there_are_cpu_and_gpu_configs():
     assert "gpt-1b-zero3.yaml" in GPU
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_config_validates(name):
-    cfg = load_config(CONFIGS / name)
-    assert cfg.run.name
+    """Every key the YAML file sets resolves to the value written there (no validator, preset or
+    default silently replaces it), under the name the file uses (aliases included)."""
+    raw = _leaves(yaml.safe_load((CONFIGS / name).read_text()))
+    resolved = _leaves(load_config(CONFIGS / name).model_dump(mode="json", by_alias=True))
+    assert raw, f"{name} sets no keys"
+    missing = sorted(k for k in raw if k not in resolved)
+    assert not missing, f"{name}: keys of the file absent from the resolved config: {missing}"
+    differ = {k: (v, resolved[k]) for k, v in raw.items() if resolved[k] != v}
+    assert not differ, f"{name}: key: (file, resolved) {differ}"
 
 
 @pytest.mark.parametrize("name", CPU)
@@ -43,7 +62,7 @@ def test_cpu_config_runs_two_steps(in_workdir, tmp_path, name):
 @pytest.mark.parametrize("name", GPU)
 def test_gpu_config_validates_and_is_refused_without_gpu(name):
     cfg = load_config(CONFIGS / name)
-    with pytest.raises(RuntimeError, match="run.device=cuda but no CUDA GPU is visible.*set run.device=cpu"):
+    with pytest.raises(TopologyError, match="run.device=cuda but no CUDA GPU is visible.*set run.device=cpu"):
         check_device(cfg)
     # with the device overridden the GPU recipe resolves to a CPU-compatible check (bf16 is fine on CPU)
     assert check_device(load_config(CONFIGS / name, ["run.device=cpu"])) == "cpu"
@@ -61,5 +80,5 @@ def test_gpu_config_validates_and_is_refused_without_gpu(name):
     ],
 )
 def test_cpu_refuses_gpu_only_combinations(overrides, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(TopologyError, match=message):
         check_device(load_config(CONFIGS / "gpt-cpu-tiny.yaml", overrides))

@@ -15,6 +15,7 @@ from distrain.config import load_config
 from distrain.data import DataError, DataPipeline
 from distrain.data.text import PackedText
 from distrain.data.tokenizer import ByteTokenizer
+from distrain.errors import ConfigError
 from distrain.train import run
 from tests.conftest import CONFIGS, read_jsonl
 
@@ -78,6 +79,30 @@ def test_ranks_and_workers_read_disjoint_documents(tmp_path, world, workers):
     assert len(seen) >= len(docs) - world * max(workers, 1) * 2  # only stream tails are cut
 
 
+def _assert_batches_hold(pipe, docs_ids: list[list[int]], eos: int, n: int = 4) -> list[int]:
+    """The first ``n`` train batches of ``pipe`` (their ids returned) are those documents, tokenized as ``docs_ids``.
+    Batches are consecutive windows of one stream (data.num_workers=0): joined, they split at
+    ``eos`` into whole documents, after the tail of one and before the head of another."""
+    it = pipe.train_batches()
+    ids = [i for _ in range(n) for i in next(it)["input_ids"].reshape(-1).tolist()]
+    assert max(ids) < pipe.tokenizer.vocab_size
+    pieces, cur = [], []
+    for i in ids:
+        if i == eos:
+            pieces.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    head, *inner, tail = [*pieces, cur]
+    # the longest document is shorter than a third of the tokens read: at least two whole ones
+    assert len(inner) >= 2, f"{len(pieces)} documents ended in {len(ids)} tokens"
+    whole = {tuple(d) for d in docs_ids}
+    assert all(tuple(p) in whole for p in inner), "a document in the batches is none of those written"
+    assert any(d[len(d) - len(head) :] == head for d in docs_ids)  # the end of one of them
+    assert any(d[: len(tail)] == tail for d in docs_ids)  # the start of one of them
+    return ids
+
+
 def test_txt_and_parquet_text_and_hf_tokenizer(in_workdir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,23 +114,44 @@ def test_txt_and_parquet_text_and_hf_tokenizer(in_workdir, tmp_path):
     for i, d in enumerate(docs):
         (tmp_path / "txt" / f"{i:03d}.txt").write_text(d)
     pq.write_table(pa.table({"body": docs}), tmp_path / "docs.parquet")
-    # a tokenizer trained here and saved as a local HF directory
+    # a byte-level BPE tokenizer trained here (the 256 byte symbols, 2 special tokens, then merges:
+    # ids past the byte tokenizer's 0-256) and saved as a local HF directory
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
-    t.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    t.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="<unk>").save_pretrained(
         tmp_path / "tok"
     )
 
-    for fmt_overrides in (
-        [f"data.train_path={tmp_path / 'txt'}/*.txt"],
-        [f"data.train_path={tmp_path / 'docs.parquet'}", "data.text_field=body"],
-        [
-            f"data.train_path={tmp_path / 'docs.parquet'}",
-            "data.text_field=body",
-            f"data.tokenizer={tmp_path / 'tok'}",
-            "model.vocab_size=320",
-        ],
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    byte_ids = [ByteTokenizer().encode(d).tolist() for d in docs]
+    hf_ids = [hf(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert len(hf) == 300 and max(i for ids in hf_ids for i in ids) >= 257  # merges past the byte ids
+
+    for fmt_overrides, want, eos in (
+        ([f"data.train_path={tmp_path / 'txt'}/*.txt"], byte_ids, ByteTokenizer.eos_id),
+        (
+            [f"data.train_path={tmp_path / 'docs.parquet'}", "data.text_field=body"],
+            byte_ids,
+            ByteTokenizer.eos_id,
+        ),
+        (
+            [
+                f"data.train_path={tmp_path / 'docs.parquet'}",
+                "data.text_field=body",
+                f"data.tokenizer={tmp_path / 'tok'}",
+                "model.vocab_size=320",
+            ],
+            hf_ids,
+            hf.eos_token_id,
+        ),
     ):
         cfg = load_config(
             CONFIGS / "gpt-cpu-tiny.yaml",
@@ -118,13 +164,20 @@ def test_txt_and_parquet_text_and_hf_tokenizer(in_workdir, tmp_path):
                 *fmt_overrides,
             ],
         )
+        pipe = DataPipeline(cfg)
+        ids = _assert_batches_hold(pipe, want, eos)
+        if want is hf_ids:  # the pipeline reads with the HF tokenizer saved here, not bytes
+            assert pipe.tokenizer.vocab_size == len(hf) and pipe.tokenizer.eos_id == hf.eos_token_id
+            assert max(ids) >= 257
+        else:
+            assert pipe.tokenizer.vocab_size == 257 and max(ids) <= 256
         assert run(cfg)["status"] == "completed"
 
     cfg = load_config(
         CONFIGS / "gpt-cpu-tiny.yaml", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"]
     )
     with pytest.raises(
-        ValueError,
+        ConfigError,
         match=r"model.vocab_size \(100\) is smaller than the vocabulary .* set model.vocab_size >= \d+",
     ):
         DataPipeline(cfg)
@@ -160,6 +213,19 @@ def test_parquet_images_train_and_label_checks(in_workdir, tmp_path):
         CONFIGS / "resnet-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'img.parquet'}"]
     )
     assert run(cfg)["status"] == "completed"
+    # the batches are those rows: each image is the flat grey 60 x label + 10 of its own row (any
+    # crop of it is that grey), ImageNet-normalised, at the model's size
+    from distrain.data.vision import IMAGENET_MEAN, IMAGENET_STD
+
+    batch = next(DataPipeline(cfg).train_batches())
+    assert batch["images"].shape == (8, 3, 32, 32) and set(batch["labels"].tolist()) <= {0, 1, 2}
+    assert (
+        len(set(batch["labels"].tolist())) > 1
+    )  # several greys: each image is checked against its own label
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for image, label in zip(batch["images"], batch["labels"].tolist(), strict=True):
+        grey = ((60 * label + 10) / 255 - mean) / std
+        torch.testing.assert_close(image, grey.expand_as(image))
     cfg = load_config(
         CONFIGS / "resnet-cpu-tiny.yaml",
         [*base, f"data.train_path={tmp_path / 'raw.parquet'}", "data.image_field=png"],
@@ -170,10 +236,10 @@ def test_parquet_images_train_and_label_checks(in_workdir, tmp_path):
         CONFIGS / "resnet-cpu-tiny.yaml",
         [*base, f"data.train_path={tmp_path / 'img.parquet'}", "data.label_field=y"],
     )
-    with pytest.raises(KeyError, match=r"data.label_field: .*img.parquet has no column 'y'"):
+    with pytest.raises(DataError, match=r"data.label_field: .*img.parquet has no column 'y'"):
         next(DataPipeline(cfg).train_batches())
     cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", [*base, "model.num_classes=5"])
-    with pytest.raises(ValueError, match=r"has 10 classes but model.num_classes=5"):
+    with pytest.raises(DataError, match=r"has 10 classes but model.num_classes=5"):
         next(DataPipeline(cfg).train_batches())
 
 
@@ -191,7 +257,7 @@ def test_imagefolder_batches_and_eval_transform(in_workdir):
 def test_missing_data_and_bad_field_errors(in_workdir, tmp_path):
     cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", ["data.train_path=data/nothing/*.jsonl"])
     with pytest.raises(
-        FileNotFoundError,
+        DataError,
         match=r"data.train_path: no data files at 'data/nothing/\*.jsonl'.*distrain data prepare",
     ):
         DataPipeline(cfg)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distrain.config import load_config
+from distrain.errors import CheckpointError, ConfigError
 from distrain.train import run, setup
 from tests.conftest import CONFIGS
 
@@ -20,6 +21,23 @@ def _module_state(engine) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _module_logits(engine, ids) -> torch.Tensor:
+    """The logits of distrain's trained module itself (its parameters gathered under ZeRO 3)."""
+    import contextlib
+
+    import deepspeed
+
+    module = engine.module
+    gather = (
+        deepspeed.zero.GatheredParameters(list(module.parameters()))
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    module.eval()
+    with torch.no_grad(), gather:
+        return module(input_ids=ids, use_cache=False).logits.detach().float().clone()
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
@@ -50,16 +68,19 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(in_workdir, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
     ids = torch.randint(0, 257, (2, 32))
-    ref = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ref.load_state_dict({k: v for k, v in trained.items()}, strict=False)
-    if precision == "fp32":  # fp32 training: the exported weights are the trained ones, bitwise
+    with torch.no_grad():
+        exported = model(ids).logits
+    if precision == "fp32":
+        # fp32 training: the exported weights are the trained ones, bitwise, and the exported model
+        # computes what distrain's own trained module computes
         assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+        torch.testing.assert_close(exported, _module_logits(s.engine, ids), rtol=0, atol=0)
     else:  # bf16 training exports the fp32 master weights; the module holds their bf16 rounding
         assert all(torch.equal(model.state_dict()[k].bfloat16().float(), trained[k]) for k in trained)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(ids).logits, ref(ids).logits, rtol=0, atol=0 if precision == "fp32" else 0.1
-        )
+        ref = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        ref.load_state_dict({k: v for k, v in trained.items()}, strict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(exported, ref(ids).logits, rtol=0, atol=0.1)
 
 
 def test_torchvision_and_safetensors_exports(in_workdir, tmp_path):
@@ -88,7 +109,7 @@ def test_torchvision_and_safetensors_exports(in_workdir, tmp_path):
     assert all(torch.equal(params[k].detach(), trained[k]) for k in params)
     st = load_file(str(export(tmp_path / "run", "safetensors", tmp_path / "st")))
     assert set(st) >= set(params) and all(torch.equal(st[k], trained[k]) for k in params)
-    with pytest.raises(ValueError, match="--format hf exports transformers models"):
+    with pytest.raises(ConfigError, match="--format hf exports transformers models"):
         export(tmp_path / "run", "hf", tmp_path / "x")
-    with pytest.raises(RuntimeError, match="step00000009 does not exist"):
+    with pytest.raises(CheckpointError, match="step00000009 does not exist"):
         export(tmp_path / "run", "safetensors", tmp_path / "y", step=9)

@@ -60,13 +60,26 @@ def test_bf16_trains_with_fused_adamw_tf32_and_pinned_batches(in_workdir, tmp_pa
     assert ok, losses
 
 
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
 def test_fp32_without_tf32_and_unfused(in_workdir, tmp_path):
-    cfg = _cfg(tmp_path, "gpt", "parallel.tf32=false", "optim.fused=false", steps=10)
-    s = setup(cfg)
-    assert not torch.backends.cuda.matmul.allow_tf32
-    assert not s.engine.basic_optimizer.defaults.get("fused")
-    run(cfg, s)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    saved = _tf32_flags()
+    try:
+        cfg = _cfg(tmp_path, "gpt", "parallel.tf32=false", "optim.fused=false")
+        s = setup(cfg)
+        assert _tf32_flags() == (False, False)
+        assert not s.engine.basic_optimizer.defaults.get("fused")
+        during = []  # the flags at every forward of the run
+        s.engine.module.register_forward_pre_hook(lambda module, args: during.append(_tf32_flags()))
+        summary = run(cfg, s)
+        assert summary["status"] == "completed" and summary["step"] == 30
+        assert len(during) >= 30 and set(during) == {(False, False)}, set(during)
+        ok, losses = _falls(_losses(cfg.run.run_dir))
+        assert ok, losses
+    finally:  # the next tests get the flags as they were
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -144,15 +157,29 @@ def test_nvml_energy_counter(in_workdir, tmp_path):
 
 
 def test_resume_on_cuda_matches_uninterrupted(in_workdir, tmp_path):
+    """A 20-step run stopped at step 10 (a preemption notice: checkpoint, stop) and resumed has
+    the 20-step run's schedule and losses throughout."""
     common = ["parallel.precision=bf16", "parallel.zero_stage=2", "train.log_every=1"]
     whole = _cfg(tmp_path, "gpt", *common, steps=20, name="whole")
     run(whole)
-    first = _cfg(tmp_path, "gpt", *common, "checkpoint.every_steps=10", steps=10, name="split")
-    run(first)
-    second = _cfg(tmp_path, "gpt", *common, "checkpoint.resume=true", steps=20, name="split")
-    run(second)
-    a, b = _losses(whole.run.run_dir), _losses(second.run.run_dir)
-    assert len(b) == 20  # one record per step across the resume
+    first = _cfg(tmp_path, "gpt", *common, "checkpoint.every_steps=10", steps=20, name="split")
+    s = setup(first)
+
+    def notice_in_step_10(module, args):
+        if s.trainer.step == 9:  # step 10 is in flight: what the SIGUSR1 handler does
+            s.trainer.request_stop("preempted")
+
+    s.engine.module.register_forward_pre_hook(notice_in_step_10)
+    stopped = run(first, s)
+    assert stopped["status"] == "preempted" and stopped["step"] == 10, stopped
+    assert (first.run.run_dir / "checkpoints" / "step00000010" / "manifest.json").is_file()
+    second = load_config(first.run.run_dir / "config.yaml")  # the run's own config: 20 steps
+    resumed = setup(second)
+    assert resumed.trainer.step == 10
+    assert run(second, resumed)["status"] == "completed"
+    recs = [r for r in read_jsonl(second.run.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 21))  # each step once, across the resume
+    a, b = _losses(whole.run.run_dir), [r["loss"] for r in recs]
     assert b == pytest.approx(a, rel=1e-3), (a, b)  # GPU kernels are not bitwise deterministic
 
 

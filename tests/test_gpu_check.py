@@ -38,8 +38,28 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
         line = next((x for x in text.splitlines() if x.startswith(row)), None)
         assert line is not None, f"{row} missing from:\n{text}"
         assert "nan" not in line
-    plain = next(x for x in text.splitlines() if x.startswith("| llama plain |"))
-    assert "1.000x" in plain  # each row is a ratio against the plain loop measured in the same run
+    # each distrain row is its rate against the plain loop of the same model measured in the same
+    # run: a ratio the printed rates reproduce (they are rounded to whole units), and a sane one
+    for row, plain_row in (
+        ("llama distrain ZeRO 0", "llama plain"),
+        ("llama distrain ZeRO 3", "llama plain"),
+        ("resnet distrain ZeRO 0", "resnet plain"),
+    ):
+        rate, ratio = _rate_and_ratio(text, row)
+        plain, _ = _rate_and_ratio(text, plain_row)
+        assert 0 < ratio < 10, (row, ratio)
+        assert rate >= 1 and plain >= 1, (row, rate, plain)
+        low, high = (rate - 0.5) / (plain + 0.5), (rate + 0.5) / (plain - 0.5)
+        assert low - 0.0005 <= ratio <= high + 0.0005, (row, rate, plain, ratio)
+
+
+def _rate_and_ratio(text: str, row: str) -> tuple[float, float]:
+    """The rate (column 2, e.g. '1,234 tok/s') and the ratio to the plain loop (column 3, '0.953x')
+    of a row of bench_gpu.py's table."""
+    line = next(x for x in text.splitlines() if x.startswith(f"| {row} |"))
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    assert cells[0] == row and cells[2].endswith("x"), line
+    return float(cells[1].split()[0].replace(",", "")), float(cells[2].removesuffix("x"))
 
 
 def test_gpu_wheels_dry_run_names_every_missing_package(tmp_path):

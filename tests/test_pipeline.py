@@ -242,15 +242,44 @@ def test_vision_transforms_follow_the_config(in_workdir):
     assert (
         float(b.min()) >= 0.0 and float(b.max()) <= 1.0 and float(a.min()) < 0.0
     )  # plain [0, 1] vs ImageNet-normalised
-    c = next(
-        DataPipeline(
-            load_config(
-                CONFIGS / "resnet-cpu-tiny.yaml",
-                [*base, "model.image_size=48", "data.eval_resize_ratio=1.25"],
-            )
-        ).train_batches()
+    wide_pipe = DataPipeline(
+        load_config(
+            CONFIGS / "resnet-cpu-tiny.yaml",
+            [*base, "model.image_size=48", "data.eval_resize_ratio=1.25"],
+        )
     )
+    c = next(wide_pipe.train_batches())
     assert c["images"].shape == (4, 3, 48, 48)
+    # eval: the shorter side resized to 48 x 1.25 = 60, then the central 48 x 48; with ratio 1.0 the
+    # whole image is resized to 48: the same images (labels), other pixels
+    wide = wide_pipe.eval_batches()
+    full = DataPipeline(
+        load_config(
+            CONFIGS / "resnet-cpu-tiny.yaml", [*base, "model.image_size=48", "data.eval_resize_ratio=1.0"]
+        )
+    ).eval_batches()
+    assert wide and len(wide) == len(full)
+    assert all(b["images"].shape == (4, 3, 48, 48) for b in wide + full)
+    assert all(torch.equal(w["labels"], f["labels"]) for w, f in zip(wide, full, strict=True))
+    assert not any(torch.equal(w["images"], f["images"]) for w, f in zip(wide, full, strict=True))
+    from torchvision.transforms import v2
+
+    from distrain.data.vision import IMAGENET_MEAN, IMAGENET_STD
+
+    first = sorted((in_workdir / "data" / "digits" / "val" / "0").iterdir())[0]  # eval is unshuffled
+    crop = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(60, antialias=True),
+            v2.CenterCrop(48),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    with Image.open(first) as im:
+        want = crop(im.convert("RGB"))
+    assert wide[0]["labels"][0] == 0
+    torch.testing.assert_close(wide[0]["images"][0], want)
 
 
 def test_another_world_size_continues_from_the_saved_epoch(tmp_path):

@@ -21,12 +21,11 @@ SMALL = {  # keep each run a few seconds on 2 cores
 CONFIG_OF = {"gpt": "gpt-cpu-tiny.yaml", "lstm": "lstm-cpu-tiny.yaml", "resnet": "resnet-cpu-tiny.yaml"}
 
 
-def train(tmp_path, model: str, *overrides: str, steps: int = 30):
-    run_dir = tmp_path / "run"
-    cfg = load_config(
+def _config(tmp_path, model: str, *overrides: str, steps: int = 30):
+    return load_config(
         CONFIGS / CONFIG_OF[model],
         [
-            f"run.dir={run_dir}",
+            f"run.dir={tmp_path / 'run'}",
             f"train.steps={steps}",
             "train.log_every=1",
             "train.eval_every=0",
@@ -36,8 +35,12 @@ def train(tmp_path, model: str, *overrides: str, steps: int = 30):
             *overrides,
         ],
     )
-    summary = run(cfg)
-    return summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir
+
+
+def train(tmp_path, model: str, *overrides: str, steps: int = 30, session=None):
+    cfg = _config(tmp_path, model, *overrides, steps=steps)
+    summary = run(cfg, session)
+    return summary, read_jsonl(cfg.run.run_dir / "metrics.jsonl"), cfg.run.run_dir
 
 
 def _falls(records, factor=0.8):
@@ -72,16 +75,31 @@ def test_zero3_trains_gpt(in_workdir, tmp_path, precision):
     assert ok, f"ZeRO 3 {precision}: loss {first:.3f} -> {last:.3f}"
 
 
+def _activation_checkpointing(module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (now a deprecated alias) to is_activation_checkpointing
+    if hasattr(type(module), "is_activation_checkpointing"):
+        return module.is_activation_checkpointing
+    return module.is_gradient_checkpointing
+
+
 def test_llama_arch_grad_accum_and_activation_checkpointing(in_workdir, tmp_path):
-    summary, records, _ = train(
-        tmp_path,
-        "gpt",
+    from transformers import LlamaForCausalLM
+
+    from distrain.train import setup
+
+    overrides = [
         "model.arch=llama",
         "model.n_kv_head=2",
         "parallel.grad_accum=2",
         "parallel.activation_checkpointing=true",
         "parallel.zero_stage=2",
-    )
+    ]
+    s = setup(_config(tmp_path, "gpt", *overrides))
+    module = s.engine.module
+    assert isinstance(module, LlamaForCausalLM), type(module)
+    assert module.config.num_key_value_heads == 2 and module.config.num_attention_heads == 4  # GQA
+    assert _activation_checkpointing(module)  # every block recomputes its activations in backward
+    summary, records, _ = train(tmp_path, "gpt", *overrides, session=s)
     assert summary["samples_seen"] == 30 * 8 * 2
     ok, (first, last) = _falls(records)
     assert ok, f"llama: loss {first:.3f} -> {last:.3f}"
