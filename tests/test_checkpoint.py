@@ -186,8 +186,15 @@ run(cfg)
 """
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize("point", ["manifest", "latest"])
+@pytest.mark.parametrize(
+    "point, mode",
+    [
+        ("manifest", "sync"),
+        ("latest", "async"),
+        pytest.param("manifest", "async", marks=pytest.mark.slow),  # the default suite keeps its time
+        pytest.param("latest", "sync", marks=pytest.mark.slow),
+    ],
+)
 def test_kill_9_during_saves_never_loses_the_run(in_workdir, tmp_path, point, mode):
     """kill -9 of the process inside step 3's save, at the two moments that decide which checkpoint
     is the run's: as the manifest of `.tmp-step00000003` is about to be written (every file of the

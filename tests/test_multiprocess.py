@@ -339,7 +339,7 @@ run(cfg, s)
 
 
 @pytest.mark.world_size
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(in_workdir, tmp_path, stage):
     """Gradients are averaged over ranks, so one rank's NaN loss makes every rank skip the step (the
     replicas stay identical); three in a row stop the run on both ranks, naming rank 1."""

@@ -226,7 +226,9 @@ def reference_markdown() -> str:
     sections: list[tuple[str, type[BaseModel]]] = []
     for name, field in Config.model_fields.items():
         if name == "model":
-            sections += [(f"model (name: {k})", models.model_config_class(k)) for k in models.names()]
+            # the shipped models (one added in this process by ``register`` documents itself)
+            shipped = models.names(shipped=True)
+            sections += [(f"model (name: {k})", models.model_config_class(k)) for k in shipped]
         else:
             sections.append((name, field.annotation))
     for title, cls in sections:

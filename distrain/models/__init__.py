@@ -56,8 +56,11 @@ def register(spec: ModelSpec) -> None:
     _REGISTERED[spec.name] = spec
 
 
-def names() -> list[str]:
-    return [*_REGISTRY, *(n for n in _REGISTERED if n not in _REGISTRY)]
+def names(shipped: bool = False) -> list[str]:
+    """The model names ``model.name`` takes: the shipped ones (``shipped``), or also those added
+    in this process by ``register``."""
+    extra = [] if shipped else [n for n in _REGISTERED if n not in _REGISTRY]
+    return [*_REGISTRY, *extra]
 
 
 def get_spec(name: str) -> ModelSpec:
