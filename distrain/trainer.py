@@ -17,7 +17,7 @@ from distrain.errors import UserError
 from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
-from distrain.parallel.engine import channels_last
+from distrain.parallel.engine import channels_last, plain_torch_optimizer
 from distrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class NonFiniteGuard:
 
     DeepSpeed's mixed-precision and ZeRO optimizers detect it themselves (``engine.skipped_steps``,
     with gradient clipping on: ``parallel.grad_clip`` > 0). A plain torch optimizer (ZeRO 0 in fp32
-    or autocast) is told on the device, through the fused kernel's ``found_inf`` (the weights, the
+    or bf16 autocast; its gradients are clipped here, with the norm computed once) is told on the device, through the fused kernel's ``found_inf`` (the weights, the
     moments and the step count stay as they were), so no step reads a value back to the host;
     with ``optim.fused=false`` the flag is read on the host every step and the optimizer sits a bad
     step out. Streaks are checked on log steps: with ``stop``, ``train.max_nonfinite_steps``
@@ -68,10 +68,9 @@ class NonFiniteGuard:
         self.mode, self.limit = cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps
         self.engine, self.comm = engine, comm
         opt = engine.optimizer
-        self.own = (
-            isinstance(opt, torch.optim.Optimizer)
-            and getattr(engine, "torch_autocast_z0_gradscaler", None) is None
-        )
+        self.own = plain_torch_optimizer(cfg)
+        assert not self.own or isinstance(opt, torch.optim.Optimizer), type(opt)
+        self.clip = cfg.parallel.grad_clip  # the own path clips here (DeepSpeed's clipping is off)
         self.on_device = self.own and bool(getattr(opt, "defaults", {}).get("fused"))
         self.found = torch.zeros((), device=device)  # 1.0 when this step is skipped (own path)
         # skipped steps in the window, the current and the longest streak, the window's step of the
@@ -95,6 +94,8 @@ class NonFiniteGuard:
                 torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.found.device)
             )
         self.found.copy_(~torch.isfinite(norm))
+        if self.clip > 0 and grads:  # torch's clip_grad_norm_, with the norm already computed
+            torch.nn.utils.clip_grads_with_norm_(grads, self.clip, norm)
         if self.on_device:
             self.engine.optimizer.found_inf = self.found
         elif bool(self.found):  # unfused: a host read this step; the optimizer sits this step out

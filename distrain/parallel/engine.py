@@ -54,6 +54,17 @@ def mixed_precision_mode(cfg: Config) -> str | None:
     return "autocast" if cfg.model.batch_kind == "images" else "params"
 
 
+def plain_torch_optimizer(cfg: Config) -> bool:
+    """Whether DeepSpeed steps a plain torch optimizer (ZeRO 0 in fp32 or bf16 autocast), with no
+    optimizer of its own around it: then distrain clips the gradients (with the norm it computes for
+    ``train.on_nonfinite`` anyway) and skips non-finite steps. fp16 autocast is torch's GradScaler's."""
+    return (
+        cfg.parallel.zero_stage == 0
+        and cfg.parallel.precision != "fp16"
+        and mixed_precision_mode(cfg) != "params"
+    )
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -67,7 +78,7 @@ def fused_optimizer(cfg: Config, device: torch.device) -> bool:
         return False
     if cfg.optim.fused is not None:
         return cfg.optim.fused
-    return device.type == "cuda" or (cfg.parallel.zero_stage == 0 and mixed_precision_mode(cfg) != "params")
+    return device.type == "cuda" or plain_torch_optimizer(cfg)
 
 
 def channels_last(cfg: Config, device: torch.device) -> bool:
@@ -97,7 +108,8 @@ def build_ds_config(
         "train_batch_size": global_batch(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": p.grad_accum,
-        "gradient_clipping": p.grad_clip,  # DeepSpeed's own default is 1.0: always write it
+        # DeepSpeed's own default is 1.0: always write it; 0 where distrain clips (plain_torch_optimizer)
+        "gradient_clipping": 0.0 if plain_torch_optimizer(cfg) else p.grad_clip,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "optimizer": {
