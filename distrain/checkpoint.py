@@ -544,16 +544,17 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------- load
     def load(self, plan: dict[str, Any]) -> None:
-        """Restore the checkpoint ``resume_plan`` chose: the engine, then every part."""
+        """Restore the checkpoint ``resume_plan`` chose: the job-wide parts (the corpus check
+        first, before the engine's shards are read), the engine, then the per-rank parts."""
         ckpt = self.root / plan["tag"]
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        for key, part in self.job_parts.items():
+            if key in state:  # a part added after the checkpoint was written keeps its fresh state
+                part.load_state_dict(state[key])
         tag = plan.get("universal", plan["tag"])
         path, _ = self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
-        for key, part in self.job_parts.items():
-            if key in state:  # a part added after the checkpoint was written keeps its fresh state
-                part.load_state_dict(state[key])
         own = None
         if plan["world"] == self.world:
             own = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)

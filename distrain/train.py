@@ -148,7 +148,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
         engine,
         dist_info.comm,
         run_dir,
-        job={"trainer": progress, "meters": meters, "tracker": tracker},
+        job={"corpus": data.corpus, "trainer": progress, "meters": meters, "tracker": tracker},
         rank={"data": data, "rng": RandomState()},
     )
     if plan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ from PIL import Image
 
 from distrain.config import load_config
 from distrain.data import DataError, DataPipeline
-from distrain.data.text import PackedText
 from distrain.data.tokenizer import ByteTokenizer
 from distrain.errors import ConfigError
 from distrain.train import run
@@ -34,54 +34,45 @@ def _write_jsonl(tmp_path, docs, shards=3):
     return files
 
 
+def _plan(files, fmt="jsonl", partitions=1, shuffle=False, block=7, seed=0):
+    from distrain.data.plan import Plan
+    from distrain.data.sources import build_manifest
+
+    man = build_manifest(
+        files
+        if isinstance(files, str)
+        else files[0]
+        if len(files) == 1
+        else f"{Path(files[0]).parent}/*.{fmt}",
+        fmt,
+        "data.train_path",
+    )
+    return Plan([man], [1.0], seed, partitions, block, shuffle)
+
+
 def test_packing_reassembles_the_exact_token_stream(tmp_path):
+    from distrain.data.plan import Partition, TokenPacker
+    from distrain.data.text import TokenizeRows
+
     docs = _docs(40)
     files = _write_jsonl(tmp_path, docs, shards=1)
     tok = ByteTokenizer()
-    ds = PackedText(
-        [(files, "jsonl", 1.0)], tok, 64, "text", rank=0, world=1, seed=0, shuffle=False, loop=False
+    part = Partition(
+        _plan(files), 0, None, TokenPacker(64), TokenizeRows(tok, ["jsonl"], "text"), "skip", loop=False
     )
-    got = np.concatenate([b["input_ids"].numpy().reshape(-1) for b in ds])
+    windows = []
+    while (got := part.step()) is not None:
+        windows += [s.data for s in got]
+    got = np.concatenate(windows)
     want = np.concatenate([np.append(tok.encode(d), tok.eos_id) for d in docs])
+    assert all(len(w) == 64 for w in windows)
     assert len(got) == len(want) // 64 * 64  # only the final partial window is left over
     assert np.array_equal(got, want[: len(got)])
 
 
-def _tag_worker(sample):
-    info = torch.utils.data.get_worker_info()
-    return (info.id if info else 0), sample
-
-
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_and_workers_read_disjoint_documents(tmp_path, world, workers):
-    docs = _docs(60)
-    files = _write_jsonl(tmp_path, docs, shards=4)
-    tok = ByteTokenizer()
-    seen: list[str] = []
-    for rank in range(world):
-        ds = PackedText(
-            [(files, "jsonl", 1.0)], tok, 32, "text", rank, world, seed=0, shuffle=True, loop=False, block=7
-        )
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_tag_worker)
-        # batch_size=1: each item is one window
-        streams: dict[int, list[np.ndarray]] = {}
-        for wid, b in loader:
-            streams.setdefault(wid, []).append(b["input_ids"].numpy().reshape(-1))
-        for parts in streams.values():
-            ids = np.concatenate(parts)
-            for piece in np.split(ids, np.where(ids == tok.eos_id)[0])[:-1]:
-                s = tok.decode(piece[piece != tok.eos_id])
-                if s.startswith("<doc "):  # a document read whole
-                    seen.append(s)
-    assert len(seen) == len(set(seen)), "a document was read twice"
-    assert set(seen) <= set(docs)
-    assert len(seen) >= len(docs) - world * max(workers, 1) * 2  # only stream tails are cut
-
-
 def _assert_batches_hold(pipe, docs_ids: list[list[int]], eos: int, n: int = 4) -> list[int]:
     """The first ``n`` train batches of ``pipe`` (their ids returned) are those documents, tokenized as ``docs_ids``.
-    Batches are consecutive windows of one stream (data.num_workers=0): joined, they split at
+    Batches are consecutive windows of one stream (data.partitions=1): joined, they split at
     ``eos`` into whole documents, after the tail of one and before the head of another."""
     it = pipe.train_batches()
     ids = [i for _ in range(n) for i in next(it)["input_ids"].reshape(-1).tolist()]
@@ -160,6 +151,7 @@ def test_txt_and_parquet_text_and_hf_tokenizer(in_workdir, tmp_path):
                 "train.steps=3",
                 "data.eval_path=null",
                 "data.seq_len=32",
+                "data.partitions=1",  # one partition: the batches are consecutive windows of one stream
                 "checkpoint.at_end=false",
                 *fmt_overrides,
             ],

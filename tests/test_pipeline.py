@@ -14,7 +14,8 @@ from PIL import Image
 from distrain.config import load_config
 from distrain.data import DataError, DataPipeline
 from distrain.data.sources import resolve_files
-from distrain.data.text import RowCursor
+from distrain.data.tokenizer import ByteTokenizer
+from distrain.errors import ConfigError
 from distrain.train import run
 from tests.conftest import CONFIGS, read_jsonl
 
@@ -31,16 +32,30 @@ def _uneven_jsonl(tmp_path, n_files: int) -> tuple[list[str], set[tuple[str, int
 
 
 @pytest.mark.parametrize("n_files", [4, 5])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_row_once_per_epoch_over_ranks(tmp_path, n_files, world):
+@pytest.mark.parametrize("partitions", [1, 4, 6])
+def test_every_row_once_per_epoch_over_partitions(tmp_path, n_files, partitions):
+    from distrain.data.plan import PartitionRows, Plan, owned
+    from distrain.data.sources import build_manifest
+
     files, all_rows = _uneven_jsonl(tmp_path, n_files)
-    seen = []
-    for shard in range(world):
-        cur = RowCursor(files, "jsonl", shard, world, seed=3, shuffle=True, block=5, loop=False)
-        while (row := cur.next_row()) is not None:
-            seen.append((row.file, row.index))
-    assert len(seen) == len(set(seen)), "a row was read twice"
-    assert set(seen) == all_rows
+    man = build_manifest(f"{tmp_path}/part-*.jsonl", "jsonl", "data.train_path")
+    plan = Plan([man], [1.0], seed=3, partitions=partitions, block=5, shuffle=True)
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for p in range(partitions):
+            cur = PartitionRows(plan, 0, p, {"epoch": epoch, "block": 0, "idx": 0}, loop=False)
+            while (row := cur.next_row()) is not None:
+                seen.append((row.file, row.index))
+        assert len(seen) == len(set(seen)), "a row was read twice"
+        assert set(seen) == all_rows
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # each epoch has its own order
+    # the ranks of any world size that divides the partitions own disjoint partitions covering all
+    for world in (1, 2, 3, 6):
+        if partitions % world == 0:
+            mine = [owned(partitions, r, world) for r in range(world)]
+            assert sorted(p for m in mine for p in m) == list(range(partitions))
 
 
 def _take(it, n):
@@ -79,12 +94,10 @@ def test_resume_gives_the_same_batches_as_an_uninterrupted_run(in_workdir, model
     assert _same(expected, got)
     # and a pipeline restarted from scratch does not: shuffling and augmentation are really on
     assert not _same(expected, _take(DataPipeline(cfg).train_batches(), m))
-    # a position taken with another layout is refused, not silently misapplied
-    other = DataPipeline(load_config(CONFIGS / name, [*over[1:], f"data.num_workers={1 - workers // 2}"]))
-    with pytest.raises(
-        DataError, match="saved data position was taken with world size 1.*resume with the same layout"
-    ):
-        other.load_state_dict(state)
+    # another number of workers continues the same stream (the position is the plan's, not the loader's)
+    other = DataPipeline(load_config(CONFIGS / name, [*over[1:], f"data.num_workers={2 - workers}"]))
+    other.load_state_dict(state)
+    assert _same(expected, _take(other.train_batches(), m))
 
 
 def test_text_resume_inside_a_long_document(tmp_path):
@@ -169,7 +182,7 @@ def test_bad_rows_are_skipped_counted_and_named(in_workdir, tmp_path):
             f"data.train_path={tmp_path / 'd.jsonl'}",
             "data.eval_path=null",
             f"run.dir={run_dir}",
-            "train.steps=12",
+            "train.steps=16",
             "train.log_every=4",
             "data.seq_len=64",
             "checkpoint.at_end=false",
@@ -282,29 +295,116 @@ def test_vision_transforms_follow_the_config(in_workdir):
     torch.testing.assert_close(wide[0]["images"][0], want)
 
 
-def test_another_world_size_continues_from_the_saved_epoch(tmp_path):
-    files = []
-    for f in range(2):
-        p = tmp_path / f"e{f}.jsonl"
-        p.write_text("".join(json.dumps({"text": f"<{f}-{i}>" + "y" * 60}) + "\n" for i in range(10)))
-        files.append(str(p))
-    over = [
-        f"data.train_path={tmp_path}/e*.jsonl",
-        "data.seq_len=32",
-        "train.micro_batch_size=4",
-        "data.shuffle_block=4",
+def _small_corpus(tmp_path, model: str) -> str:
+    """A corpus that a few hundred samples go through several times (epoch ends on the way)."""
+    rng = np.random.default_rng(1)
+    if model == "gpt":
+        for f in range(3):
+            (tmp_path / f"c{f}.jsonl").write_text(
+                "".join(
+                    json.dumps({"text": f"<{f}-{i}>" + "z" * int(rng.integers(5, 120))}) + "\n"
+                    for i in range(12)
+                )
+            )
+        return f"{tmp_path}/c*.jsonl"
+    root = tmp_path / "imgs"
+    for c in range(4):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(12):
+            px = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(px, mode="L").save(root / str(c) / f"{i:02d}.png")
+    return str(root)
+
+
+def _save_ranks(root, states: list) -> tuple:
+    """The per-rank files of a checkpoint, as the checkpointer writes them."""
+    root.mkdir()
+    for r, st in enumerate(states):
+        torch.save({"data": st}, root / f"rank-{r:05d}.pt")
+    return root, len(states)
+
+
+def _rows(batches, key):
+    return [x for b in batches for x in b[key]]
+
+
+@pytest.mark.parametrize("model", ["gpt", "resnet"])
+def test_any_sequence_of_world_sizes_continues_one_global_stream(in_workdir, tmp_path, model):
+    """1 -> 2 -> 3 -> 1 ranks, with 0, 2, 1 and 2 DataLoader workers, global batch 12 throughout:
+    the samples the job trains on, in global order, are those of one uninterrupted rank, with
+    shuffling and augmentation on: nothing dropped, repeated or reordered, across epoch ends."""
+    from distrain.checkpoint import SavedRanks
+
+    name, key = {"gpt": ("gpt-cpu-tiny.yaml", "input_ids"), "resnet": ("resnet-cpu-tiny.yaml", "images")}[
+        model
     ]
+    over = [
+        f"data.train_path={_small_corpus(tmp_path, model)}",
+        "data.partitions=12",
+        "data.shuffle=true",
+        "data.shuffle_block=4",
+        "data.seq_len=32",
+        "train.micro_batch_size=2",
+        "run.seed=7",
+        "data.augment=true",
+        "data.eval_path=null",
+    ]
+    per_segment, layouts = 60, [(1, 0), (2, 2), (3, 1), (1, 2)]
+    ref = DataPipeline(load_config(CONFIGS / name, over))
+    reference = _rows(_take(ref.train_batches(), per_segment * len(layouts) // 2), key)
+    ref.close()
+    got, saved = [], None
+    for i, (world, workers) in enumerate(layouts):
+        cfg = load_config(CONFIGS / name, [*over, f"data.num_workers={workers}"])
+        pipes = [DataPipeline(cfg, r, world) for r in range(world)]
+        for r, pipe in enumerate(pipes):
+            if saved:
+                ckpt, saved_world = saved
+                own = (
+                    torch.load(ckpt / f"rank-{r:05d}.pt", weights_only=True) if saved_world == world else None
+                )
+                pipe.load_state_dict(SavedRanks(ckpt, "data", saved_world, r, world, own))
+        segment = [None] * per_segment
+        for r, pipe in enumerate(pipes):  # rank r's local sample n is sample r + world * n of the segment
+            for n, x in enumerate(_rows(_take(pipe.train_batches(), per_segment // world // 2), key)):
+                segment[r + world * n] = x
+        states = [p.state_dict() for p in pipes]
+        assert {s["cursor"] for s in states} == {per_segment * (i + 1)}
+        for p in pipes:
+            p.close()
+        got += segment
+        saved = _save_ranks(tmp_path / f"ckpt{i}", states)
+    assert len(got) == len(reference)
+    for j, (a, b) in enumerate(zip(got, reference, strict=True)):
+        assert torch.equal(a, b), f"sample {j} of the global stream differs"
+    if model == "gpt":  # the stream went round the corpus: every document appears in the windows
+        text = ByteTokenizer().decode(torch.cat(reference).tolist())
+        assert all(f"<{f}-{i}>" in text for f in range(3) for i in range(12))
+        assert len(reference) * 32 > 2 * sum(
+            len(json.loads(ln)["text"]) + 1
+            for f in range(3)
+            for ln in (tmp_path / f"c{f}.jsonl").read_text().splitlines()
+        )
+
+
+def test_resume_refuses_a_world_size_the_cursor_does_not_divide_and_a_changed_plan(in_workdir, tmp_path):
+    from distrain.checkpoint import SavedRanks
+
+    over = ["data.partitions=12", "train.micro_batch_size=2"]
     cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", over)
-    states = []
-    for rank in range(2):  # a world of 2 went through a few epochs of this small corpus
-        pipe = DataPipeline(cfg, rank=rank, world=2)
-        _take(pipe.train_batches(), 30)
-        states.append(pipe.state_dict())
-    fresh = DataPipeline(cfg, rank=0, world=1)
-    epoch = fresh.continue_epoch_of(states)
-    assert epoch >= 2
-    first = bytes(int(i) for i in next(fresh.train_batches())["input_ids"][0] if i < 256).decode()
-    expected = RowCursor(
-        sorted(files), "jsonl", 0, 1, seed=0, shuffle=True, block=4, start_epoch=epoch
-    ).next_row()
-    assert first.startswith(expected.value["text"][:20])  # the first document of that epoch's order
+    pipes = [DataPipeline(cfg, r, 2) for r in range(2)]
+    for p in pipes:
+        _take(p.train_batches(), 1)  # 2 ranks x 2 samples: the cursor is at 4
+    ckpt, _ = _save_ranks(tmp_path / "ck", [p.state_dict() for p in pipes])
+    for p in pipes:
+        p.close()
+    three = DataPipeline(cfg, 0, 3)
+    with pytest.raises(DataError, match=r"cursor is at sample 4 .* does not divide over 3 ranks"):
+        three.load_state_dict(SavedRanks(ckpt, "data", 2, 0, 3, None))
+    for key, value in (("data.partitions", 6), ("data.shuffle_block", 8), ("run.seed", 3)):
+        other = DataPipeline(load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"{key}={value}"]), 0, 2)
+        own = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+        with pytest.raises(DataError, match=rf"saved with {key}=.*resume with {key}="):
+            other.load_state_dict(SavedRanks(ckpt, "data", 2, 0, 2, own))
+    with pytest.raises(ConfigError, match=r"data.partitions=12 is not divisible by the world size 5"):
+        DataPipeline(cfg, 0, 5)

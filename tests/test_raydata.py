@@ -10,7 +10,6 @@ import torch
 
 from distrain.config import load_config
 from distrain.data import DataError, DataPipeline
-from distrain.errors import ConfigError
 from distrain.train import run
 from tests.conftest import CONFIGS, read_jsonl
 
@@ -119,9 +118,25 @@ def test_ray_engine_bad_rows_and_training(in_workdir, local_ray, tmp_path):
     pipe.close()
 
 
-def test_ray_engine_refuses_what_it_cannot_do():
-    with pytest.raises(ConfigError, match="data.engine=ray reads one source"):
-        load_config(
-            CONFIGS / "gpt-cpu-tiny.yaml",
-            ["data.engine=ray", "data.train_path=null", "data.sources=[{path: a.jsonl}, {path: b.jsonl}]"],
+def test_ray_engine_is_the_torch_engines_plan_mixed_sources_too(in_workdir, local_ray, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{name}{i} " * (3 + i % 7)}) + "\n" for i in range(200))
         )
+    over = [
+        f"data.sources=[{{path: {tmp_path / 'a.jsonl'}, weight: 3}}, {{path: {tmp_path / 'b.jsonl'}, weight: 1}}]",
+        "data.train_path=null",
+        "data.seq_len=32",
+        "train.micro_batch_size=4",
+        "run.seed=4",
+    ]
+    want = _take(DataPipeline(load_config(CONFIGS / "gpt-cpu-tiny.yaml", over)).train_batches(), 12)
+    ray_pipe = DataPipeline(load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "data.engine=ray"]))
+    first = _take(ray_pipe.train_batches(), 5)
+    state = ray_pipe.state_dict()
+    ray_pipe.close()
+    assert _same(want[:5], first)
+    # a Ray position continues on the torch engine, exactly
+    torch_pipe = DataPipeline(load_config(CONFIGS / "gpt-cpu-tiny.yaml", over))
+    torch_pipe.load_state_dict(state)
+    assert _same(want[5:], _take(torch_pipe.train_batches(), 7))

@@ -88,9 +88,18 @@ class DataConfig(Section):
         description="Text only, instead of train_path: sources mixed per document by weight, e.g. [{path: a/*.jsonl, weight: 3}, {path: b.parquet, weight: 1}].",
     )
     eval_path: str | None = Field(None, description="Held-out data in the same format; no eval without it.")
-    format: Literal["auto", "jsonl", "txt", "parquet", "imagefolder"] = Field(
+    format: Literal["auto", "jsonl", "txt", "parquet", "imagefolder", "hf"] = Field(
         "auto",
-        description="File format; auto infers it from the extension (a directory of class folders is an imagefolder). A txt file is one document.",
+        description="File format; auto infers it from the extension (a directory of class folders is an imagefolder, a save_to_disk directory is hf). A txt file is one document. hf: a Hugging Face datasets save_to_disk directory, or a dataset name or local data directory loaded with datasets.load_dataset from the local cache.",
+    )
+    split: str = Field(
+        "train", description="format hf: the split of a DatasetDict (or of load_dataset) to train on."
+    )
+    eval_split: str = Field("validation", description="format hf: the split data.eval_path is read from.")
+    partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Canonical partitions of the data order (each rank reads partitions / world size of them, front to back). Fixed for a run: it must divide by every world size the run is resumed on (48 fits 1, 2, 3, 4, 6, 8, 12, 16, 24, 48). Unset: 64, or for a small source the largest power of two leaving 16 rows per partition.",
     )
     text_field: str = Field("text", description="Text column of jsonl/parquet rows.")
     image_field: str = Field(
@@ -104,12 +113,12 @@ class DataConfig(Section):
     seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence (text).")
     shuffle: bool = Field(
         True,
-        description="Shuffle each epoch, seeded by run.seed and epoch: text by file order and within blocks of shuffle_block rows, images by sample.",
+        description="Shuffle each epoch, seeded by run.seed and epoch: the file order (an ImageFolder's images are its files) and rows within blocks of shuffle_block.",
     )
     shuffle_block: int = Field(
         1024,
         ge=1,
-        description="Text: rows permuted together (a larger block mixes more; a resume re-reads at most one block).",
+        description="Rows of a partition permuted together (a larger block mixes more; a resume re-reads at most one block per partition).",
     )
     num_workers: int = Field(
         0,
@@ -125,12 +134,12 @@ class DataConfig(Section):
     )
     engine: Literal["torch", "ray"] = Field(
         "torch",
-        description="torch: DataLoader workers in each training process; ray: Ray Data actors read, decode and tokenize (Ray at RAY_ADDRESS, or a local one on 127.0.0.2).",
+        description="torch: DataLoader workers (or a thread) in each training process; ray: Ray actors decode and tokenize (Ray at RAY_ADDRESS, or a local one on 127.0.0.2). The order and position are the same for both.",
     )
     ray_actors: int = Field(
         1,
         ge=1,
-        description="data.engine=ray: Ray Data actors (0.5 CPU each) preprocessing for each training process.",
+        description="data.engine=ray: Ray actors (0.5 CPU each) tokenizing or decoding for each training process.",
     )
     on_error: Literal["skip", "fail"] = Field(
         "skip",
@@ -444,10 +453,6 @@ class Config(Section):
             )
         if kind == "images" and d.sources is not None:
             raise ValueError("data.sources mixes text sources; for images set data.train_path")
-        if d.engine == "ray" and d.sources is not None and len(d.sources) > 1:
-            raise ValueError(
-                "data.engine=ray reads one source; mix several with data.engine=torch, or merge them into one data.train_path"
-            )
         if p.activation_checkpointing and not self.model.activation_checkpointing:
             raise ValueError(
                 f"parallel.activation_checkpointing is not supported by model.name={self.model.name}; set it to false"
@@ -474,6 +479,12 @@ def check_topology(cfg: Config, world_size: int) -> None:
     """Refuse a batch layout that does not multiply out, printing every factor."""
     want = cfg.train.global_batch_size
     have = global_batch(cfg, world_size)
+    k = cfg.data.partitions
+    if k is not None and k % world_size:
+        raise TopologyError(
+            f"data.partitions={k} is not divisible by the world size {world_size}: each rank reads data.partitions / "
+            f"world size partitions; set data.partitions to a multiple of {world_size}"
+        )
     if want is not None and want != have:
         per = cfg.train.micro_batch_size * world_size
         hint = (

@@ -1,28 +1,201 @@
-"""Data pipelines: per-rank sharded, decoded off the training thread when ``data.num_workers`` > 0,
-with a position (``state_dict``) that a checkpoint stores and a resume restores exactly."""
+"""Data pipelines: every source indexed by a manifest, one plan for the order (``distrain.data.plan``),
+each rank reading only its partitions front to back, and one global cursor that a checkpoint stores
+and a resume on any world size continues exactly. Rows are decoded off the training thread: by a
+prefetch thread, ``data.num_workers`` DataLoader workers, or Ray actors (``data.engine: ray``)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from distrain.config import Config
-from distrain.data.sources import DataError, detect_format, resolve_files
-from distrain.data.text import ERROR_KINDS
+from distrain.data.plan import (
+    ERROR_KINDS,
+    Assembler,
+    ItemPacker,
+    Partition,
+    Plan,
+    Sample,
+    TokenPacker,
+    default_partitions,
+    owned,
+    samples_taken,
+)
+from distrain.data.sources import DataError, Manifest, build_manifest, detect_format
 from distrain.data.tokenizer import load_tokenizer
-from distrain.errors import ConfigError
+from distrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-# torchdata's StatefulDataLoader calls a deprecated torch API on every construction; nothing to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
-__all__ = ["ERROR_KINDS", "DataError", "DataPipeline", "to_device"]
+__all__ = ["ERROR_KINDS", "Corpus", "DataError", "DataPipeline", "to_device"]
+
+STATE_VERSION = 2
+
+
+class Corpus:
+    """The training sources' manifests as a job-wide checkpoint part: saved with every checkpoint,
+    and a resume on changed data is refused with the file named."""
+
+    def __init__(self, manifests: list[Manifest]):
+        self.manifests = manifests
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": [m.summary() for m in self.manifests]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["sources"]
+        if len(saved) != len(self.manifests):
+            raise DataError(
+                f"the checkpoint's data had {len(saved)} sources, this run has {len(self.manifests)}: "
+                "resume with the same data.sources"
+            )
+        for m, s in zip(self.manifests, saved, strict=True):
+            m.check_same(s)
+
+
+class PartitionMaker:
+    """Builds partition ``p`` from a saved position (picklable: DataLoader workers build their own)."""
+
+    def __init__(self, plan: Plan, prepare, seq_len: int | None, on_error: str, columns, loop: bool = True):
+        self.plan, self.prepare, self.seq_len = plan, prepare, seq_len
+        self.on_error, self.columns, self.loop = on_error, columns, loop
+
+    def __call__(self, p: int, state: dict[str, Any] | None) -> Partition:
+        packer = TokenPacker(self.seq_len) if self.seq_len else ItemPacker()
+        return Partition(self.plan, p, state, packer, self.prepare, self.on_error, self.loop, self.columns)
+
+
+class WorkerRounds(torch.utils.data.IterableDataset):
+    """DataLoader worker ``k`` of ``m`` makes the samples of local partitions ``l = k (mod m)``, one
+    round (a sample of each) per item; the DataLoader's worker-by-worker order then hands the rank
+    its partitions in turn."""
+
+    def __init__(self, make: PartitionMaker, parts: list[tuple[int, int, Any]], images: bool):
+        super().__init__()
+        self.make, self.parts, self.images = make, parts, images
+
+    def __iter__(self):
+        import numpy as np
+
+        info = torch.utils.data.get_worker_info()
+        k, m = (info.id, info.num_workers) if info else (0, 1)
+        mine = [(i, self.make(p, st)) for i, p, st in self.parts if i % m == k]
+        pending: dict[int, list[Sample]] = {i: [] for i, _ in mine}
+        while True:
+            got = []
+            for i, part in mine:
+                while not pending[i]:
+                    pending[i] = part.step()
+                got.append(pending[i].pop(0))
+            item = {
+                "l": [i for i, _ in mine],
+                "pos": [s.pos for s in got],
+                "err": np.stack([s.errors for s in got]),
+            }
+            if self.images:
+                item["x"] = torch.stack([s.data[0] for s in got])
+                item["y"] = [s.data[1] for s in got]
+            else:
+                item["x"] = np.stack([s.data for s in got])
+            yield item
+
+
+def _identity(x):
+    return x
+
+
+class Prefetch:
+    """Batches made by a thread of their own, ``depth`` ahead; its errors re-raised in the caller."""
+
+    def __init__(self, batches: Iterator, depth: int, pin: bool, closers=()):
+        self.batches, self.pin, self.closers = batches, pin, list(closers)
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distrain-data", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.batches:
+                if self.pin:
+                    item = ({k: v.pin_memory() for k, v in item[0].items()}, item[1])
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self.q.put(_Failed(exc))
+
+    def __next__(self):
+        item = self.q.get()
+        if isinstance(item, _Failed):
+            self.q.put(item)  # every later call raises it too
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.thread.join(timeout=10)
+        for close in self.closers:
+            close()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Sync:
+    """Batches made on the caller's thread (images decoded in-process: their augmentation seeds the
+    CPU generator, whose state is saved and restored around each batch)."""
+
+    def __init__(self, batches: Iterator):
+        self.batches = batches
+
+    def __next__(self):
+        state = torch.random.get_rng_state()
+        try:
+            return next(self.batches)
+        finally:
+            torch.random.set_rng_state(state)
+
+    def close(self) -> None:
+        pass
+
+
+class Stream:
+    """The endless training stream of one rank; remembers the position of the last batch it gave."""
+
+    def __init__(self, pipe: DataPipeline, source):
+        self.pipe, self.source = pipe, source
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch, snap = next(self.source)
+        self.pipe._consumed = snap
+        return batch
+
+    def close(self) -> None:
+        self.source.close()
 
 
 class DataPipeline:
@@ -32,12 +205,9 @@ class DataPipeline:
         self.cfg, self.rank, self.world, self.pin = cfg, rank, world, pin_memory
         self.kind = cfg.model.batch_kind
         d = cfg.data
-        self._loader = None
-        self._pending_state: dict[str, Any] | None = None
-        self.start_epoch = 0  # a fresh stream's first epoch (continue_epoch_of sets it)
         if self.kind == "tokens":
             paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
-            self.sources = []
+            self.manifests, weights, self.fmts = [], [], []
             for i, (path, weight) in enumerate(paths):
                 key = f"data.sources[{i}].path" if d.sources else "data.train_path"
                 fmt = detect_format(path, d.format, key)
@@ -45,7 +215,9 @@ class DataPipeline:
                     raise DataError(
                         f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text"
                     )
-                self.sources.append((resolve_files(path, key), fmt, weight))
+                self.manifests.append(build_manifest(path, fmt, key, d.split))
+                self.fmts.append(fmt)
+                weights.append(weight)
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ConfigError(
@@ -54,232 +226,263 @@ class DataPipeline:
                 )
             self.tokens_per_sample: int | None = d.seq_len
         else:
-            fmt = detect_format(d.train_path, d.format, "data.train_path")
-            if fmt not in ("imagefolder", "parquet"):
-                raise DataError(
-                    f"data.format={fmt} holds no images; model.name={cfg.model.name} needs imagefolder or parquet"
-                )
-            self.tokenizer = None
-            self.tokens_per_sample = None
+            self.tokenizer, self.tokens_per_sample, weights = None, None, [1.0]
+            self.manifests = [self._image_manifest(d.train_path, "data.train_path", d.split)]
+            self.fmts = [self.manifests[0].fmt]
+        self.corpus = Corpus(self.manifests)
+        k = d.partitions or default_partitions(self.manifests)
+        self.plan = Plan(self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle)
+        self._check_layout()
+        self._start: dict[str, Any] = {"count": 0, "positions": {}}
+        self._consumed: dict[str, Any] | None = None
+        self._stream: Stream | None = None
 
-    # ------------------------------------------------------------------ text
-    def _text_dataset(self, sources, train: bool):
-        from distrain.data.text import PackedText
-
-        d = self.cfg.data
-        return PackedText(
-            sources,
-            self.tokenizer,
-            d.seq_len,
-            d.text_field,
-            self.rank,
-            self.world,
-            seed=self.cfg.run.seed,
-            shuffle=d.shuffle and train,
-            loop=train,
-            block=d.shuffle_block,
-            on_error=d.on_error,
-            batch_size=self.cfg.train.micro_batch_size,
-            start_epoch=self.start_epoch if train else 0,
-        )
-
-    # ---------------------------------------------------------------- images
-    def _image_dataset(self, path: str, train: bool):
-        from distrain.data.vision import ImageFolderDataset, ParquetImageDataset, build_transform
-
+    # ------------------------------------------------------------------ parts
+    def _image_manifest(self, path: str, key: str, split: str) -> Manifest:
         d, m = self.cfg.data, self.cfg.model
-        key = "data.train_path" if train else "data.eval_path"
-        tf = build_transform(self.cfg, train)
         fmt = detect_format(path, d.format, key)
-        if fmt == "imagefolder":
-            ds = ImageFolderDataset(path, tf, m.in_channels, key, seed=self.cfg.run.seed, on_error=d.on_error)
-        else:
-            ds = ParquetImageDataset(
-                path,
-                d.image_field,
-                d.label_field,
-                tf,
-                m.in_channels,
-                key,
-                seed=self.cfg.run.seed,
-                on_error=d.on_error,
+        if fmt not in ("imagefolder", "parquet", "hf"):
+            raise DataError(
+                f"{key}: data.format={fmt} holds no images; model.name={m.name} needs imagefolder, parquet or hf"
             )
-        top = len(ds.classes) if fmt == "imagefolder" else max(ds.classes) + 1
+        man = build_manifest(path, fmt, key, split)
+        if fmt == "imagefolder":
+            top = len(man.classes)
+        else:
+            from distrain.data.vision import max_label
+
+            top = max_label(man, d.label_field) + 1
         if top > m.num_classes:
             raise DataError(
                 f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}"
             )
-        if len(ds) < self.cfg.train.micro_batch_size * self.world:
-            raise DataError(
-                f"{key}: {path} has {len(ds)} images, fewer than train.micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world}"
-            )
-        return ds
+        return man
 
-    # ---------------------------------------------------------------- loaders
-    def _train_loader(self):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        d, t = self.cfg.data, self.cfg.train
-        workers = {"num_workers": d.num_workers}
-        if d.num_workers:
-            workers.update(prefetch_factor=d.prefetch_factor, persistent_workers=False)
-        if self.kind == "tokens":
-            return StatefulDataLoader(
-                self._text_dataset(self.sources, True),
-                batch_size=None,  # PackedText yields whole micro-batches
-                pin_memory=self.pin,
-                **workers,
-            )
-        from distrain.data.vision import EpochSampler, collate
-
-        ds = self._image_dataset(d.train_path, train=True)
-        sampler = EpochSampler(
-            len(ds), self.rank, self.world, self.cfg.run.seed, d.shuffle, start_epoch=self.start_epoch
-        )
-        return StatefulDataLoader(
-            ds,
-            batch_size=t.micro_batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            drop_last=True,
-            pin_memory=self.pin,
-            **workers,
-        )
-
-    def _ray_stream(self):
-        from distrain.data import raydata
-
-        if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
+    def _check_layout(self) -> None:
+        k, w, m = self.plan.partitions, self.world, self.cfg.data.num_workers
+        if k % w:
             raise ConfigError(
-                "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
+                f"data.partitions={k} is not divisible by the world size {w}: every rank reads data.partitions / "
+                f"world size partitions; set data.partitions to a multiple of {w} (and of every world size you will resume on)"
             )
+        if self.cfg.data.engine == "torch" and m > k // w:
+            raise ConfigError(
+                f"data.num_workers={m} but each rank reads data.partitions / world size = {k // w} partitions; "
+                f"set data.num_workers <= {k // w} or raise data.partitions"
+            )
+
+    def _maker(self, plan: Plan, train: bool, loop: bool = True) -> PartitionMaker:
         d = self.cfg.data
         if self.kind == "tokens":
-            files, fmt, _ = self.sources[0]
-            return raydata.RayPackedText(
-                files, fmt, self.tokenizer, self.cfg, self.rank, self.world, d.ray_actors, self.start_epoch
-            )
-        return raydata.RayImages(self.cfg, self.rank, self.world, d.ray_actors, self.start_epoch)
+            from distrain.data.text import TokenizeRows
 
+            prepare = TokenizeRows(self.tokenizer, [m.fmt for m in plan.manifests], d.text_field)
+            return PartitionMaker(plan, prepare, d.seq_len, d.on_error, [d.text_field], loop)
+        from distrain.data.vision import DecodeImages
+
+        man = plan.manifests[0]
+        prepare = DecodeImages(self.cfg, train, man.fmt, man.key)
+        columns = None if man.fmt == "imagefolder" else [d.image_field, d.label_field]
+        return PartitionMaker(plan, prepare, None, d.on_error, columns, loop)
+
+    def _collate(self):
+        if self.kind == "tokens":
+            from distrain.data.text import collate_text
+
+            return collate_text
+        from distrain.data.vision import collate_images
+
+        return collate_images
+
+    # ---------------------------------------------------------------- streams
     def train_batches(self) -> Iterator[dict[str, Any]]:
         """Endless stream of training micro-batches for this rank, from the restored position if any.
         Building it draws nothing from the run's random streams (a resumed run restores those
         before its stream exists)."""
-        with torch.random.fork_rng(devices=[]):
-            if self._loader is None:
-                self._loader = self._ray_stream() if self.cfg.data.engine == "ray" else self._train_loader()
-                if self._pending_state is not None:
-                    self._loader.load_state_dict(self._pending_state)
-            self._iter = iter(self._loader)
-        return self._iter
+        if self._stream is None:
+            with torch.random.fork_rng(devices=[]):
+                self._stream = Stream(self, self._source())
+        return self._stream
 
-    def continue_epoch_of(self, states: list[dict[str, Any]]) -> int:
-        """Start this (fresh) pipeline at the epoch the saved positions had reached, the earliest
-        over ranks and sources: the positions of another world size cannot be continued exactly,
-        the epoch count can. Returns that epoch."""
-        if self._loader is not None:
-            raise RuntimeError("set the starting epoch before the first batch is drawn")
-        epochs = [e for st in states for e in _epochs(st)]
-        self.start_epoch = min(epochs) if epochs else 0
-        return self.start_epoch
+    def _source(self):
+        d = self.cfg.data
+        ids = owned(self.plan.partitions, self.rank, self.world)
+        start = self._start
+        make = self._maker(self.plan, train=True)
+        asm = Assembler(ids, start["count"], start["positions"], fill=None)
+        mb, collate = self.cfg.train.micro_batch_size, self._collate()
+
+        def batches():
+            while True:
+                samples = asm.take(mb)
+                yield collate(samples), {"count": asm.count, "positions": dict(asm.positions)}
+
+        depth = max(2, d.prefetch_factor)
+        if d.engine == "ray":
+            from distrain.data.raydata import RayFill
+
+            if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
+                raise ConfigError(
+                    "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
+                )
+            parts = [make(p, start["positions"].get(p)) for p in ids]
+            fill = RayFill(parts, make.prepare, d.ray_actors, images=self.kind == "images", mb=mb)
+            asm.fill = lambda i: fill(i, asm.push)
+            return Prefetch(batches(), depth, self.pin, closers=[fill.close])
+        if d.num_workers == 0:
+            parts = [make(p, start["positions"].get(p)) for p in ids]
+
+            def fill_inline(i: int) -> None:
+                for s in parts[i].step():
+                    asm.push(i, s)
+
+            asm.fill = fill_inline
+            if self.kind == "images":
+                return _Sync(batches())
+            return Prefetch(batches(), depth, self.pin)
+        rounds = WorkerRounds(
+            make, [(i, p, start["positions"].get(p)) for i, p in enumerate(ids)], self.kind == "images"
+        )
+        loader = torch.utils.data.DataLoader(
+            rounds,
+            batch_size=None,
+            num_workers=d.num_workers,
+            prefetch_factor=d.prefetch_factor,
+            collate_fn=_identity,
+        )
+        it = iter(loader)  # here, under fork_rng: the DataLoader draws its base seed now
+
+        def fill_workers(_l: int) -> None:
+            item = next(it)
+            for j, i in enumerate(item["l"]):
+                data = (item["x"][j], item["y"][j]) if self.kind == "images" else item["x"][j]
+                asm.push(i, Sample(data, item["pos"][j], item["err"][j]))
+
+        asm.fill = fill_workers
+        return Prefetch(
+            batches(), depth, self.pin, closers=[lambda: getattr(it, "_shutdown_workers", lambda: None)()]
+        )
 
     def close(self) -> None:
-        """Stop what feeds the stream (DataLoader workers, Ray Data executions)."""
-        it, self._iter = getattr(self, "_iter", None), None
-        if it is not None and hasattr(it, "close"):
-            it.close()
+        """Stop what feeds the stream (the prefetch thread, DataLoader workers, Ray actors)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
-    def _layout(self) -> dict[str, Any]:
-        d = self.cfg.data
+    # ---------------------------------------------------------------- position
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (prefetched batches are not counted): the
+        global cursor and where each of this rank's partitions stands."""
+        snap = self._consumed or self._start
+        mine = owned(self.plan.partitions, self.rank, self.world)
         return {
+            "version": STATE_VERSION,
+            "cursor": snap["count"] * self.world,
             "world": self.world,
             "rank": self.rank,
-            "engine": d.engine,
-            "num_workers": d.num_workers if d.engine == "torch" else 0,
+            "plan": self.plan.key(),
+            "partitions": {p: snap["positions"][p] for p in mine if p in snap["positions"]},
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch handed out (prefetched batches are not counted)."""
-        loader = self._pending_state if self._loader is None else self._loader.state_dict()
-        return {"layout": self._layout(), "loader": loader}
-
     def load_state_dict(self, state) -> None:
-        """Restore a position: this rank's own ``state_dict()``, or a checkpoint's ``SavedRanks``.
-        Saved at another world size, each position belongs to the old sharding: the stream starts
-        at the epoch the saved positions had reached (the earliest over ranks and sources)."""
+        """Restore a position: this rank's own ``state_dict()``, or a checkpoint's ``SavedRanks``
+        (at another world size every saved rank's partitions are read, and this rank takes its own)."""
         from distrain.checkpoint import SavedRanks
 
-        if isinstance(state, SavedRanks):
-            if not state.same_world:
-                epoch = self.continue_epoch_of(state.all())
-                if self.rank == 0:
-                    log.warning(
-                        "world size changed from %d to %d: the data continues from the start of epoch %d "
-                        "(positions within an epoch belong to the old sharding)",
-                        state.saved_world,
-                        self.world,
-                        epoch,
-                    )
-                return
-            state = state.own()
-        if self._loader is not None:
+        if self._stream is not None:
             raise RuntimeError("load the data position before the first batch is drawn")
-        saved, now = state.get("layout"), self._layout()
-        if saved is not None and saved != now:
-            raise DataError(
-                f"the saved data position was taken with world size {saved['world']}, data.engine={saved['engine']}, "
-                f"data.num_workers={saved['num_workers']} (rank {saved['rank']}); this run has world size {now['world']}, "
-                f"data.engine={now['engine']}, data.num_workers={now['num_workers']} (rank {now['rank']}): resume with the same layout"
+        if isinstance(state, SavedRanks):
+            states = [state.own()] if state.same_world else state.all()
+        else:
+            states = [state]
+        if any(s.get("version") != STATE_VERSION for s in states):
+            log.warning(
+                "the checkpoint's data position was saved by an earlier data pipeline; the data starts from the beginning"
             )
-        self._pending_state = state.get("loader")
+            return
+        self._check_plan(states[0]["plan"])
+        cursors = {s["cursor"] for s in states}
+        if len(cursors) != 1:
+            raise CheckpointError(
+                f"the saved data positions of the ranks disagree (cursors {sorted(cursors)})"
+            )
+        cursor = cursors.pop()
+        k = self.plan.partitions
+        if cursor % self.world:
+            raise DataError(
+                f"the data cursor is at sample {cursor} of the global stream, which does not divide over {self.world} ranks; "
+                "resume on a world size that divides it (keep train.global_batch_size: micro batch x grad_accum x world size)"
+            )
+        merged: dict[int, Any] = {}
+        for s in states:
+            merged.update(s["partitions"])
+        mine = owned(k, self.rank, self.world)
+        positions = {p: merged[p] for p in mine if p in merged}
+        for p in mine:
+            want, got = samples_taken(p, k, cursor), positions.get(p, {"count": 0})["count"]
+            if want != got:
+                raise CheckpointError(
+                    f"the saved data position of partition {p} is at sample {got}, the cursor {cursor} says {want}"
+                )
+        self._start = {"count": cursor // self.world, "positions": positions}
+        saved_world = states[0]["world"]
+        if saved_world != self.world and self.rank == 0:
+            log.info(
+                "data: world size %d -> %d, continuing at sample %d of the global stream",
+                saved_world,
+                self.world,
+                cursor,
+            )
 
+    def _check_plan(self, saved: dict[str, Any]) -> None:
+        now = self.plan.key()
+        keys = {
+            "partitions": "data.partitions",
+            "block": "data.shuffle_block",
+            "shuffle": "data.shuffle",
+            "seed": "run.seed",
+        }
+        for k, name in keys.items():
+            if saved[k] != now[k]:
+                raise DataError(
+                    f"the data position was saved with {name}={saved[k]}, this run has {now[k]}: resume with {name}={saved[k]}"
+                )
+        if saved["digests"] != now["digests"]:
+            raise DataError(
+                "the training data changed since the checkpoint; resume with the data the run was started on"
+            )
+
+    # ------------------------------------------------------------------- eval
     def eval_batches(self) -> list[dict[str, Any]] | None:
         """The same (at most ``train.eval_batches``) held-out micro-batches every time; None without
-        data.eval_path. Ranks can hold different numbers (their shards differ)."""
-        path = self.cfg.data.eval_path
-        if not path:
+        data.eval_path. Rank r reads the r-th of ``world`` contiguous shares, unshuffled; ranks can
+        hold different numbers of batches (the trainer agrees a count)."""
+        d = self.cfg.data
+        if not d.eval_path:
             return None
-        n = self.cfg.train.eval_batches
         if not hasattr(self, "_eval_cache"):
-            mb = self.cfg.train.micro_batch_size
+            key = "data.eval_path"
             if self.kind == "tokens":
-                fmt = detect_format(path, self.cfg.data.format, "data.eval_path")
-                loader = DataLoader(
-                    self._text_dataset([(resolve_files(path, "data.eval_path"), fmt, 1.0)], False),
-                    batch_size=None,
+                man = build_manifest(
+                    d.eval_path, detect_format(d.eval_path, d.format, key), key, d.eval_split
                 )
             else:
-                from distrain.data.vision import EpochSampler, collate
-
-                ds = self._image_dataset(path, train=False)
-                loader = DataLoader(
-                    ds,
-                    batch_size=mb,
-                    sampler=EpochSampler(len(ds), self.rank, self.world, 0, False, loop=False),
-                    collate_fn=collate,
-                    drop_last=True,
-                )
-            batches = []
-            for b in loader:
-                batches.append(b)
-                if len(batches) == n:
-                    break
-            self._eval_cache = batches  # may be short, or empty, on this rank: the trainer agrees a count
+                man = self._image_manifest(d.eval_path, key, d.eval_split)
+            plan = Plan([man], [1.0], 0, self.world, 1, False, check_rows=False)
+            part = self._maker(plan, train=False, loop=False)(self.rank, None)
+            mb, collate, n = self.cfg.train.micro_batch_size, self._collate(), self.cfg.train.eval_batches
+            batches, samples = [], []
+            state = torch.random.get_rng_state()
+            try:
+                while len(batches) < n and (got := part.step()) is not None:
+                    samples += got
+                    while len(samples) >= mb and len(batches) < n:
+                        batches.append(collate(samples[:mb]))
+                        samples = samples[mb:]
+            finally:
+                torch.random.set_rng_state(state)
+            self._eval_cache = batches
         return self._eval_cache
-
-
-def _epochs(obj: Any) -> list[int]:
-    """Every epoch counter in a saved data position (text cursors, image samplers, Ray streams)."""
-    found: list[int] = []
-    if isinstance(obj, dict):
-        if isinstance(obj.get("epoch"), int) and ("pos" in obj or "idx" in obj):
-            found.append(obj["epoch"])
-        for v in obj.values():
-            found += _epochs(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            found += _epochs(v)
-    return found
 
 
 def to_device(

@@ -1,14 +1,25 @@
 """Where rows come from: local paths, globs and fsspec URLs (``s3://``, ``gs://``, ``hf://``,
-``file://``, ``memory://`` ...), read row by row with the file and row named in every error."""
+``file://``, ``memory://`` ...), ImageFolder directories and Hugging Face ``datasets`` Arrow files;
+each source's manifest (files, row counts, seek points; cached); rows read front to back with the
+file and row named in every error."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distrain.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _EXT = {
     ".jsonl": "jsonl",
@@ -73,9 +84,19 @@ def is_imagefolder(path: str) -> bool:
     )
 
 
+def is_hf_dataset(path: str) -> bool:
+    """A directory written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    if "://" in path or any(c in path for c in _GLOB):
+        return False
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
+
+
 def detect_format(path: str, fmt: str, key: str) -> str:
     if fmt != "auto":
         return fmt
+    if is_hf_dataset(path):
+        return "hf"
     if is_imagefolder(path):
         return "imagefolder"
     kinds = {_EXT.get(_suffix(f)) for f in resolve_files(path, key)}
@@ -89,69 +110,327 @@ def detect_format(path: str, fmt: str, key: str) -> str:
 @dataclass
 class Row:
     """One row read from ``file`` (0-based ``index``: the line of a jsonl file, the row of a parquet
-    file); ``value`` is the parsed row or ``error`` says why it could not be read."""
+    file or Arrow table, the image of an ImageFolder); ``value`` is the parsed row or ``error`` says
+    why it could not be read. ``file_id`` is the file's place in the source's manifest."""
 
     file: str
     index: int
     value: dict[str, Any] | None = None
     error: str | None = None
+    file_id: int = 0
 
     @property
     def where(self) -> str:
-        return (
-            f"{self.file} line {self.index + 1}"
-            if self.file.endswith((".jsonl", ".json"))
-            else f"{self.file} row {self.index}"
-        )
+        if self.file.endswith((".jsonl", ".json")):
+            return f"{self.file} line {self.index + 1}"
+        if self.file.rsplit(".", 1)[-1].lower() in {e[1:] for e in IMAGE_EXT}:
+            return self.file
+        return f"{self.file} row {self.index}"
 
 
-def read_rows(file: str, fmt: str, start: int = 0, stop: int | None = None) -> Iterator[Row]:
-    """Rows ``start`` (inclusive) to ``stop`` (exclusive) of one file, in file order."""
-    fs, p = _fs(file)
+# --------------------------------------------------------------------------------------- manifests
+MANIFEST_VERSION = 1
+JSONL_STRIDE = 4096  # a jsonl manifest keeps the byte offset of every 4096th line
+
+
+def cache_dir() -> Path:
+    """Where file manifests are cached: $DISTRAIN_CACHE_DIR, else ~/.cache/distrain/manifests."""
+    env = os.environ.get("DISTRAIN_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "distrain" / "manifests"
+
+
+@dataclass
+class FileInfo:
+    """What a manifest knows of one file: where it is, its size and mtime (the cache key), its row
+    count and how to seek into it (parquet: rows per row group; jsonl: the byte offset of every
+    ``JSONL_STRIDE``-th line). ``label`` is an ImageFolder image's class index."""
+
+    path: str
+    size: int
+    rows: int
+    mtime: float | None = None
+    groups: list[int] | None = None
+    offsets: list[int] | None = None
+    label: int | None = None
+
+
+class Manifest:
+    """One source's files in a fixed order with their row counts; ``digest`` names the corpus
+    (relative paths, sizes and row counts), so a resume can tell that the data changed."""
+
+    def __init__(self, key: str, fmt: str, files: list[FileInfo], classes: list[str] | None = None):
+        self.key, self.fmt, self.files, self.classes = key, fmt, files, classes
+        self.rows = np.array([f.rows for f in files], dtype=np.int64)
+        self.total = int(self.rows.sum())
+        prefix = os.path.commonpath([f.path for f in files]) if len(files) > 1 else ""
+        if prefix and not all(f.path.startswith(prefix) for f in files):
+            prefix = ""
+        cut = len(prefix.rstrip("/") + "/") if prefix else 0
+        self.names = [f.path[cut:] if cut else f.path.rsplit("/", 1)[-1] for f in files]
+        h = hashlib.sha256(f"{fmt}\n".encode())
+        for name, f in zip(self.names, files, strict=True):
+            h.update(f"{name}\t{f.size}\t{f.rows}\n".encode())
+        self.digest = h.hexdigest()[:32]
+
+    def summary(self) -> dict[str, Any]:
+        """What a checkpoint keeps to name a changed file on resume."""
+        return {
+            "key": self.key,
+            "format": self.fmt,
+            "digest": self.digest,
+            "files": [[n, f.size, f.rows] for n, f in zip(self.names, self.files, strict=True)],
+        }
+
+    def check_same(self, saved: dict[str, Any]) -> None:
+        """Refuse to continue a run whose corpus is not the one its position was saved for."""
+        if saved["digest"] == self.digest:
+            return
+        was = {n: (size, rows) for n, size, rows in saved["files"]}
+        now = {n: (f.size, f.rows) for n, f in zip(self.names, self.files, strict=True)}
+        fix = f"resume with the corpus the run was started on, or start a new run (another run.dir) on this one ({self.key})"
+        for n, f in zip(self.names, self.files, strict=True):
+            if n not in was:
+                raise DataError(f"{self.key}: {f.path} is new since the checkpoint; {fix}")
+            if was[n] != now[n]:
+                raise DataError(
+                    f"{self.key}: {f.path} changed since the checkpoint ({was[n][1]} rows, {was[n][0]} bytes -> "
+                    f"{f.rows} rows, {f.size} bytes); {fix}"
+                )
+        gone = [n for n in was if n not in now]
+        if gone:
+            raise DataError(f"{self.key}: {gone[0]} is gone since the checkpoint; {fix}")
+        if saved["format"] != self.fmt:
+            raise DataError(
+                f"{self.key}: read as {self.fmt}, the checkpoint's data was {saved['format']}; {fix}"
+            )
+        raise DataError(f"{self.key}: the file order changed since the checkpoint; {fix}")
+
+
+def _stat(fs, p: str) -> tuple[int, float | None]:
+    info = fs.info(p)
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return int(info.get("size") or 0), (float(mtime) if mtime is not None else None)
+
+
+def _count_jsonl(fs, p: str) -> tuple[int, list[int]]:
+    """Lines of a jsonl file (a last line without a newline counts) and every JSONL_STRIDE-th
+    line's byte offset, in one front-to-back read."""
+    offsets, rows, pos, last = [0], 0, 0, b"\n"
+    with fs.open(p, "rb") as f:
+        while chunk := f.read(16 << 20):
+            start = 0
+            while (i := chunk.find(b"\n", start)) != -1:
+                rows += 1
+                if rows % JSONL_STRIDE == 0:
+                    offsets.append(pos + i + 1)
+                start = i + 1
+            pos += len(chunk)
+            last = chunk[-1:]
+    if last != b"\n":
+        rows += 1
+        if rows % JSONL_STRIDE == 0:  # an offset at the very end points at no line
+            offsets.pop()
+    return rows, offsets
+
+
+def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
+    size, mtime = _stat(fs, p)
+    cache = cache_dir() / f"{hashlib.sha256(f'{fmt}:{full}'.encode()).hexdigest()[:40]}.json"
+    try:
+        c = json.loads(cache.read_text())
+        if (
+            c["version"] == MANIFEST_VERSION
+            and c["size"] == size
+            and c["mtime"] == mtime
+            and mtime is not None
+        ):
+            return FileInfo(full, size, c["rows"], mtime, c.get("groups"), c.get("offsets"))
+    except (OSError, ValueError, KeyError):
+        pass
+    groups = offsets = None
     if fmt == "jsonl":
-        with fs.open(p, "rb") as f:
-            for i, raw in enumerate(f):
-                if i < start:
-                    continue
-                if stop is not None and i >= stop:
-                    return
-                try:
-                    value = json.loads(raw)
-                except ValueError as exc:
-                    yield Row(file, i, error=f"malformed JSON ({exc})")
-                    continue
-                if not isinstance(value, dict):
-                    yield Row(file, i, error=f"a JSON {type(value).__name__}, not an object")
-                    continue
-                yield Row(file, i, value)
+        rows, offsets = _count_jsonl(fs, p)
     elif fmt == "txt":
-        if start == 0 and (stop is None or stop > 0):
-            with fs.open(p, "rb") as f:
-                data = f.read()
-            try:
-                yield Row(file, 0, {"text": data.decode("utf-8")})
-            except UnicodeDecodeError as exc:
-                yield Row(file, 0, error=f"not UTF-8 text ({exc})")
+        rows = 1
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
         with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            base = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if base + n <= start:
-                    base += n
-                    continue
-                if stop is not None and base >= stop:
-                    return
-                for j, value in enumerate(pf.read_row_group(g).to_pylist()):
-                    i = base + j
-                    if i < start:
-                        continue
-                    if stop is not None and i >= stop:
-                        return
-                    yield Row(file, i, value)
-                base += n
+            meta = pq.ParquetFile(f).metadata
+        groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        rows = sum(groups)
+    elif fmt == "hf":
+        rows = _arrow_table(full).num_rows
     else:
-        raise ValueError(f"data.format={fmt} has no row reader")
+        raise ValueError(f"data.format={fmt} has no file index")
+    info = FileInfo(full, size, rows, mtime, groups, offsets)
+    if mtime is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "version": MANIFEST_VERSION,
+                        "path": full,
+                        "size": size,
+                        "mtime": mtime,
+                        "rows": rows,
+                        "groups": groups,
+                        "offsets": offsets,
+                    }
+                )
+            )
+            os.replace(tmp, cache)
+        except OSError as exc:  # a read-only home: index again next time
+            log.debug("manifest cache not written (%s)", exc)
+    return info
+
+
+def _hf_files(path: str, key: str, split: str) -> list[str]:
+    """The Arrow files behind a ``save_to_disk`` directory (a DatasetDict's ``split``) or a dataset
+    in the local Hugging Face cache (``load_dataset(path, split=split)``; offline when
+    HF_DATASETS_OFFLINE=1)."""
+    import datasets
+
+    p = Path(path)
+    try:
+        if (p / "dataset_dict.json").is_file():
+            splits = json.loads((p / "dataset_dict.json").read_text())["splits"]
+            if split not in splits:
+                raise DataError(
+                    f"{key}: {path} has splits {splits}, not {split!r}; set data.split / data.eval_split"
+                )
+            ds = datasets.load_from_disk(str(p / split))
+        elif (p / "state.json").is_file():
+            ds = datasets.load_from_disk(path)
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; name the key and the cause
+        raise DataError(
+            f"{key}: cannot open {path!r} as a Hugging Face dataset ({type(exc).__name__}: {exc})"
+        ) from None
+    if ds._indices is not None:
+        raise DataError(f"{key}: {path} has an indices mapping; save it with flatten_indices() first")
+    return [f["filename"] for f in ds.cache_files]
+
+
+def build_manifest(path: str, fmt: str, key: str, split: str = "train") -> Manifest:
+    """The manifest of one source: every file (or ImageFolder image) in sorted order, with its row
+    count; file indexes are cached by path, size and mtime (``cache_dir()``)."""
+    if fmt == "imagefolder":
+        return _imagefolder_manifest(path, key)
+    files = _hf_files(path, key, split) if fmt == "hf" else resolve_files(path, key)
+    out = []
+    for full in files:
+        fs, p = _fs(full)
+        out.append(_index_file(fs, p, full, fmt))
+    return Manifest(key, fmt, out)
+
+
+def _imagefolder_manifest(root: str, key: str) -> Manifest:
+    """root/<class>/<image>: classes are the sorted sub-directory names, images sorted within."""
+    fs, r = _fs(root)
+    if not fs.isdir(r):
+        raise DataError(f"{key}: no directory at {root!r}")
+    classes = sorted(
+        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(r, detail=True) if e["type"] == "directory"
+    )
+    files = []
+    for ci, c in enumerate(classes):
+        found = fs.find(f"{r.rstrip('/')}/{c}", detail=True)
+        for name in sorted(found):
+            if _suffix(name) in IMAGE_EXT:
+                full = fs.unstrip_protocol(name) if "://" in root else name
+                files.append(FileInfo(full, int(found[name].get("size") or 0), 1, label=ci))
+    if not files:
+        raise DataError(f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/")
+    return Manifest(key, "imagefolder", files, classes)
+
+
+# ----------------------------------------------------------------------------------------- reading
+@functools.lru_cache(maxsize=64)
+def _arrow_table(path: str):
+    """A Hugging Face Arrow file as a memory-mapped table (``datasets``' own reader)."""
+    import datasets
+
+    return datasets.Dataset.from_file(path, in_memory=False).data.table
+
+
+def iter_rows(manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None) -> Iterator[Row]:
+    """Rows of file ``i`` of ``manifest`` from row ``start`` to the end, front to back: jsonl seeks
+    to the indexed offset before ``start``, parquet reads from the row group holding it (only
+    ``columns`` when the file has them all), Arrow slices the memory-mapped table."""
+    info, fmt = manifest.files[i], manifest.fmt
+    file = info.path
+    if fmt == "imagefolder":
+        if start == 0:
+            yield Row(file, 0, {"path": file, "label": info.label}, file_id=i)
+        return
+    if fmt == "txt":
+        if start == 0:
+            fs, p = _fs(file)
+            with fs.open(p, "rb") as f:
+                data = f.read()
+            try:
+                yield Row(file, 0, {"text": data.decode("utf-8")}, file_id=i)
+            except UnicodeDecodeError as exc:
+                yield Row(file, 0, error=f"not UTF-8 text ({exc})", file_id=i)
+        return
+    if fmt == "jsonl":
+        fs, p = _fs(file)
+        k = start // JSONL_STRIDE
+        with fs.open(p, "rb") as f:
+            f.seek(info.offsets[k] if info.offsets else 0)
+            index = k * JSONL_STRIDE
+            for raw in f:
+                if index >= start:
+                    yield _json_row(file, index, raw, i)
+                index += 1
+        return
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        groups = info.groups or []
+        g, base = 0, 0
+        while g < len(groups) and base + groups[g] <= start:
+            base += groups[g]
+            g += 1
+        if g >= len(groups):
+            return
+        fs, p = _fs(file)
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            cols = columns if columns and all(c in pf.schema_arrow.names for c in columns) else None
+            index = base
+            for batch in pf.iter_batches(batch_size=256, row_groups=range(g, len(groups)), columns=cols):
+                skip = max(0, start - index)
+                for j, value in enumerate(batch.slice(skip).to_pylist() if skip else batch.to_pylist()):
+                    yield Row(file, index + skip + j, value, file_id=i)
+                index += batch.num_rows
+        return
+    if fmt == "hf":
+        table = _arrow_table(file)
+        if columns and all(c in table.column_names for c in columns):
+            table = table.select(columns)
+        index = start
+        for batch in table.slice(start).to_batches(max_chunksize=256):
+            for j, value in enumerate(batch.to_pylist()):
+                yield Row(file, index + j, value, file_id=i)
+            index += batch.num_rows
+        return
+    raise ValueError(f"data.format={fmt} has no row reader")
+
+
+def _json_row(file: str, index: int, raw: bytes, file_id: int) -> Row:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        return Row(file, index, error=f"malformed JSON ({exc})", file_id=file_id)
+    if not isinstance(value, dict):
+        return Row(file, index, error=f"a JSON {type(value).__name__}, not an object", file_id=file_id)
+    return Row(file, index, value, file_id=file_id)

@@ -1,27 +1,22 @@
-"""Images: an ImageFolder-style directory or parquet rows of encoded bytes (local or fsspec),
-decoded with PIL and transformed with torchvision.transforms.v2.
+"""Images: ImageFolder files, parquet rows or Hugging Face Arrow rows of encoded bytes, decoded with
+PIL and transformed with torchvision.transforms.v2.
 
-Each sample's augmentation is seeded by (run.seed, epoch, index), so a resumed run, any number of
-DataLoader workers and any prefetch depth see the same crops and flips.
+Each sample's augmentation is seeded by (run.seed, epoch, file, row), so a resumed run, any number of
+DataLoader workers or Ray actors and any prefetch depth see the same crops and flips.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import random
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
 
-from distrain.data.sources import IMAGE_EXT, DataError, _fs, read_rows, resolve_files
-from distrain.data.text import ERROR_KINDS
-
-log = logging.getLogger(__name__)
+from distrain.data.plan import Doc, Prepared
+from distrain.data.sources import _fs
+from distrain.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -45,55 +40,6 @@ def build_transform(cfg, train: bool):
     return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-class _Images(Dataset):
-    """Map-style; keys are (index, epoch). A sample that cannot be decoded is replaced by the next
-    index (counted) with data.on_error=skip, so every batch keeps its size."""
-
-    def __init__(self, transform, channels: int, seed: int, on_error: str):
-        self.transform, self.mode = transform, "RGB" if channels == 3 else "L"
-        self.seed, self.on_error = seed, on_error
-
-    def _load(self, i: int) -> tuple[bytes | str, int, str]:
-        raise NotImplementedError
-
-    def __getitem__(self, key: tuple[int, int] | int):
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int] | int]) -> list:
-        """Decode and transform a batch of samples; the global RNG is saved once around the batch."""
-        state = torch.random.get_rng_state()
-        try:
-            return [self._sample(*(key if isinstance(key, tuple) else (key, 0))) for key in keys]
-        finally:
-            torch.random.set_rng_state(state)
-
-    def _sample(self, index: int, epoch: int):
-        errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            src, label, where = self._load(i)
-            try:
-                fh = io.BytesIO(src) if isinstance(src, bytes | bytearray) else _open(src)
-                with fh, Image.open(fh) as im:
-                    img = im.convert(self.mode)
-                break
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's
-                if self.on_error == "fail":
-                    raise DataError(
-                        f"{where}: cannot decode the image ({exc}); fix or remove it, or set data.on_error=skip"
-                    ) from None
-                errors[ERROR_KINDS.index("undecodable")] += 1
-                log.warning("skipping %s: cannot decode the image (%s) (data.on_error=skip)", where, exc)
-        else:
-            raise DataError(f"no image in {self.describe()} can be decoded")
-        # this sample's augmentation; the CPU generator only (torch.manual_seed also queues CUDA seeding)
-        torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return self.transform(img), label, errors
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-
 def _open(path: str):
     if "://" not in path:
         return open(path, "rb")
@@ -101,127 +47,79 @@ def _open(path: str):
     return fs.open(p, "rb")
 
 
-class ImageFolderDataset(_Images):
-    """root/<class>/<image>: classes are the sorted sub-directory names."""
+class DecodeImages:
+    """Row -> ``[(image tensor, label)]``, or why it is unusable. Seeds the CPU generator per
+    sample: callers in the training process save and restore its state around a batch."""
 
-    def __init__(self, root: str, transform, channels: int, key: str, seed: int = 0, on_error: str = "skip"):
-        super().__init__(transform, channels, seed, on_error)
-        fs, r = _fs(root)
-        self.root = root
-        self.classes = sorted(
-            e["name"].rstrip("/").rsplit("/", 1)[-1]
-            for e in fs.ls(r, detail=True)
-            if e["type"] == "directory"
-        )
-        self.samples: list[tuple[str, int]] = []
-        for ci, c in enumerate(self.classes):
-            for f in sorted(fs.find(f"{r.rstrip('/')}/{c}")):
-                if "." + f.rsplit(".", 1)[-1].lower() in IMAGE_EXT:
-                    self.samples.append((fs.unstrip_protocol(f) if "://" in root else f, ci))
-        if not self.samples:
-            raise DataError(f"{key}: no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/<class>/")
+    def __init__(self, cfg, train: bool, fmt: str, key: str):
+        d = cfg.data
+        self.transform = build_transform(cfg, train)
+        self.mode = "RGB" if cfg.model.in_channels == 3 else "L"
+        self.seed, self.fmt, self.key = cfg.run.seed, fmt, key
+        self.image_field, self.label_field = d.image_field, d.label_field
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def _source(self, row) -> tuple[Any, int]:
+        v = row.value
+        if self.fmt == "imagefolder":
+            return v["path"], int(v["label"])
+        for col, k in ((self.image_field, "data.image_field"), (self.label_field, "data.label_field")):
+            if col not in v:
+                raise DataError(f"{k}: {row.file} has no column {col!r} (columns: {sorted(v)}); set {k}")
+        raw = v[self.image_field]
+        if isinstance(raw, dict):  # {'bytes': ..., 'path': ...}: parquet image structs, HF Image()
+            raw = raw.get("bytes") or raw.get("path") or b""
+        return raw, int(v[self.label_field])
 
-    def _load(self, i: int):
-        path, label = self.samples[i]
-        return path, label, path
-
-    def describe(self) -> str:
-        return self.root
-
-
-class ParquetImageDataset(_Images):
-    """Parquet rows with an encoded image (bytes or a {'bytes': ...} struct) and an integer label."""
-
-    def __init__(
-        self,
-        path: str,
-        image_field: str,
-        label_field: str,
-        transform,
-        channels: int,
-        key: str,
-        seed: int = 0,
-        on_error: str = "skip",
-    ):
-        super().__init__(transform, channels, seed, on_error)
-        self.path = path
-        self.rows: list[tuple[Any, int, str]] = []
-        for f in resolve_files(path, key):
-            for row in read_rows(f, "parquet"):
-                for col, k in ((image_field, "data.image_field"), (label_field, "data.label_field")):
-                    if col not in row.value:
-                        raise DataError(
-                            f"{k}: {f} has no column {col!r} (columns: {sorted(row.value)}); set {k}"
-                        )
-                raw = row.value[image_field]
-                data = raw.get("bytes") if isinstance(raw, dict) else raw
-                self.rows.append((data, int(row.value[label_field]), row.where))
-        if not self.rows:
-            raise DataError(f"{key}: no rows in {path}")
-        self.classes = sorted({lab for _, lab, _ in self.rows})
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _load(self, i: int):
-        data, label, where = self.rows[i]
-        return (data if isinstance(data, bytes | bytearray) else b""), label, where
-
-    def describe(self) -> str:
-        return self.path
+    def __call__(self, doc: Doc) -> Prepared:
+        row = doc.row
+        if row.error is not None:
+            return Prepared(None, "malformed", row.error)
+        src, label = self._source(row)
+        try:
+            fh = io.BytesIO(src) if isinstance(src, bytes | bytearray) else _open(src)
+            with fh, Image.open(fh) as im:
+                img = im.convert(self.mode)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's
+            return Prepared(None, "undecodable", f"cannot decode the image ({exc})")
+        # this sample's augmentation; the CPU generator only (torch.manual_seed also queues CUDA seeding)
+        key = hash((self.seed, doc.epoch, row.file_id, row.index)) & 0x7FFF_FFFF_FFFF_FFFF
+        torch.default_generator.manual_seed(key)
+        return Prepared([(self.transform(img), label)])
 
 
-class EpochSampler(Sampler):
-    """Endless (or one-epoch) keys (index, epoch) for one rank: each epoch a permutation seeded by
-    (seed, epoch), cut to a multiple of the world size, every rank taking its stride. Saves its
-    position with state_dict()."""
-
-    def __init__(
-        self, n: int, rank: int, world: int, seed: int, shuffle: bool, loop: bool = True, start_epoch: int = 0
-    ):
-        self.n, self.rank, self.world, self.seed, self.shuffle, self.loop = (
-            n,
-            rank,
-            world,
-            seed,
-            shuffle,
-            loop,
-        )
-        self.per_rank = n // world
-        self.epoch, self.pos = start_epoch, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.n))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order[: self.per_rank * self.world][self.rank :: self.world]
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        while True:
-            order = self._order(self.epoch)
-            while self.pos < len(order):
-                i = order[self.pos]
-                self.pos += 1
-                yield (i, self.epoch)
-            if not self.loop:
-                return
-            self.epoch, self.pos = self.epoch + 1, 0
+def collate_images(samples) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.stack([s.data[0] for s in samples]),
+        "labels": torch.tensor([s.data[1] for s in samples], dtype=torch.long),
+        "data_errors": torch.from_numpy(np.sum([s.errors for s in samples], axis=0)),
+    }
 
 
-def collate(samples) -> dict[str, torch.Tensor]:
-    images = torch.stack([s[0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
-    errors = torch.from_numpy(np.sum([s[2] for s in samples], axis=0))
-    return {"images": images, "labels": labels, "data_errors": errors}
+def max_label(manifest, field: str) -> int:
+    """The largest class index of a parquet or Arrow image source, read from its label column only."""
+    import pyarrow.compute as pc
+
+    from distrain.data.sources import _arrow_table
+
+    top = -1
+    for f in manifest.files:
+        if manifest.fmt == "hf":
+            table = _arrow_table(f.path)
+            cols = table.column_names
+            columns = [table.column(field)] if field in cols else []
+        else:
+            import pyarrow.parquet as pq
+
+            fs, p = _fs(f.path)
+            with fs.open(p, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = pf.schema_arrow.names
+                columns = [b.column(0) for b in pf.iter_batches(columns=[field])] if field in cols else []
+        if field not in cols:
+            raise DataError(
+                f"data.label_field: {f.path} has no column {field!r} (columns: {sorted(cols)}); set data.label_field"
+            )
+        for col in columns:
+            if len(col):
+                top = max(top, int(pc.max(col).as_py()))
+    return top

@@ -1,0 +1,370 @@
+"""The data plan: one order for every engine, world size and number of workers, and one cursor.
+
+Written down once:
+
+- **Epoch order.** Each source's files are visited in an order shuffled by ``(run.seed, source,
+  epoch)``; their rows, end to end, form the epoch's row space of ``N`` rows.
+- **Partitions.** The row space is cut into ``K = data.partitions`` canonical partitions, partition
+  ``p`` holding rows ``[p*N//K, (p+1)*N//K)``. A partition reads its rows front to back in blocks
+  of ``data.shuffle_block`` rows, each block permuted by ``(seed, source, epoch, p, block)``. When its
+  rows are done it goes on with its next epoch. With several text sources a partition draws each
+  document from one of them by weight, with a choice seeded by ``(seed, p, document number)``.
+- **Samples.** A partition turns its rows into samples: text rows are tokenized, joined with the
+  end-of-document id and cut into ``seq_len`` windows; an image row is one sample.
+- **The global stream.** Sample ``j`` of the job is the next sample of partition ``j mod K``.
+  Rank ``r`` of ``w`` takes the samples ``j = r, r+w, r+2w, ...``: the partitions ``p = r (mod w)``,
+  which only it reads, in turn. ``K`` must be divisible by ``w``.
+- **The cursor.** After ``T`` samples of the global stream partition ``p`` has given ``T//K + (p <
+  T mod K)`` samples, whatever the world size was. A checkpoint saves ``T`` and, for every
+  partition, where its next sample starts (its rows' epoch, block and index, the token offset into
+  the document, the sample count). A resume on any world size whose size divides ``T`` continues
+  exactly: every rank picks up its partitions where they stood.
+
+None of it depends on the world size, ``data.num_workers`` or the engine: they only decide who
+reads which partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from distrain.data.sources import Manifest, Row, iter_rows
+from distrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ERROR_KINDS = ("malformed", "missing_field", "empty", "undecodable")
+DEFAULT_PARTITIONS = 64
+
+
+MIN_PARTITION_ROWS = 16
+
+
+def default_partitions(manifests: list[Manifest]) -> int:
+    """64, or for a small source the largest power of two that leaves every partition at least 16
+    rows (one bad row then cannot empty a partition)."""
+    rows = min(m.total for m in manifests)
+    k = DEFAULT_PARTITIONS
+    while k > 1 and k * MIN_PARTITION_ROWS > rows:
+        k //= 2
+    return k
+
+
+class Plan:
+    """The order of every source: (manifests, seed, partitions, block, shuffle), nothing else."""
+
+    def __init__(
+        self,
+        manifests: list[Manifest],
+        weights: list[float],
+        seed: int,
+        partitions: int,
+        block: int,
+        shuffle: bool,
+        check_rows: bool = True,
+    ):
+        self.manifests, self.seed, self.partitions = manifests, seed, partitions
+        self.block, self.shuffle = (block if shuffle else 1), shuffle
+        total = sum(weights)
+        self.cum_weights = np.cumsum([w / total for w in weights])
+        for m in manifests if check_rows else ():
+            if m.total < partitions:
+                raise DataError(
+                    f"{m.key}: {m.total} rows, fewer than data.partitions={partitions}; "
+                    f"set data.partitions <= {m.total} (and divisible by the world size)"
+                )
+        self._orders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def key(self) -> dict[str, Any]:
+        """What a saved position depends on; a resume must have the same."""
+        return {
+            "partitions": self.partitions,
+            "block": self.block,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "digests": [m.digest for m in self.manifests],
+        }
+
+    def order(self, src: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(file indices in the epoch's order, cumulative rows along that order)."""
+        key = (src, epoch)
+        if key not in self._orders:
+            m = self.manifests[src]
+            n = len(m.files)
+            order = (
+                np.random.default_rng([self.seed, src, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            if len(self._orders) >= 8:  # epochs in use: at most a couple per source
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = (order, np.cumsum(m.rows[order]))
+        return self._orders[key]
+
+    def bounds(self, src: int, p: int) -> tuple[int, int]:
+        n = self.manifests[src].total
+        return p * n // self.partitions, (p + 1) * n // self.partitions
+
+    def __getstate__(self):  # the order cache is rebuilt where the plan is sent (DataLoader workers)
+        return {**self.__dict__, "_orders": {}}
+
+
+def owned(partitions: int, rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s partitions, in the order it takes samples from them."""
+    return list(range(rank, partitions, world))
+
+
+def samples_taken(partition: int, partitions: int, cursor: int) -> int:
+    """Samples partition ``partition`` has given after ``cursor`` samples of the global stream."""
+    return cursor // partitions + (1 if partition < cursor % partitions else 0)
+
+
+class PartitionRows:
+    """Partition ``p`` of source ``src``: its rows in plan order, epoch after epoch (``loop``) or
+    one epoch, read front to back; ``state`` = (epoch, block, index in the block)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        src: int,
+        p: int,
+        state: dict[str, int] | None = None,
+        loop: bool = True,
+        columns: list[str] | None = None,
+    ):
+        self.plan, self.src, self.p, self.loop, self.columns = plan, src, p, loop, columns
+        self.manifest = plan.manifests[src]
+        self.lo, self.hi = plan.bounds(src, p)
+        st = state or {"epoch": 0, "block": 0, "idx": 0}
+        self.epoch, self.block, self.idx = int(st["epoch"]), int(st["block"]), int(st["idx"])
+        self._rows: list[Row] | None = None
+        self._reader: Iterator[Row] | None = None
+        self._reader_at = -1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "block": self.block, "idx": self.idx}
+
+    def next_row(self) -> Row | None:
+        if self._rows is None and not self._read_block():
+            return None
+        row = self._rows[self.idx]
+        self.idx += 1
+        if self.idx == len(self._rows):
+            self.block, self.idx, self._rows = self.block + 1, 0, None
+        return row
+
+    def _read_block(self) -> bool:
+        start = self.lo + self.block * self.plan.block
+        if start >= self.hi:
+            if not self.loop:
+                return False
+            self.epoch, self.block, self.idx = self.epoch + 1, 0, 0
+            self._close()
+            start = self.lo
+        if self._reader is None or self._reader_at != start:
+            self._close()
+            self._reader, self._reader_at = self._rows_from(start), start
+        n = min(self.plan.block, self.hi - start)
+        rows = [next(self._reader) for _ in range(n)]
+        self._reader_at += n
+        if self.plan.shuffle and n > 1:
+            perm = np.random.default_rng(
+                [self.plan.seed, self.src, self.epoch, self.p, self.block]
+            ).permutation(n)
+            rows = [rows[i] for i in perm]
+        self._rows = rows
+        return True
+
+    def _rows_from(self, start: int) -> Iterator[Row]:
+        """The epoch's rows from row ``start`` of its row space on, file after file."""
+        order, cum = self.plan.order(self.src, self.epoch)
+        k = int(np.searchsorted(cum, start, side="right"))
+        r = start - (int(cum[k - 1]) if k else 0)
+        m = self.manifest
+        for i in order[k:]:
+            want, got = int(m.rows[i]) - r, 0
+            for row in iter_rows(m, int(i), r, self.columns):
+                yield row
+                got += 1
+                if got == want:
+                    break
+            if got < want:
+                raise DataError(
+                    f"{m.key}: {m.files[i].path} has fewer rows than when it was indexed ({m.rows[i]}); "
+                    "it changed during the run: restore it, or start a new run on the new data"
+                )
+            r = 0
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = None
+
+
+class Doc(NamedTuple):
+    """A row as a partition hands it out: the partition's position before it, its source and epoch."""
+
+    before: dict[str, Any]
+    src: int
+    epoch: int
+    row: Row
+
+
+class Prepared(NamedTuple):
+    """A row made ready to pack: ``units`` (token ids, or a list of samples), or why it is unusable."""
+
+    units: Any
+    kind: str = ""
+    msg: str = ""
+
+
+class Sample(NamedTuple):
+    data: Any
+    pos: dict[str, Any]
+    errors: np.ndarray
+
+
+class TokenPacker:
+    """Documents' tokens joined and cut into windows of ``seq_len``; a window ends inside (or at the
+    end of) the document being read, so (position before it, token offset) resumes it."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len, self.buf, self.have = seq_len, [], 0
+
+    def feed(self, toks: np.ndarray, skip: int) -> Iterator[tuple[np.ndarray, int]]:
+        off = skip
+        while self.have + len(toks) - off >= self.seq_len:
+            need = self.seq_len - self.have
+            self.buf.append(toks[off : off + need])
+            off += need
+            window = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
+            self.buf, self.have = [], 0
+            yield window, off
+        if off < len(toks):
+            self.buf.append(toks[off:])
+            self.have += len(toks) - off
+
+
+class ItemPacker:
+    """Each unit of a row is one sample (an image row has one)."""
+
+    def feed(self, units: list, skip: int) -> Iterator[tuple[Any, int]]:
+        for i in range(skip, len(units)):
+            yield units[i], i + 1
+
+
+class Partition:
+    """One partition's samples with the position after each: rows from its sources (mixed by
+    weight), made ready by ``prepare`` (here, in a DataLoader worker or in a Ray actor), bad rows
+    counted or refused, packed. The same class for both engines."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        p: int,
+        state: dict[str, Any] | None,
+        packer,
+        prepare: Callable[[Doc], Prepared] | None,
+        on_error: str,
+        loop: bool = True,
+        columns: list[str] | None = None,
+    ):
+        self.plan, self.p, self.packer, self.prepare, self.on_error = plan, p, packer, prepare, on_error
+        n = len(plan.manifests)
+        st = state or {"docs": 0, "sources": [None] * n, "offset": 0, "count": 0}
+        if len(st["sources"]) != n:
+            raise DataError(f"the saved data position has {len(st['sources'])} sources, this run {n}")
+        self.cursors = [PartitionRows(plan, s, p, st["sources"][s], loop, columns) for s in range(n)]
+        self.docs, self.skip, self.count = int(st["docs"]), int(st["offset"]), int(st["count"])
+        self.errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
+        self.last_good = [c.epoch - 1 for c in self.cursors]
+        self.ended = False
+
+    def read(self, n: int = 1) -> list[Doc]:
+        """The next ``n`` rows (fewer at the end of a single pass)."""
+        out = []
+        for _ in range(n):
+            before = {"docs": self.docs, "sources": [c.state_dict() for c in self.cursors]}
+            src = 0
+            if len(self.cursors) > 1:
+                u = random.Random(f"{self.plan.seed}:{self.p}:{self.docs}").random()
+                src = min(int(np.searchsorted(self.plan.cum_weights, u, side="right")), len(self.cursors) - 1)
+            cur = self.cursors[src]
+            row = cur.next_row()
+            if row is None:
+                self.ended = True
+                break
+            self.docs += 1
+            out.append(Doc(before, src, cur.epoch, row))  # a cursor's epoch moves on only when it reads
+        return out
+
+    def take(self, doc: Doc, prepared: Prepared) -> list[Sample]:
+        """The samples that ``doc`` completes (none for a bad row, or a document shorter than what a
+        window still needs)."""
+        if prepared.units is None:
+            where = doc.row.where
+            if self.on_error == "fail":
+                raise DataError(f"{where}: {prepared.msg}; fix the row or set data.on_error=skip")
+            self.errors[ERROR_KINDS.index(prepared.kind)] += 1
+            n = int(self.errors.sum())
+            if n <= 3 or n % 1000 == 0:
+                log.warning("skipping %s: %s (data.on_error=skip)", where, prepared.msg)
+            self.skip = 0
+            if doc.epoch - self.last_good[doc.src] >= 2:
+                m = self.plan.manifests[doc.src]
+                lo, hi = self.plan.bounds(doc.src, self.p)
+                raise DataError(
+                    f"data: no usable row in a whole epoch of partition {self.p} of {m.key} (its rows {lo}-{hi - 1} "
+                    f"of {m.total} in {[f.path for f in m.files[:3]]}; last: {where}); check data.text_field and "
+                    "data.format, or remove the bad rows, or lower data.partitions"
+                )
+            return []
+        self.last_good[doc.src] = doc.epoch
+        skip, self.skip = self.skip, 0
+        out = []
+        for data, off in self.packer.feed(prepared.units, skip):
+            self.count += 1
+            out.append(Sample(data, {**doc.before, "offset": off, "count": self.count}, self.errors.copy()))
+            self.errors[:] = 0
+        return out
+
+    def step(self) -> list[Sample] | None:
+        """Read one row and make its samples here; None at the end of a single pass."""
+        docs = self.read(1)
+        if not docs:
+            return None
+        return self.take(docs[0], self.prepare(docs[0]))
+
+
+class Assembler:
+    """This rank's samples in plan order: its partitions in turn, one sample each, starting where
+    ``count`` samples were taken. ``fill(i)`` must push at least one sample of local partition
+    ``i`` (and may push others'). Records the position of every partition's last sample taken."""
+
+    def __init__(self, partitions: list[int], count: int, positions: dict[int, Any], fill):
+        self.partitions, self.count, self.fill = partitions, count, fill
+        self.queues: list[deque[Sample]] = [deque() for _ in partitions]
+        self.positions = dict(positions)
+
+    def push(self, i: int, sample: Sample) -> None:
+        """A sample of local partition ``i``."""
+        self.queues[i].append(sample)
+
+    def take(self, n: int) -> list[Sample]:
+        out = []
+        for _ in range(n):
+            i = self.count % len(self.partitions)
+            q = self.queues[i]
+            while not q:
+                self.fill(i)
+            s = q.popleft()
+            self.positions[self.partitions[i]] = s.pos
+            self.count += 1
+            out.append(s)
+        return out
