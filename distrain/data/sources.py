@@ -307,7 +307,7 @@ def _hf_files(path: str, key: str, split: str) -> list[str]:
         elif (p / "state.json").is_file():
             ds = datasets.load_from_disk(path)
         else:
-            ds = datasets.load_dataset(path, split=split)
+            ds = datasets.load_dataset(path, split=split, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; name the key and the cause

@@ -1,0 +1,222 @@
+"""Manifests and reads at scale: files indexed once (cached by path, size and mtime), every file read
+front to back once per pass, a changed corpus refused on resume with the file named, and Hugging
+Face ``datasets`` (save_to_disk directories, the local cache) as a source read through the same plan."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distrain.config import load_config
+from distrain.data import DataError, DataPipeline
+from distrain.data import sources as src
+from distrain.data.plan import PartitionRows, Plan
+from distrain.train import run
+from tests.conftest import CONFIGS, read_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _jsonl(path, n, start=0):
+    path.write_text(
+        "".join(json.dumps({"text": f"row {i} " + "w" * (i % 50)}) + "\n" for i in range(start, start + n))
+    )
+
+
+def test_jsonl_manifest_seeks_and_its_cache(tmp_path, monkeypatch):
+    f = tmp_path / "big.jsonl"
+    _jsonl(f, 3 * src.JSONL_STRIDE + 17)
+    man = src.build_manifest(str(f), "jsonl", "data.train_path")
+    info = man.files[0]
+    assert info.rows == 3 * src.JSONL_STRIDE + 17 and len(info.offsets) == 4
+    # a read from any row seeks to the indexed offset before it: the rows are the file's own
+    lines = f.read_text().splitlines()
+    for start in (0, 5, src.JSONL_STRIDE, 2 * src.JSONL_STRIDE + 3, info.rows - 1):
+        row = next(src.iter_rows(man, 0, start))
+        assert row.index == start and row.value == json.loads(lines[start])
+    # the index is cached: a second manifest does not read the file ...
+    calls = []
+    real = src._count_jsonl
+    monkeypatch.setattr(src, "_count_jsonl", lambda *a: calls.append(a) or real(*a))
+    assert src.build_manifest(str(f), "jsonl", "data.train_path").digest == man.digest and not calls
+    # ... until it changes
+    _jsonl(f, 10)
+    again = src.build_manifest(str(f), "jsonl", "data.train_path")
+    assert len(calls) == 1 and again.files[0].rows == 10 and again.digest != man.digest
+
+
+def test_a_pass_opens_each_file_once_and_reads_it_front_to_back(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _jsonl(tmp_path / "a.jsonl", 3000)
+    pq.write_table(
+        pa.table({"text": [f"p{i}" for i in range(3000)]}), tmp_path / "b.parquet", row_group_size=500
+    )
+    opened = []
+    real = src._fs
+
+    def counting(path):
+        fs, p = real(path)
+        if not hasattr(fs.open, "counted"):  # fsspec reuses its filesystem objects: wrap once
+            orig = fs.open
+
+            def open_(q, *a, **k):
+                opened.append(q.rsplit("/", 1)[-1])
+                return orig(q, *a, **k)
+
+            open_.counted = True
+            fs.open = open_
+        return fs, p
+
+    monkeypatch.setattr(src, "_fs", counting)
+    for name, fmt in (("a.jsonl", "jsonl"), ("b.parquet", "parquet")):
+        man = src.build_manifest(str(tmp_path / name), fmt, "data.train_path")
+        for shuffle in (False, True):
+            opened.clear()
+            rows = []
+            cur = PartitionRows(Plan([man], [1.0], 0, 1, 64, shuffle), 0, 0, loop=False)
+            while (r := cur.next_row()) is not None:
+                rows.append(r.index)
+            assert sorted(rows) == list(range(3000))
+            assert opened == [name], opened  # one open for the whole pass, no re-open to skip rows
+            if shuffle:  # rows permuted within blocks of 64, blocks in file order
+                assert rows != sorted(rows) and all(
+                    sorted(rows[b : b + 64]) == list(range(b, min(b + 64, 3000))) for b in range(0, 3000, 64)
+                )
+
+
+def test_a_changed_corpus_is_refused_on_resume_with_the_file_named(in_workdir, tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i in range(3):
+        _jsonl(data / f"part-{i}.jsonl", 40, start=100 * i)
+    run_dir = tmp_path / "run"
+    over = [
+        f"data.train_path={data}/*.jsonl",
+        "data.eval_path=null",
+        f"run.dir={run_dir}",
+        "train.steps=4",
+        "checkpoint.every_steps=4",
+        "data.seq_len=32",
+    ]
+    run(load_config(CONFIGS / "gpt-cpu-tiny.yaml", over))
+    state = torch.load(run_dir / "checkpoints" / "step00000004" / "distrain-state.pt", weights_only=True)
+    saved = state["corpus"]["sources"][0]
+    assert [f[0] for f in saved["files"]] == [f"part-{i}.jsonl" for i in range(3)] and len(
+        saved["digest"]
+    ) == 32
+    rank = torch.load(run_dir / "checkpoints" / "step00000004" / "rank-00000.pt", weights_only=True)["data"]
+    assert rank["plan"]["digests"] == [saved["digest"]] and rank["cursor"] == 4 * 8
+    before = sorted(p.name for p in run_dir.iterdir())
+    _jsonl(data / "part-1.jsonl", 41, start=100)
+    longer = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "train.steps=8"])
+    with pytest.raises(DataError, match=r"part-1.jsonl changed since the checkpoint \(40 rows.*-> 41 rows"):
+        run(longer)
+    _jsonl(data / "part-1.jsonl", 40, start=100)
+    _jsonl(data / "part-3.jsonl", 5)
+    with pytest.raises(DataError, match=r"part-3.jsonl is new since the checkpoint"):
+        run(longer)
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written by a refused resume
+    (data / "part-3.jsonl").unlink()
+    assert run(longer)["status"] == "completed"  # the original corpus resumes
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 8
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_hf_datasets_save_to_disk_and_local_cache(in_workdir, tmp_path, monkeypatch):
+    import datasets
+
+    texts = [f"<doc {i}> " + "q" * (i % 40) for i in range(300)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "text_ds"))
+    labels = [i % 3 for i in range(120)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    images = datasets.Dataset.from_dict(
+        {"image": [{"bytes": _png(60 * lab + 10), "path": None} for lab in labels], "label": labels},
+        features=feats,
+    )
+    datasets.DatasetDict(
+        {"train": images, "validation": images.select(range(40)).flatten_indices()}
+    ).save_to_disk(str(tmp_path / "img_ds"))
+    base = ["data.eval_path=null", "train.steps=6", "checkpoint.at_end=false", f"run.dir={tmp_path / 'run'}"]
+    # text: the same plan as any source (partitions over the Arrow rows), resumable, trains
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml", [*base, f"data.train_path={tmp_path / 'text_ds'}", "data.seq_len=32"]
+    )
+    pipe = DataPipeline(cfg)
+    assert pipe.manifests[0].fmt == "hf" and pipe.manifests[0].total == 300
+    it = pipe.train_batches()
+    first = [next(it) for _ in range(3)]
+    state = pipe.state_dict()
+    more = [next(it) for _ in range(3)]
+    pipe.close()
+    text = bytes(int(i) for b in first + more for i in b["input_ids"].flatten() if i < 256).decode()
+    assert "<doc " in text and set(text) <= set("".join(texts) + " ")
+    resumed = DataPipeline(cfg)
+    resumed.load_state_dict(state)
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"])
+        for a, b in zip(more, [next(resumed.train_batches()) for _ in range(3)], strict=True)
+    )
+    resumed.close()
+    recs_run = run(cfg)
+    assert recs_run["status"] == "completed"
+    # images from a DatasetDict: HF Image() structs and ClassLabel labels, train and validation splits
+    cfg = load_config(
+        CONFIGS / "resnet-cpu-tiny.yaml",
+        [
+            *base,
+            f"data.train_path={tmp_path / 'img_ds'}",
+            f"data.eval_path={tmp_path / 'img_ds'}",
+            "train.micro_batch_size=8",
+        ],
+    )
+    pipe = DataPipeline(cfg)
+    batch = next(pipe.train_batches())
+    from distrain.data.vision import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for image, label in zip(batch["images"], batch["labels"].tolist(), strict=True):
+        torch.testing.assert_close(image, (((60 * label + 10) / 255 - mean) / std).expand_as(image))
+    assert len(pipe.eval_batches()) == 5  # 40 validation rows in batches of 8
+    pipe.close()
+    with pytest.raises(DataError, match=r"has splits \['train', 'validation'\], not 'test'"):
+        DataPipeline(
+            load_config(
+                CONFIGS / "resnet-cpu-tiny.yaml",
+                [*base, f"data.train_path={tmp_path / 'img_ds'}", "data.split=test"],
+            )
+        )
+    # a dataset in the local HF cache, loaded offline (here: parquet files that load_dataset cached)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.table({"text": texts}), raw / "train.parquet")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    cached = datasets.load_dataset(str(raw), split="train", cache_dir=str(tmp_path / "hf_cache"))
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        [*base, f"data.train_path={raw}", "data.format=hf", "data.seq_len=32"],
+    )
+    pipe = DataPipeline(cfg)
+    files = [f.path for f in pipe.manifests[0].files]
+    assert files == [f["filename"] for f in cached.cache_files] and all(
+        str(tmp_path / "hf_cache") in f for f in files
+    )
+    assert next(pipe.train_batches())["input_ids"].shape == (8, 32)
+    pipe.close()
