@@ -32,16 +32,24 @@ def _jsonl(path, n, start=0):
 
 
 def test_jsonl_manifest_seeks_and_its_cache(tmp_path, monkeypatch):
+    small = tmp_path / "small.jsonl"
+    _jsonl(small, 100)
+    info = src.build_manifest(str(small), "jsonl", "data.train_path").files[0]
+    assert (info.rows, info.stride, info.n_chunks, len(info.offsets)) == (100, 1, 100, 100)
     f = tmp_path / "big.jsonl"
-    _jsonl(f, 3 * src.JSONL_STRIDE + 17)
+    n = src.SMALL_FILE_ROWS + 3 * src.JSONL_STRIDE + 17
+    _jsonl(f, n)
     man = src.build_manifest(str(f), "jsonl", "data.train_path")
     info = man.files[0]
-    assert info.rows == 3 * src.JSONL_STRIDE + 17 and len(info.offsets) == 4
+    assert (info.rows, info.stride) == (n, src.JSONL_STRIDE) and len(info.offsets) == info.n_chunks == 68
     # a read from any row seeks to the indexed offset before it: the rows are the file's own
     lines = f.read_text().splitlines()
-    for start in (0, 5, src.JSONL_STRIDE, 2 * src.JSONL_STRIDE + 3, info.rows - 1):
+    for start in (0, 5, src.JSONL_STRIDE, 2 * src.JSONL_STRIDE + 3, 67 * src.JSONL_STRIDE, n - 1):
         row = next(src.iter_rows(man, 0, start))
         assert row.index == start and row.value == json.loads(lines[start])
+    with open(f, "rb") as fh:  # each offset is where its line starts
+        data = fh.read()
+    assert all(data[o - 1 : o] == b"\n" for o in info.offsets[1:])
     # the index is cached: a second manifest does not read the file ...
     calls = []
     real = src._count_jsonl
@@ -220,3 +228,25 @@ def test_hf_datasets_save_to_disk_and_local_cache(in_workdir, tmp_path, monkeypa
     )
     assert next(pipe.train_batches())["input_ids"].shape == (8, 32)
     pipe.close()
+
+
+def test_partitions_fall_on_row_groups_of_large_parquet_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = src.SMALL_FILE_ROWS + 4_464  # 70,000 rows: a large file, partitioned by its row groups
+    for f in range(2):
+        pq.write_table(
+            pa.table({"text": [str(i) for i in range(n)]}), tmp_path / f"p{f}.parquet", row_group_size=10_000
+        )
+    man = src.build_manifest(f"{tmp_path}/*.parquet", "parquet", "data.train_path")
+    assert [f.stride for f in man.files] == [None, None] and list(man.chunks) == [7, 7]
+    plan = Plan([man], [1.0], 5, 4, 1024, True)
+    for epoch in range(2):
+        bounds = [plan.bounds(0, epoch, p) for p in range(4)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == 2 * n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous, disjoint
+        group_starts = {0, n, 2 * n} | {k * 10_000 for k in range(7)} | {n + k * 10_000 for k in range(7)}
+        assert all(lo in group_starts for lo, _ in bounds)  # no row group is split between two partitions
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 10_000  # equal up to one row group

@@ -4,8 +4,10 @@ Written down once:
 
 - **Epoch order.** Each source's files are visited in an order shuffled by ``(run.seed, source,
   epoch)``; their rows, end to end, form the epoch's row space of ``N`` rows.
-- **Partitions.** The row space is cut into ``K = data.partitions`` canonical partitions, partition
-  ``p`` holding rows ``[p*N//K, (p+1)*N//K)``. A partition reads its rows front to back in blocks
+- **Partitions.** The row space is cut into ``K = data.partitions`` canonical partitions on chunk
+  boundaries (a chunk: a row of a small file, 1024 lines of a large jsonl file, a row group of a
+  large parquet file; ``C`` of them in all): partition ``p`` holds chunks ``[p*C//K, (p+1)*C//K)``
+  of the epoch's order, so no chunk is read by two partitions and each starts at a seek point. A partition reads its rows front to back in blocks
   of ``data.shuffle_block`` rows, each block permuted by ``(seed, source, epoch, p, block)``. When its
   rows are done it goes on with its next epoch. With several text sources a partition draws each
   document from one of them by weight, with a choice seeded by ``(seed, p, document number)``.
@@ -47,11 +49,12 @@ MIN_PARTITION_ROWS = 16
 
 
 def default_partitions(manifests: list[Manifest]) -> int:
-    """64, or for a small source the largest power of two that leaves every partition at least 16
-    rows (one bad row then cannot empty a partition)."""
+    """64, or for a small source the largest power of two that leaves every partition a chunk and
+    at least 16 rows (one bad row then cannot empty a partition)."""
     rows = min(m.total for m in manifests)
+    chunks = min(int(m.chunks.sum()) for m in manifests)
     k = DEFAULT_PARTITIONS
-    while k > 1 and k * MIN_PARTITION_ROWS > rows:
+    while k > 1 and (k * MIN_PARTITION_ROWS > rows or k > chunks):
         k //= 2
     return k
 
@@ -74,12 +77,16 @@ class Plan:
         total = sum(weights)
         self.cum_weights = np.cumsum([w / total for w in weights])
         for m in manifests if check_rows else ():
-            if m.total < partitions:
+            chunks = int(m.chunks.sum())
+            if chunks < partitions:
                 raise DataError(
-                    f"{m.key}: {m.total} rows, fewer than data.partitions={partitions}; "
-                    f"set data.partitions <= {m.total} (and divisible by the world size)"
+                    f"{m.key}: {m.total} rows in {chunks} chunks (rows of small files, 1024-line blocks of large "
+                    f"jsonl files, row groups of large parquet files), fewer than data.partitions={partitions}; "
+                    f"set data.partitions <= {chunks} (and divisible by the world size), or write parquet with "
+                    "smaller row groups"
                 )
-        self._orders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._orders: dict[tuple[int, int], tuple] = {}
+        self._starts: dict[tuple[int, int], np.ndarray] = {}
 
     def key(self) -> dict[str, Any]:
         """What a saved position depends on; a resume must have the same."""
@@ -91,8 +98,8 @@ class Plan:
             "digests": [m.digest for m in self.manifests],
         }
 
-    def order(self, src: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(file indices in the epoch's order, cumulative rows along that order)."""
+    def order(self, src: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file indices in the epoch's order, cumulative rows and cumulative chunks along it)."""
         key = (src, epoch)
         if key not in self._orders:
             m = self.manifests[src]
@@ -104,15 +111,28 @@ class Plan:
             )
             if len(self._orders) >= 8:  # epochs in use: at most a couple per source
                 self._orders.pop(next(iter(self._orders)))
-            self._orders[key] = (order, np.cumsum(m.rows[order]))
+            self._orders[key] = (order, np.cumsum(m.rows[order]), np.cumsum(m.chunks[order]))
         return self._orders[key]
 
-    def bounds(self, src: int, p: int) -> tuple[int, int]:
-        n = self.manifests[src].total
-        return p * n // self.partitions, (p + 1) * n // self.partitions
+    def _row_of_chunk(self, src: int, epoch: int, c: int) -> int:
+        order, rows, chunks = self.order(src, epoch)
+        if c >= int(chunks[-1]):
+            return int(rows[-1])
+        k = int(np.searchsorted(chunks, c, side="right"))
+        j = c - (int(chunks[k - 1]) if k else 0)
+        f = int(order[k])
+        if (src, f) not in self._starts:
+            self._starts[(src, f)] = self.manifests[src].files[f].chunk_starts()
+        return (int(rows[k - 1]) if k else 0) + int(self._starts[(src, f)][j])
 
-    def __getstate__(self):  # the order cache is rebuilt where the plan is sent (DataLoader workers)
-        return {**self.__dict__, "_orders": {}}
+    def bounds(self, src: int, epoch: int, p: int) -> tuple[int, int]:
+        """Partition ``p``'s rows ``[lo, hi)`` in the row space of ``epoch``, on chunk boundaries."""
+        c = int(self.order(src, epoch)[2][-1])
+        k = self.partitions
+        return self._row_of_chunk(src, epoch, p * c // k), self._row_of_chunk(src, epoch, (p + 1) * c // k)
+
+    def __getstate__(self):  # the caches are rebuilt where the plan is sent (DataLoader workers)
+        return {**self.__dict__, "_orders": {}, "_starts": {}}
 
 
 def owned(partitions: int, rank: int, world: int) -> list[int]:
@@ -140,9 +160,9 @@ class PartitionRows:
     ):
         self.plan, self.src, self.p, self.loop, self.columns = plan, src, p, loop, columns
         self.manifest = plan.manifests[src]
-        self.lo, self.hi = plan.bounds(src, p)
         st = state or {"epoch": 0, "block": 0, "idx": 0}
         self.epoch, self.block, self.idx = int(st["epoch"]), int(st["block"]), int(st["idx"])
+        self.lo, self.hi = plan.bounds(src, self.epoch, p)
         self._rows: list[Row] | None = None
         self._reader: Iterator[Row] | None = None
         self._reader_at = -1
@@ -166,6 +186,7 @@ class PartitionRows:
                 return False
             self.epoch, self.block, self.idx = self.epoch + 1, 0, 0
             self._close()
+            self.lo, self.hi = self.plan.bounds(self.src, self.epoch, self.p)
             start = self.lo
         if self._reader is None or self._reader_at != start:
             self._close()
@@ -183,7 +204,7 @@ class PartitionRows:
 
     def _rows_from(self, start: int) -> Iterator[Row]:
         """The epoch's rows from row ``start`` of its row space on, file after file."""
-        order, cum = self.plan.order(self.src, self.epoch)
+        order, cum, _ = self.plan.order(self.src, self.epoch)
         k = int(np.searchsorted(cum, start, side="right"))
         r = start - (int(cum[k - 1]) if k else 0)
         m = self.manifest
@@ -318,7 +339,7 @@ class Partition:
             self.skip = 0
             if doc.epoch - self.last_good[doc.src] >= 2:
                 m = self.plan.manifests[doc.src]
-                lo, hi = self.plan.bounds(doc.src, self.p)
+                lo, hi = self.plan.bounds(doc.src, doc.epoch, self.p)
                 raise DataError(
                     f"data: no usable row in a whole epoch of partition {self.p} of {m.key} (its rows {lo}-{hi - 1} "
                     f"of {m.total} in {[f.path for f in m.files[:3]]}; last: {where}); check data.text_field and "

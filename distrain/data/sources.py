@@ -129,8 +129,11 @@ class Row:
 
 
 # --------------------------------------------------------------------------------------- manifests
-MANIFEST_VERSION = 1
-JSONL_STRIDE = 4096  # a jsonl manifest keeps the byte offset of every 4096th line
+MANIFEST_VERSION = 2
+# The unit a partition boundary falls on (a chunk): a row of a small file, 1024 lines of a large
+# jsonl file (the manifest keeps the byte offset of each), a row group of a large parquet file.
+SMALL_FILE_ROWS = 65536
+JSONL_STRIDE = 1024
 
 
 def cache_dir() -> Path:
@@ -143,7 +146,8 @@ def cache_dir() -> Path:
 class FileInfo:
     """What a manifest knows of one file: where it is, its size and mtime (the cache key), its row
     count and how to seek into it (parquet: rows per row group; jsonl: the byte offset of every
-    ``JSONL_STRIDE``-th line). ``label`` is an ImageFolder image's class index."""
+    ``stride``-th line). Its chunks are ``stride`` rows each, or its row groups when ``stride`` is
+    None. ``label`` is an ImageFolder image's class index."""
 
     path: str
     size: int
@@ -152,6 +156,18 @@ class FileInfo:
     groups: list[int] | None = None
     offsets: list[int] | None = None
     label: int | None = None
+    stride: int | None = 1
+
+    def chunk_starts(self) -> np.ndarray:
+        if self.stride is None:
+            return np.concatenate([[0], np.cumsum(self.groups)[:-1]]).astype(np.int64)
+        return np.arange(0, self.rows, self.stride, dtype=np.int64)
+
+    @property
+    def n_chunks(self) -> int:
+        if self.stride is None:
+            return len(self.groups)
+        return -(-self.rows // self.stride)
 
 
 class Manifest:
@@ -161,6 +177,7 @@ class Manifest:
     def __init__(self, key: str, fmt: str, files: list[FileInfo], classes: list[str] | None = None):
         self.key, self.fmt, self.files, self.classes = key, fmt, files, classes
         self.rows = np.array([f.rows for f in files], dtype=np.int64)
+        self.chunks = np.array([f.n_chunks for f in files], dtype=np.int64)
         self.total = int(self.rows.sum())
         prefix = os.path.commonpath([f.path for f in files]) if len(files) > 1 else ""
         if prefix and not all(f.path.startswith(prefix) for f in files):
@@ -214,25 +231,26 @@ def _stat(fs, p: str) -> tuple[int, float | None]:
     return int(info.get("size") or 0), (float(mtime) if mtime is not None else None)
 
 
-def _count_jsonl(fs, p: str) -> tuple[int, list[int]]:
-    """Lines of a jsonl file (a last line without a newline counts) and every JSONL_STRIDE-th
-    line's byte offset, in one front-to-back read."""
-    offsets, rows, pos, last = [0], 0, 0, b"\n"
+def _count_jsonl(fs, p: str) -> tuple[int, list[int], int]:
+    """Lines of a jsonl file (a last line without a newline counts), the byte offset of every
+    ``stride``-th line and the stride (1 for a small file, JSONL_STRIDE for a large one), in one
+    front-to-back read."""
+    offsets, rows, pos, last, stride = [0], 0, 0, b"\n", 1
     with fs.open(p, "rb") as f:
         while chunk := f.read(16 << 20):
             start = 0
             while (i := chunk.find(b"\n", start)) != -1:
                 rows += 1
-                if rows % JSONL_STRIDE == 0:
-                    offsets.append(pos + i + 1)
+                if rows % stride == 0:
+                    offsets.append(pos + i + 1)  # where line ``rows`` starts
+                    if stride == 1 and rows == SMALL_FILE_ROWS:  # a large file: keep every 1024th
+                        offsets, stride = offsets[::JSONL_STRIDE], JSONL_STRIDE
                 start = i + 1
             pos += len(chunk)
             last = chunk[-1:]
-    if last != b"\n":
-        rows += 1
-        if rows % JSONL_STRIDE == 0:  # an offset at the very end points at no line
-            offsets.pop()
-    return rows, offsets
+    if pos and last != b"\n":
+        rows += 1  # a last line without a newline
+    return rows, offsets[: max(1, -(-rows // stride))], stride
 
 
 def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
@@ -246,12 +264,15 @@ def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
             and c["mtime"] == mtime
             and mtime is not None
         ):
-            return FileInfo(full, size, c["rows"], mtime, c.get("groups"), c.get("offsets"))
+            return FileInfo(
+                full, size, c["rows"], mtime, c.get("groups"), c.get("offsets"), stride=c["stride"]
+            )
     except (OSError, ValueError, KeyError):
         pass
     groups = offsets = None
+    stride: int | None = 1
     if fmt == "jsonl":
-        rows, offsets = _count_jsonl(fs, p)
+        rows, offsets, stride = _count_jsonl(fs, p)
     elif fmt == "txt":
         rows = 1
     elif fmt == "parquet":
@@ -261,11 +282,12 @@ def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
             meta = pq.ParquetFile(f).metadata
         groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         rows = sum(groups)
+        stride = 1 if rows <= SMALL_FILE_ROWS or not groups else None
     elif fmt == "hf":
         rows = _arrow_table(full).num_rows
     else:
         raise ValueError(f"data.format={fmt} has no file index")
-    info = FileInfo(full, size, rows, mtime, groups, offsets)
+    info = FileInfo(full, size, rows, mtime, groups, offsets, stride=stride)
     if mtime is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +302,7 @@ def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
                         "rows": rows,
                         "groups": groups,
                         "offsets": offsets,
+                        "stride": stride,
                     }
                 )
             )
@@ -383,10 +406,10 @@ def iter_rows(manifest: Manifest, i: int, start: int = 0, columns: list[str] | N
         return
     if fmt == "jsonl":
         fs, p = _fs(file)
-        k = start // JSONL_STRIDE
+        k = start // info.stride
         with fs.open(p, "rb") as f:
-            f.seek(info.offsets[k] if info.offsets else 0)
-            index = k * JSONL_STRIDE
+            f.seek(info.offsets[k])
+            index = k * info.stride
             for raw in f:
                 if index >= start:
                     yield _json_row(file, index, raw, i)

@@ -1,0 +1,279 @@
+"""The data plan at corpus scale: manifest build time, a pass's rate over its first and last 10%
+against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks, and the peak RSS of
+a rank streaming 10k vs 100k parquet images.
+
+    python benchmarks/bench_data_scale.py [--rows 1000000] [--row-bytes 1100] [--images 10000,100000]
+
+Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes (8 files; at the defaults
+1.1 GB), and the same rows as parquet (row groups of 10,000). A pass is what one rank of world size 1
+reads: its 64 partitions, one row from each in turn (the plan's sample order), every row of the
+epoch once. The baseline reads the same files front to back with plain Python / pyarrow: jsonl lines
+parsed with json.loads, parquet ``iter_batches().to_pylist()``. Bytes per rank: each rank of 1, 2 and
+4 reads its partitions in a process of its own; the bytes are the process's ``rchar`` (/proc/self/io)
+during the pass. Images: parquet files of 32x32 PNGs, resnet-cpu-tiny's pipeline (one DataLoader
+worker) streaming 300 batches of 32 in a fresh process; the figure is that process tree's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+WORDS = None
+
+
+def _text(rng, n_bytes: int) -> str:
+    global WORDS
+    if WORDS is None:
+        import numpy as np
+
+        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+        WORDS = [
+            "".join(chr(c) for c in rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(5000)
+        ]
+    out, size = [], 0
+    idx = rng.integers(0, len(WORDS), size=n_bytes // 3)
+    for i in idx:
+        w = WORDS[i]
+        out.append(w)
+        size += len(w) + 1
+        if size >= n_bytes:
+            break
+    return " ".join(out)
+
+
+def build_text(root: Path, rows: int, row_bytes: int, files: int = 8) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    (root / "jsonl").mkdir(parents=True)
+    (root / "parquet").mkdir()
+    per = rows // files
+    for f in range(files):
+        texts = [_text(rng, int(rng.integers(row_bytes // 2, row_bytes * 3 // 2))) for _ in range(per)]
+        with open(root / "jsonl" / f"part-{f:03d}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"id": f * per + i, "text": t}) + "\n" for i, t in enumerate(texts))
+        pq.write_table(
+            pa.table({"id": list(range(f * per, (f + 1) * per)), "text": texts}),
+            root / "parquet" / f"part-{f:03d}.parquet",
+            row_group_size=10_000,
+        )
+
+
+def build_images(path: Path, n: int) -> None:
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    tiles = []
+    for _ in range(256):  # 256 distinct PNGs reused: the bytes and the decode cost are real
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+        tiles.append(buf.getvalue())
+    path.mkdir(parents=True)
+    per_file = 10_000
+    for f in range(0, n, per_file):
+        k = min(per_file, n - f)
+        pq.write_table(
+            pa.table(
+                {"image": [tiles[(f + i) % 256] for i in range(k)], "label": [(f + i) % 10 for i in range(k)]}
+            ),
+            path / f"img-{f // per_file:04d}.parquet",
+            row_group_size=1000,
+        )
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def plan_pass(path: str, fmt: str, rank: int, world: int, partitions: int = 64) -> dict:
+    """One epoch of rank ``rank``'s partitions, a row of each in turn; rates per tenth of the pass."""
+    from distrain.data.plan import PartitionRows, Plan, owned
+    from distrain.data.sources import build_manifest
+
+    man = build_manifest(path, fmt, "data.train_path")
+    plan = Plan([man], [1.0], 0, partitions, 1024, True)
+    cursors = [
+        PartitionRows(plan, 0, p, loop=False, columns=["text"]) for p in owned(partitions, rank, world)
+    ]
+    expect = sum(c.hi - c.lo for c in cursors)
+    marks, n, t0, r0 = [], 0, time.perf_counter(), _rchar()
+    tenth = max(1, expect // 10)
+    live = list(cursors)
+    while live:
+        keep = []
+        for c in live:
+            row = c.next_row()
+            if row is None:
+                continue
+            keep.append(c)
+            n += 1
+            if n % tenth == 0:
+                marks.append(time.perf_counter())
+        live = keep
+    dt = time.perf_counter() - t0
+    bytes_read = _rchar() - r0
+    assert n == expect, (n, expect)
+    steps = [t0, *marks]
+    rates = [tenth / (b - a) for a, b in zip(steps, steps[1:], strict=False)]
+    return {"rows": n, "seconds": dt, "bytes": bytes_read, "first": rates[0], "last": rates[-1]}
+
+
+def plain_pass(path: str, fmt: str) -> dict:
+    import glob
+
+    files = sorted(glob.glob(f"{path}/*.{fmt}"))
+    t0, n = time.perf_counter(), 0
+    if fmt == "jsonl":
+        for f in files:
+            with open(f, "rb") as fh:
+                for line in fh:
+                    json.loads(line)
+                    n += 1
+    else:
+        import pyarrow.parquet as pq
+
+        for f in files:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["text"]):
+                n += len(b.to_pylist())
+    return {"rows": n, "seconds": time.perf_counter() - t0}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def image_rss(path: Path, batches: int = 300) -> dict:
+    """Peak RSS of the process tree (a rank and its DataLoader worker) streaming ``batches`` batches."""
+    return _child(["images", str(path), str(batches)])
+
+
+def _child_images(path: str, batches: int) -> dict:
+    import resource
+
+    from distrain.config import load_config
+    from distrain.data import DataPipeline
+
+    cfg = load_config(
+        REPO / "configs" / "resnet-cpu-tiny.yaml",
+        [f"data.train_path={path}", "data.eval_path=null", "data.num_workers=1", "data.augment=false"],
+    )
+    pipe = DataPipeline(cfg)
+    it = pipe.train_batches()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    pipe.close()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"rss_mib": own / 1024, "worker_rss_mib": kids / 1024, "images_per_s": batches * 32 / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--row-bytes", type=int, default=1100)
+    ap.add_argument("--images", default="10000,100000")
+    ap.add_argument("--dir", default=None, help="where to write the corpus (default: a temporary directory)")
+    ap.add_argument("--child", nargs="*")
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "pass":
+            path, fmt, rank, world = rest
+            res = plan_pass(path, fmt, int(rank), int(world))
+        else:
+            res = _child_images(rest[0], int(rest[1]))
+        print(json.dumps(res))
+        return
+    from distrain.tracking import setup_logging
+
+    setup_logging(0, "WARNING")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        os.environ["DISTRAIN_CACHE_DIR"] = str(root / "cache")
+        t = time.perf_counter()
+        build_text(root, args.rows, args.row_bytes)
+        sizes = {fmt: sum(p.stat().st_size for p in (root / fmt).iterdir()) for fmt in ("jsonl", "parquet")}
+        print(
+            f"corpus: {args.rows:,} rows; jsonl {sizes['jsonl'] / 1e9:.2f} GB, parquet {sizes['parquet'] / 1e9:.2f} GB "
+            f"(8 files each; written in {time.perf_counter() - t:.0f} s)\n"
+        )
+        from distrain.data.sources import build_manifest
+
+        print(
+            "| format | manifest, cold | manifest, cached | plain read | distrain pass | pass / plain | rows/s first 10% | rows/s last 10% | last / first |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for fmt in ("jsonl", "parquet"):
+            path = str(root / fmt)
+            t = time.perf_counter()
+            build_manifest(f"{path}/*.{fmt}", fmt, "k")
+            cold = time.perf_counter() - t
+            t = time.perf_counter()
+            build_manifest(f"{path}/*.{fmt}", fmt, "k")
+            warm = time.perf_counter() - t
+            plain = plain_pass(path, fmt)
+            ours = _child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
+            print(
+                f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {plain['seconds']:.1f} s ({plain['rows'] / plain['seconds']:,.0f} rows/s) "
+                f"| {ours['seconds']:.1f} s | {ours['seconds'] / plain['seconds']:.2f}x | {ours['first']:,.0f} | {ours['last']:,.0f} | {ours['last'] / ours['first']:.2f} |"
+            )
+        print(
+            "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"
+        )
+        print("|---|---|---|---|---|")
+        for fmt in ("jsonl", "parquet"):
+            for world in (1, 2, 4):
+                got = [
+                    _child(["pass", f"{root / fmt}/*.{fmt}", fmt, str(r), str(world)])["bytes"]
+                    for r in range(world)
+                ]
+                share = sizes[fmt] / world
+                print(
+                    f"| {fmt} | {world} | {min(got) / 1e6:,.0f} - {max(got) / 1e6:,.0f} MB | {sum(got) / sizes[fmt]:.3f} "
+                    f"| {min(got) / share:.3f} - {max(got) / share:.3f} |"
+                )
+        import shutil
+
+        shutil.rmtree(root / "jsonl")
+        shutil.rmtree(root / "parquet")
+        print("\n| parquet images | files | peak RSS, rank | peak RSS, its worker | images/s |")
+        print("|---|---|---|---|---|")
+        for n in (int(x) for x in args.images.split(",")):
+            path = root / f"images-{n}"
+            build_images(path, n)
+            res = image_rss(path)
+            print(
+                f"| {n:,} | {len(list(path.iterdir()))} | {res['rss_mib']:.0f} MiB | {res['worker_rss_mib']:.0f} MiB | {res['images_per_s']:,.0f} |"
+            )
+            shutil.rmtree(path)
+
+
+if __name__ == "__main__":
+    main()
