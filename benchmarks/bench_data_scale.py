@@ -2,10 +2,10 @@
 against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks, and the peak RSS of
 a rank streaming 10k vs 100k parquet images.
 
-    python benchmarks/bench_data_scale.py [--rows 1000000] [--row-bytes 1100] [--images 10000,100000]
+    python benchmarks/bench_data_scale.py [--rows 3000000] [--row-bytes 400] [--images 10000,100000]
 
-Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes (8 files; at the defaults
-1.1 GB), and the same rows as parquet (row groups of 10,000). A pass is what one rank of world size 1
+Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files; at
+the defaults 3M rows, 1.2 GB), and the same rows as parquet (row groups of 5,000). A pass is what one rank of world size 1
 reads: its 64 partitions, one row from each in turn (the plan's sample order), every row of the
 epoch once. The baseline reads the same files front to back with plain Python / pyarrow: jsonl lines
 parsed with json.loads, parquet ``iter_batches().to_pylist()``. Bytes per rank: each rank of 1, 2 and
@@ -28,30 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-WORDS = None
-
-
-def _text(rng, n_bytes: int) -> str:
-    global WORDS
-    if WORDS is None:
-        import numpy as np
-
-        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-        WORDS = [
-            "".join(chr(c) for c in rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(5000)
-        ]
-    out, size = [], 0
-    idx = rng.integers(0, len(WORDS), size=n_bytes // 3)
-    for i in idx:
-        w = WORDS[i]
-        out.append(w)
-        size += len(w) + 1
-        if size >= n_bytes:
-            break
-    return " ".join(out)
-
 
 def build_text(root: Path, rows: int, row_bytes: int, files: int = 8) -> None:
+    """``rows`` rows of random lowercase words, ``row_bytes`` long on average (from half to 1.5x)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -60,14 +39,18 @@ def build_text(root: Path, rows: int, row_bytes: int, files: int = 8) -> None:
     (root / "jsonl").mkdir(parents=True)
     (root / "parquet").mkdir()
     per = rows // files
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
     for f in range(files):
-        texts = [_text(rng, int(rng.integers(row_bytes // 2, row_bytes * 3 // 2))) for _ in range(per)]
+        lengths = rng.integers(row_bytes // 2, row_bytes * 3 // 2, size=per)
+        blob = alphabet[rng.integers(0, len(alphabet), size=int(lengths.sum()))].tobytes().decode()
+        ends = np.cumsum(lengths)
+        texts = [blob[e - n : e] for e, n in zip(ends.tolist(), lengths.tolist(), strict=True)]
         with open(root / "jsonl" / f"part-{f:03d}.jsonl", "w") as fh:
             fh.writelines(json.dumps({"id": f * per + i, "text": t}) + "\n" for i, t in enumerate(texts))
         pq.write_table(
             pa.table({"id": list(range(f * per, (f + 1) * per)), "text": texts}),
             root / "parquet" / f"part-{f:03d}.parquet",
-            row_group_size=10_000,
+            row_group_size=5_000,
         )
 
 
@@ -133,7 +116,14 @@ def plan_pass(path: str, fmt: str, rank: int, world: int, partitions: int = 64) 
     assert n == expect, (n, expect)
     steps = [t0, *marks]
     rates = [tenth / (b - a) for a, b in zip(steps, steps[1:], strict=False)]
-    return {"rows": n, "seconds": dt, "bytes": bytes_read, "first": rates[0], "last": rates[-1]}
+    return {
+        "rows": n,
+        "seconds": dt,
+        "bytes": bytes_read,
+        "first": rates[0],
+        "last": rates[-1],
+        "tenths": rates,
+    }
 
 
 def plain_pass(path: str, fmt: str) -> dict:
@@ -196,8 +186,8 @@ def _child_images(path: str, batches: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--row-bytes", type=int, default=1100)
+    ap.add_argument("--rows", type=int, default=3_000_000)
+    ap.add_argument("--row-bytes", type=int, default=400)
     ap.add_argument("--images", default="10000,100000")
     ap.add_argument("--dir", default=None, help="where to write the corpus (default: a temporary directory)")
     ap.add_argument("--child", nargs="*")
@@ -230,6 +220,7 @@ def main() -> None:
             "| format | manifest, cold | manifest, cached | plain read | distrain pass | pass / plain | rows/s first 10% | rows/s last 10% | last / first |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
+        tenths = []
         for fmt in ("jsonl", "parquet"):
             path = str(root / fmt)
             t = time.perf_counter()
@@ -240,6 +231,7 @@ def main() -> None:
             warm = time.perf_counter() - t
             plain = plain_pass(path, fmt)
             ours = _child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
+            tenths.append((fmt, ours["tenths"]))
             print(
                 f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {plain['seconds']:.1f} s ({plain['rows'] / plain['seconds']:,.0f} rows/s) "
                 f"| {ours['seconds']:.1f} s | {ours['seconds'] / plain['seconds']:.2f}x | {ours['first']:,.0f} | {ours['last']:,.0f} | {ours['last'] / ours['first']:.2f} |"

@@ -28,6 +28,7 @@ reads which partition.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import deque
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from distrain.data.sources import Manifest, Row, iter_rows
+from distrain.data.sources import Manifest, Row, iter_raw, make_row
 from distrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ class PartitionRows:
         st = state or {"epoch": 0, "block": 0, "idx": 0}
         self.epoch, self.block, self.idx = int(st["epoch"]), int(st["block"]), int(st["idx"])
         self.lo, self.hi = plan.bounds(src, self.epoch, p)
-        self._rows: list[Row] | None = None
-        self._reader: Iterator[Row] | None = None
+        self._rows: list[tuple[int, int, Any]] | None = None  # (file, row, raw row): parsed when handed out
+        self._reader: Iterator[tuple[int, int, Any]] | None = None
         self._reader_at = -1
 
     def state_dict(self) -> dict[str, int]:
@@ -173,53 +174,62 @@ class PartitionRows:
     def next_row(self) -> Row | None:
         if self._rows is None and not self._read_block():
             return None
-        row = self._rows[self.idx]
+        fid, index, raw = self._rows[self.idx]
         self.idx += 1
         if self.idx == len(self._rows):
             self.block, self.idx, self._rows = self.block + 1, 0, None
-        return row
+        return make_row(self.manifest, fid, index, raw, self.columns)
+
+    def _span(self, block: int) -> tuple[int, int]:
+        """Block ``block``'s rows. Partition ``p``'s first block is shorter by ``p * B // K`` rows
+        (B = data.shuffle_block), so the partitions of a rank reach their block ends at different
+        samples and the reads spread evenly over the pass instead of coming all at once."""
+        b, shift = self.plan.block, (self.p * self.plan.block) // self.plan.partitions
+        return self.lo + max(0, block * b - shift), min(self.hi, self.lo + (block + 1) * b - shift)
 
     def _read_block(self) -> bool:
-        start = self.lo + self.block * self.plan.block
+        start, end = self._span(self.block)
         if start >= self.hi:
             if not self.loop:
                 return False
             self.epoch, self.block, self.idx = self.epoch + 1, 0, 0
             self._close()
             self.lo, self.hi = self.plan.bounds(self.src, self.epoch, self.p)
-            start = self.lo
+            start, end = self._span(0)
         if self._reader is None or self._reader_at != start:
             self._close()
             self._reader, self._reader_at = self._rows_from(start), start
-        n = min(self.plan.block, self.hi - start)
-        rows = [next(self._reader) for _ in range(n)]
+        n = end - start
+        rows = list(itertools.islice(self._reader, n))
+        if len(rows) != n:
+            raise DataError(
+                f"{self.manifest.key}: a file holds fewer rows than when it was indexed (partition {self.p}, "
+                f"epoch {self.epoch}, rows {start}-{end - 1}): it changed during the run; restore it, or start "
+                "a new run on the new data"
+            )
         self._reader_at += n
         if self.plan.shuffle and n > 1:
             perm = np.random.default_rng(
                 [self.plan.seed, self.src, self.epoch, self.p, self.block]
             ).permutation(n)
-            rows = [rows[i] for i in perm]
+            rows = [rows[i] for i in perm.tolist()]
         self._rows = rows
         return True
 
-    def _rows_from(self, start: int) -> Iterator[Row]:
-        """The epoch's rows from row ``start`` of its row space on, file after file."""
+    def _rows_from(self, start: int) -> Iterator[tuple[int, int, Any]]:
+        """The epoch's rows from row ``start`` of its row space to the partition's end, file after file."""
         order, cum, _ = self.plan.order(self.src, self.epoch)
         k = int(np.searchsorted(cum, start, side="right"))
-        r = start - (int(cum[k - 1]) if k else 0)
+        r, at = start - (int(cum[k - 1]) if k else 0), start
         m = self.manifest
         for i in order[k:]:
-            want, got = int(m.rows[i]) - r, 0
-            for row in iter_rows(m, int(i), r, self.columns):
-                yield row
-                got += 1
-                if got == want:
-                    break
-            if got < want:
-                raise DataError(
-                    f"{m.key}: {m.files[i].path} has fewer rows than when it was indexed ({m.rows[i]}); "
-                    "it changed during the run: restore it, or start a new run on the new data"
-                )
+            if at >= self.hi:
+                return
+            stop = min(int(m.rows[i]), r + self.hi - at)
+            yield from zip(
+                itertools.repeat(int(i)), range(r, stop), iter_raw(m, int(i), r, self.columns, stop)
+            )
+            at += stop - r
             r = 0
 
     def _close(self) -> None:

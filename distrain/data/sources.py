@@ -107,7 +107,7 @@ def detect_format(path: str, fmt: str, key: str) -> str:
     return kinds.pop()
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One row read from ``file`` (0-based ``index``: the line of a jsonl file, the row of a parquet
     file or Arrow table, the image of an ImageFolder); ``value`` is the parsed row or ``error`` says
@@ -384,76 +384,109 @@ def _arrow_table(path: str):
     return datasets.Dataset.from_file(path, in_memory=False).data.table
 
 
-def iter_rows(manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None) -> Iterator[Row]:
-    """Rows of file ``i`` of ``manifest`` from row ``start`` to the end, front to back: jsonl seeks
-    to the indexed offset before ``start``, parquet reads from the row group holding it (only
-    ``columns`` when the file has them all), Arrow slices the memory-mapped table."""
+def iter_raw(
+    manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None, stop: int | None = None
+) -> Iterator[Any]:
+    """The raw rows of file ``i`` of ``manifest`` from row ``start`` (to ``stop``, or the end),
+    front to back: jsonl lines (bytes), seeking to the indexed offset before ``start``; parquet and
+    Arrow rows as tuples of ``columns`` (a dict of every column when the file lacks one of them),
+    reading only the row groups that hold the rows. ``make_row`` parses one; keeping rows raw until
+    they are handed out keeps a block of them cheap to hold."""
     info, fmt = manifest.files[i], manifest.fmt
-    file = info.path
+    stop = info.rows if stop is None else min(stop, info.rows)
     if fmt == "imagefolder":
-        if start == 0:
-            yield Row(file, 0, {"path": file, "label": info.label}, file_id=i)
+        if start < stop:
+            yield None
         return
     if fmt == "txt":
-        if start == 0:
-            fs, p = _fs(file)
+        if start < stop:
+            fs, p = _fs(info.path)
             with fs.open(p, "rb") as f:
-                data = f.read()
-            try:
-                yield Row(file, 0, {"text": data.decode("utf-8")}, file_id=i)
-            except UnicodeDecodeError as exc:
-                yield Row(file, 0, error=f"not UTF-8 text ({exc})", file_id=i)
+                yield f.read()
         return
     if fmt == "jsonl":
-        fs, p = _fs(file)
+        fs, p = _fs(info.path)
         k = start // info.stride
         with fs.open(p, "rb") as f:
             f.seek(info.offsets[k])
-            index = k * info.stride
-            for raw in f:
-                if index >= start:
-                    yield _json_row(file, index, raw, i)
-                index += 1
+            for _ in range(start - k * info.stride):  # fewer than one stride of lines, on a resume
+                f.readline()
+            for _ in range(stop - start):
+                line = f.readline()
+                if not line:  # the file is shorter than its manifest: the reader above reports it
+                    return
+                yield line
         return
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         groups = info.groups or []
-        g, base = 0, 0
-        while g < len(groups) and base + groups[g] <= start:
-            base += groups[g]
-            g += 1
-        if g >= len(groups):
+        ends = np.cumsum(groups)
+        g = int(np.searchsorted(ends, start, side="right"))  # the group holding row ``start``
+        last = int(np.searchsorted(ends, stop - 1, side="right")) if stop > start else g - 1
+        if g >= len(groups) or last < g:
             return
-        fs, p = _fs(file)
+        fs, p = _fs(info.path)
         with fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-            cols = columns if columns and all(c in pf.schema_arrow.names for c in columns) else None
-            index = base
-            for batch in pf.iter_batches(batch_size=256, row_groups=range(g, len(groups)), columns=cols):
-                skip = max(0, start - index)
-                for j, value in enumerate(batch.slice(skip).to_pylist() if skip else batch.to_pylist()):
-                    yield Row(file, index + skip + j, value, file_id=i)
+            names = pf.schema_arrow.names
+            cols = columns if columns and all(c in names for c in columns) else None
+            index = int(ends[g - 1]) if g else 0
+            for batch in pf.iter_batches(
+                batch_size=1024, row_groups=range(g, last + 1), columns=cols, use_threads=False
+            ):
+                lo, hi = max(0, start - index), min(batch.num_rows, stop - index)
+                if hi > lo:
+                    part = batch.slice(lo, hi - lo) if (lo or hi < batch.num_rows) else batch
+                    yield from _table_rows(part, cols)
                 index += batch.num_rows
+                if index >= stop:
+                    return
         return
     if fmt == "hf":
-        table = _arrow_table(file)
-        if columns and all(c in table.column_names for c in columns):
-            table = table.select(columns)
-        index = start
-        for batch in table.slice(start).to_batches(max_chunksize=256):
-            for j, value in enumerate(batch.to_pylist()):
-                yield Row(file, index + j, value, file_id=i)
-            index += batch.num_rows
+        table = _arrow_table(info.path)
+        cols = columns if columns and all(c in table.column_names for c in columns) else None
+        if cols:
+            table = table.select(cols)
+        for batch in table.slice(start, stop - start).to_batches(max_chunksize=1024):
+            yield from _table_rows(batch, cols)
         return
     raise ValueError(f"data.format={fmt} has no row reader")
 
 
-def _json_row(file: str, index: int, raw: bytes, file_id: int) -> Row:
+def _table_rows(batch, cols: list[str] | None) -> Iterator[Any]:
+    if cols is None:
+        return iter(batch.to_pylist())
+    return zip(*(batch.column(c).to_pylist() for c in cols), strict=True)
+
+
+def make_row(manifest: Manifest, i: int, index: int, raw: Any, columns: list[str] | None = None) -> Row:
+    """Row ``index`` of file ``i`` from what ``iter_raw`` gave for it, parsed."""
+    info, fmt = manifest.files[i], manifest.fmt
+    file = info.path
+    if fmt == "jsonl":
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            return Row(file, index, None, f"malformed JSON ({exc})", i)
+        if not isinstance(value, dict):
+            return Row(file, index, None, f"a JSON {type(value).__name__}, not an object", i)
+        return Row(file, index, value, None, i)
+    if fmt in ("parquet", "hf"):
+        return Row(
+            file, index, raw if isinstance(raw, dict) else dict(zip(columns, raw, strict=True)), None, i
+        )
+    if fmt == "imagefolder":
+        return Row(file, 0, {"path": file, "label": info.label}, None, i)
     try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        return Row(file, index, error=f"malformed JSON ({exc})", file_id=file_id)
-    if not isinstance(value, dict):
-        return Row(file, index, error=f"a JSON {type(value).__name__}, not an object", file_id=file_id)
-    return Row(file, index, value, file_id=file_id)
+        return Row(file, 0, {"text": raw.decode("utf-8")}, None, i)
+    except UnicodeDecodeError as exc:
+        return Row(file, 0, None, f"not UTF-8 text ({exc})", i)
+
+
+def iter_rows(
+    manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None, stop: int | None = None
+) -> Iterator[Row]:
+    """The parsed rows of file ``i`` from row ``start`` (to ``stop``, or the end)."""
+    for index, raw in enumerate(iter_raw(manifest, i, start, columns, stop), start=start):
+        yield make_row(manifest, i, index, raw, columns)
