@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fetch what benchmarks/gpu_check.sh needs on a GPU machine that has Python 3.12, torch, transformers,
 # pyarrow, rich, safetensors, scikit-learn, pytest and nvidia-ml-py but no network: wheels for
-# DeepSpeed (built here from its source release: pure Python, its ops compile on first use), pydantic
-# and torchdata, into .whl/ (ignored by git; a few MiB). Run it here, in the repository root, then carry
+# DeepSpeed (built here from its source release: pure Python, its ops compile on first use) and
+# pydantic, into .whl/ (ignored by git; a few MiB). Run it here, in the repository root, then carry
 # .whl to the GPU machine with the checkout.
 #   WHEELS  output directory (default: .whl)
 #   PY      python with pip and torch installed, to build DeepSpeed's wheel (default: .venv/bin/python)
@@ -19,7 +19,7 @@ run mkdir -p "$WHEELS"
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 PKGS=()
-for name in pydantic pydantic-core annotated-types typing-inspection hjson torchdata; do
+for name in pydantic pydantic-core annotated-types typing-inspection hjson; do
   PKGS+=("$name==$(version "$name")")
 done
 run "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

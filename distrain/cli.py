@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "prepare", help="write the tiny configs' data (pydoc texts, scikit-learn digits) under --out"
     )
     q.add_argument("--out", default="data", help="output directory (default: data)")
+    q = dsub.add_parser(
+        "index",
+        help="build (or check) a source's manifest in the cache ($DISTRAIN_CACHE_DIR) before a job, so its ranks only read it",
+    )
+    q.add_argument("path", help="a file, directory, glob or fsspec URL, as data.train_path")
+    q.add_argument("--format", default="auto", help="as data.format (default: auto)")
+    q.add_argument("--split", default="train", help="as data.split, for format hf (default: train)")
     return ap
 
 
@@ -196,6 +203,19 @@ def main(argv: list[str] | None = None) -> int:
 
             out = write_report(Path(args.run_dir), args.out)
             print(f"wrote {out / 'report.md'}")
+            return EXIT_OK
+        if args.command == "data" and args.data_command == "index":
+            import time
+
+            from distrain.data.sources import build_manifest, cache_dir, detect_format
+
+            t0 = time.perf_counter()
+            fmt = detect_format(args.path, args.format, "path")
+            man = build_manifest(args.path, fmt, "path", args.split)
+            print(
+                f"{args.path}: {fmt}, {len(man.files):,} files, {man.total:,} rows, {int(man.chunks.sum()):,} chunks, "
+                f"digest {man.digest} ({time.perf_counter() - t0:.1f} s; cache {cache_dir()})"
+            )
             return EXIT_OK
         if args.command == "data":
             from distrain.data.prepare import prepare

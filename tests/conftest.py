@@ -4,6 +4,7 @@ tiny data sets written once per session into a temporary working directory."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
     TOKENIZERS_PARALLELISM="false",
 )
+# data manifests are cached per test session, not in the user's ~/.cache
+os.environ.setdefault("DISTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="distrain-manifests-"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # benchmarks/gpu_check.sh sets cuda for the gpu tests
 # DeepSpeed JIT-compiles a CPU op on first use (~30-50 s); keep it across sessions and CI runs
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distrain" / "torch_extensions"))

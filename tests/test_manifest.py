@@ -69,23 +69,21 @@ def test_a_pass_opens_each_file_once_and_reads_it_front_to_back(tmp_path, monkey
     pq.write_table(
         pa.table({"text": [f"p{i}" for i in range(3000)]}), tmp_path / "b.parquet", row_group_size=500
     )
+    import pyarrow.parquet as pq_module
+
     opened = []
-    real = src._fs
+    real_open, real_pf = src.open_file, pq_module.ParquetFile
 
-    def counting(path):
-        fs, p = real(path)
-        if not hasattr(fs.open, "counted"):  # fsspec reuses its filesystem objects: wrap once
-            orig = fs.open
+    def open_file(path):
+        opened.append(path.rsplit("/", 1)[-1])
+        return real_open(path)
 
-            def open_(q, *a, **k):
-                opened.append(q.rsplit("/", 1)[-1])
-                return orig(q, *a, **k)
+    def parquet_file(f, *a, **k):
+        opened.append(str(f).rsplit("/", 1)[-1])
+        return real_pf(f, *a, **k)
 
-            open_.counted = True
-            fs.open = open_
-        return fs, p
-
-    monkeypatch.setattr(src, "_fs", counting)
+    monkeypatch.setattr(src, "open_file", open_file)
+    monkeypatch.setattr(pq_module, "ParquetFile", parquet_file)
     for name, fmt in (("a.jsonl", "jsonl"), ("b.parquet", "parquet")):
         man = src.build_manifest(str(tmp_path / name), fmt, "data.train_path")
         for shuffle in (False, True):
@@ -250,3 +248,24 @@ def test_partitions_fall_on_row_groups_of_large_parquet_files(tmp_path):
         assert all(lo in group_starts for lo, _ in bounds)  # no row group is split between two partitions
         sizes = [hi - lo for lo, hi in bounds]
         assert max(sizes) - min(sizes) <= 10_000  # equal up to one row group
+
+
+def test_data_index_command_fills_the_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for i in range(2):
+        _jsonl(tmp_path / f"c{i}.jsonl", 30)
+    env = {**os.environ, "DISTRAIN_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run(
+        [sys.executable, "-m", "distrain.cli", "data", "index", f"{tmp_path}/*.jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    man = src.build_manifest(f"{tmp_path}/*.jsonl", "jsonl", "k")
+    assert f"jsonl, 2 files, 60 rows, 60 chunks, digest {man.digest}" in p.stdout
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2

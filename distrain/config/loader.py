@@ -180,6 +180,8 @@ RESUMABLE_KEYS = (
     "data.eval_path",
     "data.sources",
     "data.num_workers",
+    "data.engine",
+    "data.ray_actors",
     "data.prefetch_factor",
     "data.pin_memory",
     "parallel.grad_accum",

@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +32,6 @@ from distrain.data.tokenizer import load_tokenizer
 from distrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 __all__ = ["ERROR_KINDS", "Corpus", "DataError", "DataPipeline", "to_device"]
 
@@ -127,16 +125,20 @@ class Prefetch:
             for item in self.batches:
                 if self.pin:
                     item = ({k: v.pin_memory() for k, v in item[0].items()}, item[1])
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(item):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self.q.put(_Failed(exc))
+            self._put(_Failed(exc))
+
+    def _put(self, item) -> bool:
+        """Queue ``item`` unless the stream is being closed (False then)."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __next__(self):
         item = self.q.get()

@@ -5,6 +5,7 @@ file and row named in every error."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -37,6 +38,14 @@ def _fs(path: str):
     import fsspec
 
     return fsspec.core.url_to_fs(path)
+
+
+def open_file(path: str):
+    """A binary file object: the built-in ``open`` for a local path (C-level reads), fsspec's otherwise."""
+    if "://" not in path:
+        return open(path, "rb")
+    fs, p = _fs(path)
+    return fs.open(p, "rb")
 
 
 def _suffix(path: str) -> str:
@@ -400,14 +409,12 @@ def iter_raw(
         return
     if fmt == "txt":
         if start < stop:
-            fs, p = _fs(info.path)
-            with fs.open(p, "rb") as f:
+            with open_file(info.path) as f:
                 yield f.read()
         return
     if fmt == "jsonl":
-        fs, p = _fs(info.path)
         k = start // info.stride
-        with fs.open(p, "rb") as f:
+        with open_file(info.path) as f:
             f.seek(info.offsets[k])
             for _ in range(start - k * info.stride):  # fewer than one stride of lines, on a resume
                 f.readline()
@@ -426,8 +433,8 @@ def iter_raw(
         last = int(np.searchsorted(ends, stop - 1, side="right")) if stop > start else g - 1
         if g >= len(groups) or last < g:
             return
-        fs, p = _fs(info.path)
-        with fs.open(p, "rb") as f:
+        local = "://" not in info.path  # a local path: pyarrow's own (native) file reads
+        with contextlib.nullcontext(info.path) if local else open_file(info.path) as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
             names = pf.schema_arrow.names
             cols = columns if columns and all(c in names for c in columns) else None
