@@ -293,7 +293,7 @@ def _index_file(fs, p: str, full: str, fmt: str) -> FileInfo:
         rows = sum(groups)
         stride = 1 if rows <= SMALL_FILE_ROWS or not groups else None
     elif fmt == "hf":
-        rows = _arrow_table(full).num_rows
+        rows = arrow_table(full).num_rows
     else:
         raise ValueError(f"data.format={fmt} has no file index")
     info = FileInfo(full, size, rows, mtime, groups, offsets, stride=stride)
@@ -386,7 +386,7 @@ def _imagefolder_manifest(root: str, key: str) -> Manifest:
 
 # ----------------------------------------------------------------------------------------- reading
 @functools.lru_cache(maxsize=64)
-def _arrow_table(path: str):
+def arrow_table(path: str):
     """A Hugging Face Arrow file as a memory-mapped table (``datasets``' own reader)."""
     import datasets
 
@@ -451,7 +451,7 @@ def iter_raw(
                     return
         return
     if fmt == "hf":
-        table = _arrow_table(info.path)
+        table = arrow_table(info.path)
         cols = columns if columns and all(c in table.column_names for c in columns) else None
         if cols:
             table = table.select(cols)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from distrain.data.plan import Doc, Prepared
-from distrain.data.sources import _fs
+from distrain.data.sources import arrow_table, open_file
 from distrain.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,13 +38,6 @@ def build_transform(cfg, train: bool):
             v2.CenterCrop(m.image_size),
         ]
     return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def _open(path: str):
-    if "://" not in path:
-        return open(path, "rb")
-    fs, p = _fs(path)
-    return fs.open(p, "rb")
 
 
 class DecodeImages:
@@ -76,7 +69,7 @@ class DecodeImages:
             return Prepared(None, "malformed", row.error)
         src, label = self._source(row)
         try:
-            fh = io.BytesIO(src) if isinstance(src, bytes | bytearray) else _open(src)
+            fh = io.BytesIO(src) if isinstance(src, bytes | bytearray) else open_file(src)
             with fh, Image.open(fh) as im:
                 img = im.convert(self.mode)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's
@@ -99,19 +92,16 @@ def max_label(manifest, field: str) -> int:
     """The largest class index of a parquet or Arrow image source, read from its label column only."""
     import pyarrow.compute as pc
 
-    from distrain.data.sources import _arrow_table
-
     top = -1
     for f in manifest.files:
         if manifest.fmt == "hf":
-            table = _arrow_table(f.path)
+            table = arrow_table(f.path)
             cols = table.column_names
             columns = [table.column(field)] if field in cols else []
         else:
             import pyarrow.parquet as pq
 
-            fs, p = _fs(f.path)
-            with fs.open(p, "rb") as fh:
+            with open_file(f.path) as fh:
                 pf = pq.ParquetFile(fh)
                 cols = pf.schema_arrow.names
                 columns = [b.column(0) for b in pf.iter_batches(columns=[field])] if field in cols else []
