@@ -58,7 +58,7 @@ def _losses(run_dir: Path) -> list[float]:
 COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "checkpoint.at_end=false"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO 2: also under torchrun
 def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir, tmp_path, ray_env, stage):
     cfg = str(CONFIGS / "gpt-cpu-tiny.yaml")
     ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"

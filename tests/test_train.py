@@ -51,7 +51,12 @@ def _falls(records, factor=0.8):
 
 # bf16 convolutions on a CPU without native bf16 take minutes: those two runs are marked slow
 LOSS_CASES = [
-    pytest.param(m, s, p, marks=[pytest.mark.slow] if (m, p) == ("resnet", "bf16") else [])
+    pytest.param(
+        m,
+        s,
+        p,
+        marks=[pytest.mark.slow] if (m, p) == ("resnet", "bf16") or (m, s, p) == ("lstm", 2, "bf16") else [],
+    )
     for m in ("gpt", "lstm", "resnet")
     for s in (0, 2)
     for p in ("fp32", "bf16")
