@@ -1,8 +1,8 @@
 """The data plan at corpus scale: manifest build time, a pass's rate over its first and last 10%
 against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks, and the peak RSS of
-a rank streaming 10k vs 100k parquet images.
+a rank streaming 10k, 100k and 300k parquet images.
 
-    python benchmarks/bench_data_scale.py [--rows 3000000] [--row-bytes 400] [--images 10000,100000]
+    python benchmarks/bench_data_scale.py [--rows 3000000] [--row-bytes 400] [--images 10000,100000,300000]
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files; at
 the defaults 3M rows, 1.2 GB), and the same rows as parquet (row groups of 5,000). A pass is what one rank of world size 1
@@ -207,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=3_000_000)
     ap.add_argument("--row-bytes", type=int, default=400)
-    ap.add_argument("--images", default="10000,100000")
+    ap.add_argument("--images", default="10000,100000,300000")
     ap.add_argument("--dir", default=None, help="where to write the corpus (default: a temporary directory)")
     ap.add_argument("--child", nargs="*")
     args = ap.parse_args()
@@ -255,6 +255,8 @@ def main() -> None:
                 f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {plain['seconds']:.1f} s ({plain['rows'] / plain['seconds']:,.0f} rows/s) "
                 f"| {ours['seconds']:.1f} s | {ours['seconds'] / plain['seconds']:.2f}x | {ours['first']:,.0f} | {ours['last']:,.0f} | {ours['last'] / ours['first']:.2f} |"
             )
+        for fmt, rates in tenths:
+            print(f"\n{fmt}, rows/s in each tenth of the pass: " + ", ".join(f"{r:,.0f}" for r in rates))
         print(
             "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"
         )
