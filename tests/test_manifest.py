@@ -45,7 +45,7 @@ def test_jsonl_manifest_seeks_and_its_cache(tmp_path, monkeypatch):
     # a read from any row seeks to the indexed offset before it: the rows are the file's own
     lines = f.read_text().splitlines()
     for start in (0, 5, src.JSONL_STRIDE, 2 * src.JSONL_STRIDE + 3, 67 * src.JSONL_STRIDE, n - 1):
-        row = next(src.iter_rows(man, 0, start))
+        row = src.make_row(man, 0, start, next(src.iter_raw(man, 0, start)))
         assert row.index == start and row.value == json.loads(lines[start])
     with open(f, "rb") as fh:  # each offset is where its line starts
         data = fh.read()

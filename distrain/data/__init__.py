@@ -209,7 +209,7 @@ class DataPipeline:
         d = cfg.data
         if self.kind == "tokens":
             paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
-            self.manifests, weights, self.fmts = [], [], []
+            self.manifests, weights = [], []
             for i, (path, weight) in enumerate(paths):
                 key = f"data.sources[{i}].path" if d.sources else "data.train_path"
                 fmt = detect_format(path, d.format, key)
@@ -218,7 +218,6 @@ class DataPipeline:
                         f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text"
                     )
                 self.manifests.append(build_manifest(path, fmt, key, d.split))
-                self.fmts.append(fmt)
                 weights.append(weight)
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -230,7 +229,6 @@ class DataPipeline:
         else:
             self.tokenizer, self.tokens_per_sample, weights = None, None, [1.0]
             self.manifests = [self._image_manifest(d.train_path, "data.train_path", d.split)]
-            self.fmts = [self.manifests[0].fmt]
         self.corpus = Corpus(self.manifests)
         k = d.partitions or default_partitions(self.manifests)
         self.plan = Plan(self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle)
@@ -283,7 +281,7 @@ class DataPipeline:
         from distrain.data.vision import DecodeImages
 
         man = plan.manifests[0]
-        prepare = DecodeImages(self.cfg, train, man.fmt, man.key)
+        prepare = DecodeImages(self.cfg, train, man.fmt)
         columns = None if man.fmt == "imagefolder" else [d.image_field, d.label_field]
         return PartitionMaker(plan, prepare, None, d.on_error, columns, loop)
 

@@ -315,7 +315,6 @@ class Partition:
         self.docs, self.skip, self.count = int(st["docs"]), int(st["offset"]), int(st["count"])
         self.errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
         self.last_good = [c.epoch - 1 for c in self.cursors]
-        self.ended = False
 
     def read(self, n: int = 1) -> list[Doc]:
         """The next ``n`` rows (fewer at the end of a single pass)."""
@@ -329,7 +328,6 @@ class Partition:
             cur = self.cursors[src]
             row = cur.next_row()
             if row is None:
-                self.ended = True
                 break
             self.docs += 1
             out.append(Doc(before, src, cur.epoch, row))  # a cursor's epoch moves on only when it reads

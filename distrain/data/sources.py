@@ -489,11 +489,3 @@ def make_row(manifest: Manifest, i: int, index: int, raw: Any, columns: list[str
         return Row(file, 0, {"text": raw.decode("utf-8")}, None, i)
     except UnicodeDecodeError as exc:
         return Row(file, 0, None, f"not UTF-8 text ({exc})", i)
-
-
-def iter_rows(
-    manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None, stop: int | None = None
-) -> Iterator[Row]:
-    """The parsed rows of file ``i`` from row ``start`` (to ``stop``, or the end)."""
-    for index, raw in enumerate(iter_raw(manifest, i, start, columns, stop), start=start):
-        yield make_row(manifest, i, index, raw, columns)

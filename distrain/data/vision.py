@@ -44,11 +44,11 @@ class DecodeImages:
     """Row -> ``[(image tensor, label)]``, or why it is unusable. Seeds the CPU generator per
     sample: callers in the training process save and restore its state around a batch."""
 
-    def __init__(self, cfg, train: bool, fmt: str, key: str):
+    def __init__(self, cfg, train: bool, fmt: str):
         d = cfg.data
         self.transform = build_transform(cfg, train)
         self.mode = "RGB" if cfg.model.in_channels == 3 else "L"
-        self.seed, self.fmt, self.key = cfg.run.seed, fmt, key
+        self.seed, self.fmt = cfg.run.seed, fmt
         self.image_field, self.label_field = d.image_field, d.label_field
 
     def _source(self, row) -> tuple[Any, int]:
