@@ -45,7 +45,7 @@ def test_jsonl_manifest_seeks_and_its_cache(tmp_path, monkeypatch):
     # a read from any row seeks to the indexed offset before it: the rows are the file's own
     lines = f.read_text().splitlines()
     for start in (0, 5, src.JSONL_STRIDE, 2 * src.JSONL_STRIDE + 3, 67 * src.JSONL_STRIDE, n - 1):
-        row = src.make_row(man, 0, start, next(src.iter_raw(man, 0, start)))
+        (row,) = src.make_rows(man, [0], [start], next(src.iter_raw(man, 0, start))[:1])
         assert row.index == start and row.value == json.loads(lines[start])
     with open(f, "rb") as fh:  # each offset is where its line starts
         data = fh.read()
@@ -59,6 +59,30 @@ def test_jsonl_manifest_seeks_and_its_cache(tmp_path, monkeypatch):
     _jsonl(f, 10)
     again = src.build_manifest(str(f), "jsonl", "data.train_path")
     assert len(calls) == 1 and again.files[0].rows == 10 and again.digest != man.digest
+
+
+def test_jsonl_lines_parse_like_json_loads_and_bad_ones_are_named(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    lines = [
+        b'{"text": "plain"}\n',
+        b'  {"text": "indented"}\r\n',
+        '\ufeff{"text": "bom"}\n'.encode(),
+        b'{"text": "trailing"} junk\n',
+        b"[1, 2]\n",
+        b'{"text": "\xff"}\n',
+        b"\n",
+    ]
+    f.write_bytes(b"".join(lines))
+    man = src.build_manifest(str(f), "jsonl", "data.train_path")
+    raws = [r for run in src.iter_raw(man, 0) for r in run]
+    rows = src.make_rows(man, [0] * len(raws), list(range(len(raws))), raws)
+    assert [r.value for r in rows[:3]] == [{"text": "plain"}, {"text": "indented"}, {"text": "bom"}]
+    errors = [r.error for r in rows[3:]]
+    assert errors[0].startswith("malformed JSON (Extra data")
+    assert errors[1] == "a JSON list, not an object"
+    assert errors[2].startswith("malformed JSON ('utf-8' codec can't decode")
+    assert errors[3].startswith("malformed JSON (Expecting value")
+    assert rows[5].where == f"{f} line 6"
 
 
 def test_a_pass_opens_each_file_once_and_reads_it_front_to_back(tmp_path, monkeypatch):

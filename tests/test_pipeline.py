@@ -58,6 +58,46 @@ def test_every_row_once_per_epoch_over_partitions(tmp_path, n_files, partitions)
             assert sorted(p for m in mine for p in m) == list(range(partitions))
 
 
+def test_large_rows_get_smaller_blocks_and_any_read_size_gives_every_row_once(tmp_path):
+    """A block holds at most data.shuffle_block_mb of a source's rows (here 2 KB rows, 10 KiB blocks:
+    5 rows); reading a few rows or a whole block at a time gives the same order, each row once, and
+    the state before any row resumes exactly there."""
+    from distrain.data.plan import PartitionRows, Plan
+    from distrain.data.sources import build_manifest
+
+    for f in range(3):
+        (tmp_path / f"big-{f}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{f}:{i} " + "x" * 2000}) + "\n" for i in range(40))
+        )
+    man = build_manifest(f"{tmp_path}/big-*.jsonl", "jsonl", "data.train_path")
+    plan = Plan([man], [1.0], seed=1, partitions=2, block=64, shuffle=True, block_mb=10 / 1024)
+    assert plan.blocks == [5] and Plan([man], [1.0], 1, 2, 64, True).blocks == [64]
+    orders, states = [], {}
+    for take in (1, 3, 100):
+        got = []
+        for p in range(2):
+            cur = PartitionRows(plan, 0, p, loop=False)
+            while rows := cur.rows(take):
+                assert len({r.file for r in rows}) >= 1 and len(rows) <= 5
+                for row, st in zip(rows, cur.states(len(rows)), strict=True):
+                    states.setdefault((row.file, row.index), (p, st))
+                    got.append((row.file, row.index))
+        orders.append(got)
+    assert orders[0] == orders[1] == orders[2]
+    assert sorted(orders[0]) == sorted(
+        (str(tmp_path / f"big-{f}.jsonl"), i) for f in range(3) for i in range(40)
+    )
+    assert orders[0][:40] != sorted(orders[0][:40])  # shuffled
+    for k in (0, 7, 33, 59):  # resume from the state before row k of partition 0
+        p, st = states[orders[0][k]]
+        cur = PartitionRows(plan, 0, p, st, loop=False)
+        rest = []
+        while rows := cur.rows(4):
+            rest += [(r.file, r.index) for r in rows]
+        n0 = sum(1 for x in orders[0] if states[x][0] == 0)
+        assert rest == orders[0][k:n0]
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -401,10 +441,27 @@ def test_resume_refuses_a_world_size_the_cursor_does_not_divide_and_a_changed_pl
     three = DataPipeline(cfg, 0, 3)
     with pytest.raises(DataError, match=r"cursor is at sample 4 .* does not divide over 3 ranks"):
         three.load_state_dict(SavedRanks(ckpt, "data", 2, 0, 3, None))
-    for key, value in (("data.partitions", 6), ("data.shuffle_block", 8), ("run.seed", 3)):
+    own = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+    for key, value in (
+        ("data.partitions", 6),
+        ("data.shuffle_block", 8),
+        ("data.shuffle_block_mb", 0.5),
+        ("run.seed", 3),
+    ):
         other = DataPipeline(load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"{key}={value}"]), 0, 2)
-        own = torch.load(ckpt / "rank-00000.pt", weights_only=True)
         with pytest.raises(DataError, match=rf"saved with {key}=.*resume with {key}="):
             other.load_state_dict(SavedRanks(ckpt, "data", 2, 0, 2, own))
+    # a position saved before blocks were capped by bytes resumes only with the cap off
+    own = own["data"]
+    del own["plan"]["block_mb"]
+    with pytest.raises(
+        DataError,
+        match=r"saved with data.shuffle_block_mb=null, this run has 1.0: resume with data.shuffle_block_mb=null",
+    ):
+        DataPipeline(cfg, 0, 2).load_state_dict(own)
+    uncapped = DataPipeline(
+        load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "data.shuffle_block_mb=null"]), 0, 2
+    )
+    uncapped.load_state_dict(own)
     with pytest.raises(ConfigError, match=r"data.partitions=12 is not divisible by the world size 5"):
         DataPipeline(cfg, 0, 5)

@@ -120,6 +120,11 @@ class DataConfig(Section):
         ge=1,
         description="Rows of a partition permuted together (a larger block mixes more; a resume re-reads at most one block per partition).",
     )
+    shuffle_block_mb: float | None = Field(
+        1.0,
+        gt=0,
+        description="Bytes (MiB) of a source's rows a shuffle block holds at most, from the source's mean row size: a source of large rows (images) gets blocks of fewer than shuffle_block rows, so a rank holds about shuffle_block_mb per partition it reads. null: shuffle_block rows whatever their size.",
+    )
     num_workers: int = Field(
         0,
         ge=0,

@@ -231,7 +231,9 @@ class DataPipeline:
             self.manifests = [self._image_manifest(d.train_path, "data.train_path", d.split)]
         self.corpus = Corpus(self.manifests)
         k = d.partitions or default_partitions(self.manifests)
-        self.plan = Plan(self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle)
+        self.plan = Plan(
+            self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle, block_mb=d.shuffle_block_mb
+        )
         self._check_layout()
         self._start: dict[str, Any] = {"count": 0, "positions": {}}
         self._consumed: dict[str, Any] | None = None
@@ -439,13 +441,16 @@ class DataPipeline:
         keys = {
             "partitions": "data.partitions",
             "block": "data.shuffle_block",
+            "block_mb": "data.shuffle_block_mb",
             "shuffle": "data.shuffle",
             "seed": "run.seed",
         }
         for k, name in keys.items():
-            if saved[k] != now[k]:
+            was = saved.get(k)  # None for positions saved before data.shuffle_block_mb
+            if was != now[k]:
+                was, is_ = ("null" if v is None else v for v in (was, now[k]))
                 raise DataError(
-                    f"the data position was saved with {name}={saved[k]}, this run has {now[k]}: resume with {name}={saved[k]}"
+                    f"the data position was saved with {name}={was}, this run has {is_}: resume with {name}={was}"
                 )
         if saved["digests"] != now["digests"]:
             raise DataError(

@@ -7,8 +7,10 @@ Written down once:
 - **Partitions.** The row space is cut into ``K = data.partitions`` canonical partitions on chunk
   boundaries (a chunk: a row of a small file, 1024 lines of a large jsonl file, a row group of a
   large parquet file; ``C`` of them in all): partition ``p`` holds chunks ``[p*C//K, (p+1)*C//K)``
-  of the epoch's order, so no chunk is read by two partitions and each starts at a seek point. A partition reads its rows front to back in blocks
-  of ``data.shuffle_block`` rows, each block permuted by ``(seed, source, epoch, p, block)``. When its
+  of the epoch's order, so no chunk is read by two partitions and each starts at a seek point. A
+  partition reads its rows front to back in blocks of ``B`` rows, each block permuted by ``(seed,
+  source, epoch, p, block)``: ``B = data.shuffle_block``, or fewer for a source whose rows are large,
+  so that a block holds about ``data.shuffle_block_mb`` (``B`` is a function of the manifest). When its
   rows are done it goes on with its next epoch. With several text sources a partition draws each
   document from one of them by weight, with a choice seeded by ``(seed, p, document number)``.
 - **Samples.** A partition turns its rows into samples: text rows are tokenized, joined with the
@@ -28,7 +30,6 @@ reads which partition.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 from collections import deque
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from distrain.data.sources import Manifest, Row, iter_raw, make_row
+from distrain.data.sources import Manifest, Row, iter_raw, make_rows
 from distrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,13 @@ class Plan:
         block: int,
         shuffle: bool,
         check_rows: bool = True,
+        block_mb: float | None = None,
     ):
         self.manifests, self.seed, self.partitions = manifests, seed, partitions
-        self.block, self.shuffle = (block if shuffle else 1), shuffle
+        self.block, self.shuffle, self.block_mb = block, shuffle, block_mb
+        # rows per block of each source: one without shuffling (the order is the files'), else at most
+        # ``block`` rows and about ``block_mb`` of the source's bytes (its mean row size)
+        self.blocks = [1 if not shuffle else self._block_rows(m) for m in manifests]
         total = sum(weights)
         self.cum_weights = np.cumsum([w / total for w in weights])
         for m in manifests if check_rows else ():
@@ -89,11 +94,18 @@ class Plan:
         self._orders: dict[tuple[int, int], tuple] = {}
         self._starts: dict[tuple[int, int], np.ndarray] = {}
 
+    def _block_rows(self, m: Manifest) -> int:
+        if not self.block_mb or not m.total:
+            return self.block
+        row_bytes = max(1.0, sum(f.size for f in m.files) / m.total)
+        return max(1, min(self.block, int(self.block_mb * 2**20 / row_bytes)))
+
     def key(self) -> dict[str, Any]:
         """What a saved position depends on; a resume must have the same."""
         return {
             "partitions": self.partitions,
-            "block": self.block,
+            "block": self.block if self.shuffle else 1,
+            "block_mb": self.block_mb if self.shuffle else None,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "digests": [m.digest for m in self.manifests],
@@ -161,33 +173,64 @@ class PartitionRows:
     ):
         self.plan, self.src, self.p, self.loop, self.columns = plan, src, p, loop, columns
         self.manifest = plan.manifests[src]
+        self.size = plan.blocks[src]
         st = state or {"epoch": 0, "block": 0, "idx": 0}
         self.epoch, self.block, self.idx = int(st["epoch"]), int(st["block"]), int(st["idx"])
         self.lo, self.hi = plan.bounds(src, self.epoch, p)
-        self._rows: list[tuple[int, int, Any]] | None = None  # (file, row, raw row): parsed when handed out
-        self._reader: Iterator[tuple[int, int, Any]] | None = None
+        # rows read and not yet handed out: (file ids, row indices, raw rows), in the order they are handed
+        # out (one permuted block, or without shuffling up to READ_AHEAD rows of one-row blocks)
+        self._buf: tuple[list[int], list[int], list[Any]] | None = None
+        self._at = 0
+        self._reader: Iterator[tuple[int, int, list[Any]]] | None = None
         self._reader_at = -1
+        self._pending: tuple[int, int, list[Any]] | None = None  # a chunk the last block left over
+
+    READ_AHEAD = 1024
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "block": self.block, "idx": self.idx}
 
+    def rows(self, n: int) -> list[Row]:
+        """The next rows, at most ``n``, all of one epoch (and of one block when shuffled); fewer at the
+        end of what was read, none at the end of a single pass. The state moves past them."""
+        if self._buf is None and not self._fill():
+            return []
+        fids, indexes, raws = self._buf
+        a = self._at
+        b = min(a + n, len(raws))
+        out = make_rows(self.manifest, fids[a:b], indexes[a:b], raws[a:b])
+        self._at = b
+        self.took = (self.epoch, self.block, self.idx)  # the state before the first of them
+        if self.size == 1:  # one-row blocks: the block number is the row's place in the partition
+            self.block += b - a
+        else:
+            self.idx = b
+            if b == len(raws):
+                self.block, self.idx = self.block + 1, 0
+        if b == len(raws):
+            self._buf = None
+        return out
+
     def next_row(self) -> Row | None:
-        if self._rows is None and not self._read_block():
-            return None
-        fid, index, raw = self._rows[self.idx]
-        self.idx += 1
-        if self.idx == len(self._rows):
-            self.block, self.idx, self._rows = self.block + 1, 0, None
-        return make_row(self.manifest, fid, index, raw, self.columns)
+        got = self.rows(1)
+        return got[0] if got else None
+
+    def states(self, k: int) -> list[dict[str, int]]:
+        """The state before each of the ``k`` rows the last ``rows()`` gave."""
+        e, b, i = self.took
+        if self.size == 1:
+            return [{"epoch": e, "block": b + j, "idx": 0} for j in range(k)]
+        return [{"epoch": e, "block": b, "idx": i + j} for j in range(k)]
 
     def _span(self, block: int) -> tuple[int, int]:
-        """Block ``block``'s rows. Partition ``p``'s first block is shorter by ``p * B // K`` rows
-        (B = data.shuffle_block), so the partitions of a rank reach their block ends at different
-        samples and the reads spread evenly over the pass instead of coming all at once."""
-        b, shift = self.plan.block, (self.p * self.plan.block) // self.plan.partitions
+        """Block ``block``'s rows. Partition ``p``'s first block is shorter by ``p * B // K`` rows, so
+        the partitions of a rank reach their block ends at different samples and the reads spread
+        evenly over the pass instead of coming all at once."""
+        b = self.size
+        shift = (self.p * b) // self.plan.partitions
         return self.lo + max(0, block * b - shift), min(self.hi, self.lo + (block + 1) * b - shift)
 
-    def _read_block(self) -> bool:
+    def _fill(self) -> bool:
         start, end = self._span(self.block)
         if start >= self.hi:
             if not self.loop:
@@ -196,46 +239,84 @@ class PartitionRows:
             self._close()
             self.lo, self.hi = self.plan.bounds(self.src, self.epoch, self.p)
             start, end = self._span(0)
+        if self.size == 1:
+            end = min(self.hi, start + self.READ_AHEAD)
         if self._reader is None or self._reader_at != start:
             self._close()
-            self._reader, self._reader_at = self._rows_from(start), start
-        n = end - start
-        rows = list(itertools.islice(self._reader, n))
-        if len(rows) != n:
-            raise DataError(
-                f"{self.manifest.key}: a file holds fewer rows than when it was indexed (partition {self.p}, "
-                f"epoch {self.epoch}, rows {start}-{end - 1}): it changed during the run; restore it, or start "
-                "a new run on the new data"
-            )
-        self._reader_at += n
-        if self.plan.shuffle and n > 1:
+            self._reader, self._reader_at = self._chunks_from(start), start
+        fids, indexes, raws = self._read(end - start, start, end)
+        self._reader_at = end
+        perm = None
+        if self.plan.shuffle and self.size > 1 and len(fids) > 1:
             perm = np.random.default_rng(
                 [self.plan.seed, self.src, self.epoch, self.p, self.block]
-            ).permutation(n)
-            rows = [rows[i] for i in perm.tolist()]
-        self._rows = rows
+            ).permutation(len(fids))
+            fids, indexes = fids[perm], indexes[perm]
+        self._buf = (fids.tolist(), indexes.tolist(), _in_order(raws, perm))
+        self._at = self.idx if self.size > 1 else 0
         return True
 
-    def _rows_from(self, start: int) -> Iterator[tuple[int, int, Any]]:
-        """The epoch's rows from row ``start`` of its row space to the partition's end, file after file."""
+    def _read(self, n: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """The next ``n`` rows of the reader: (file ids, row indices, the runs of raw rows)."""
+        fids, indexes, runs, have = [], [], [], 0
+        while have < n:
+            chunk = self._pending or next(self._reader, None)
+            self._pending = None
+            if chunk is None:
+                raise DataError(
+                    f"{self.manifest.key}: a file holds fewer rows than when it was indexed (partition {self.p}, "
+                    f"epoch {self.epoch}, rows {start}-{end - 1}): it changed during the run; restore it, or start "
+                    "a new run on the new data"
+                )
+            fid, first, got = chunk
+            k = min(len(got), n - have)
+            if k < len(got):
+                self._pending = (fid, first + k, got[k:])
+                got = got[:k]
+            fids.append(np.full(k, fid, dtype=np.int64))
+            indexes.append(np.arange(first, first + k, dtype=np.int64))
+            runs.append(got)
+            have += k
+        return np.concatenate(fids), np.concatenate(indexes), runs
+
+    def _chunks_from(self, start: int) -> Iterator[tuple[int, int, list[Any]]]:
+        """The epoch's rows from row ``start`` of its row space to the partition's end, file after
+        file, in lists of consecutive rows: (file id, index of the first row, raw rows)."""
         order, cum, _ = self.plan.order(self.src, self.epoch)
         k = int(np.searchsorted(cum, start, side="right"))
         r, at = start - (int(cum[k - 1]) if k else 0), start
         m = self.manifest
-        for i in order[k:]:
+        for i in order[k:].tolist():
             if at >= self.hi:
                 return
             stop = min(int(m.rows[i]), r + self.hi - at)
-            yield from zip(
-                itertools.repeat(int(i)), range(r, stop), iter_raw(m, int(i), r, self.columns, stop)
-            )
+            first = r
+            for raws in iter_raw(m, i, r, self.columns, stop):
+                yield i, first, raws
+                first += len(raws)
+            if first < stop:  # the file ended early: the block being read reports it
+                return
             at += stop - r
             r = 0
 
     def _close(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        self._reader = None
+        self._reader, self._pending = None, None
+
+
+def _in_order(runs: list, perm: np.ndarray | None) -> list:
+    """The rows of ``runs`` (lists, or Arrow record batches whose rows become dicts) as one list,
+    permuted by ``perm``."""
+    if runs and not isinstance(runs[0], list):
+        import pyarrow as pa
+
+        if all(r.schema == runs[0].schema for r in runs):
+            table = pa.Table.from_batches(runs)
+            return (table.take(perm) if perm is not None else table).to_pylist()
+        runs = [r.to_pylist() for r in runs]
+    rows = runs[0] if len(runs) == 1 else [r for run in runs for r in run]
+    return rows if perm is None else [rows[i] for i in perm.tolist()]
 
 
 class Doc(NamedTuple):
@@ -318,19 +399,23 @@ class Partition:
 
     def read(self, n: int = 1) -> list[Doc]:
         """The next ``n`` rows (fewer at the end of a single pass)."""
-        out = []
-        for _ in range(n):
-            before = {"docs": self.docs, "sources": [c.state_dict() for c in self.cursors]}
+        out: list[Doc] = []
+        single = len(self.cursors) == 1
+        while len(out) < n:
             src = 0
-            if len(self.cursors) > 1:
+            if not single:
                 u = random.Random(f"{self.plan.seed}:{self.p}:{self.docs}").random()
                 src = min(int(np.searchsorted(self.plan.cum_weights, u, side="right")), len(self.cursors) - 1)
             cur = self.cursors[src]
-            row = cur.next_row()
-            if row is None:
+            rows = cur.rows(n - len(out) if single else 1)
+            if not rows:
                 break
-            self.docs += 1
-            out.append(Doc(before, src, cur.epoch, row))  # a cursor's epoch moves on only when it reads
+            others = [c.state_dict() for c in self.cursors]
+            for j, (row, st) in enumerate(zip(rows, cur.states(len(rows)), strict=True)):
+                others[src] = st
+                before = {"docs": self.docs + j, "sources": list(others)}
+                out.append(Doc(before, src, cur.took[0], row))
+            self.docs += len(rows)
         return out
 
     def take(self, doc: Doc, prepared: Prepared) -> list[Sample]:
@@ -363,12 +448,12 @@ class Partition:
             self.errors[:] = 0
         return out
 
-    def step(self) -> list[Sample] | None:
-        """Read one row and make its samples here; None at the end of a single pass."""
-        docs = self.read(1)
+    def step(self, n: int = 8) -> list[Sample] | None:
+        """Read up to ``n`` rows and make their samples here; None at the end of a single pass."""
+        docs = self.read(n)
         if not docs:
             return None
-        return self.take(docs[0], self.prepare(docs[0]))
+        return [s for doc in docs for s in self.take(doc, self.prepare(doc))]
 
 
 class Assembler:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -116,8 +117,7 @@ def detect_format(path: str, fmt: str, key: str) -> str:
     return kinds.pop()
 
 
-@dataclass(slots=True)
-class Row:
+class Row(NamedTuple):
     """One row read from ``file`` (0-based ``index``: the line of a jsonl file, the row of a parquet
     file or Arrow table, the image of an ImageFolder); ``value`` is the parsed row or ``error`` says
     why it could not be read. ``file_id`` is the file's place in the source's manifest."""
@@ -185,6 +185,7 @@ class Manifest:
 
     def __init__(self, key: str, fmt: str, files: list[FileInfo], classes: list[str] | None = None):
         self.key, self.fmt, self.files, self.classes = key, fmt, files, classes
+        self.paths = [f.path for f in files]
         self.rows = np.array([f.rows for f in files], dtype=np.int64)
         self.chunks = np.array([f.n_chunks for f in files], dtype=np.int64)
         self.total = int(self.rows.sum())
@@ -395,22 +396,22 @@ def arrow_table(path: str):
 
 def iter_raw(
     manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None, stop: int | None = None
-) -> Iterator[Any]:
+) -> Iterator[list[Any]]:
     """The raw rows of file ``i`` of ``manifest`` from row ``start`` (to ``stop``, or the end),
-    front to back: jsonl lines (bytes), seeking to the indexed offset before ``start``; parquet and
-    Arrow rows as tuples of ``columns`` (a dict of every column when the file lacks one of them),
-    reading only the row groups that hold the rows. ``make_row`` parses one; keeping rows raw until
-    they are handed out keeps a block of them cheap to hold."""
+    front to back, in runs of consecutive rows: lists of jsonl lines (bytes), seeking to the indexed
+    offset before ``start``; for parquet and Arrow, record batches of ``columns`` (of every column
+    when the file lacks one of them), reading only the row groups that hold the rows. ``make_rows``
+    parses them."""
     info, fmt = manifest.files[i], manifest.fmt
     stop = info.rows if stop is None else min(stop, info.rows)
+    if start >= stop:
+        return
     if fmt == "imagefolder":
-        if start < stop:
-            yield None
+        yield [None]
         return
     if fmt == "txt":
-        if start < stop:
-            with open_file(info.path) as f:
-                yield f.read()
+        with open_file(info.path) as f:
+            yield [f.read()]
         return
     if fmt == "jsonl":
         k = start // info.stride
@@ -418,11 +419,14 @@ def iter_raw(
             f.seek(info.offsets[k])
             for _ in range(start - k * info.stride):  # fewer than one stride of lines, on a resume
                 f.readline()
-            for _ in range(stop - start):
-                line = f.readline()
-                if not line:  # the file is shorter than its manifest: the reader above reports it
+            left = stop - start
+            while left:
+                lines = list(itertools.islice(f, min(left, JSONL_STRIDE)))
+                if lines:
+                    yield lines
+                if len(lines) < min(left, JSONL_STRIDE):  # shorter than its manifest: reported above
                     return
-                yield line
+                left -= len(lines)
         return
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -430,12 +434,12 @@ def iter_raw(
         groups = info.groups or []
         ends = np.cumsum(groups)
         g = int(np.searchsorted(ends, start, side="right"))  # the group holding row ``start``
-        last = int(np.searchsorted(ends, stop - 1, side="right")) if stop > start else g - 1
-        if g >= len(groups) or last < g:
+        last = int(np.searchsorted(ends, stop - 1, side="right"))
+        if g >= len(groups):
             return
         local = "://" not in info.path  # a local path: pyarrow's own (native) file reads
         with contextlib.nullcontext(info.path) if local else open_file(info.path) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 16)
             names = pf.schema_arrow.names
             cols = columns if columns and all(c in names for c in columns) else None
             index = int(ends[g - 1]) if g else 0
@@ -444,8 +448,7 @@ def iter_raw(
             ):
                 lo, hi = max(0, start - index), min(batch.num_rows, stop - index)
                 if hi > lo:
-                    part = batch.slice(lo, hi - lo) if (lo or hi < batch.num_rows) else batch
-                    yield from _table_rows(part, cols)
+                    yield batch.slice(lo, hi - lo) if (lo or hi < batch.num_rows) else batch
                 index += batch.num_rows
                 if index >= stop:
                     return
@@ -455,37 +458,53 @@ def iter_raw(
         cols = columns if columns and all(c in table.column_names for c in columns) else None
         if cols:
             table = table.select(cols)
-        for batch in table.slice(start, stop - start).to_batches(max_chunksize=1024):
-            yield from _table_rows(batch, cols)
+        yield from table.slice(start, stop - start).to_batches(max_chunksize=1024)
         return
     raise ValueError(f"data.format={fmt} has no row reader")
 
 
-def _table_rows(batch, cols: list[str] | None) -> Iterator[Any]:
-    if cols is None:
-        return iter(batch.to_pylist())
-    return zip(*(batch.column(c).to_pylist() for c in cols), strict=True)
+_JSON = json.JSONDecoder()
 
 
-def make_row(manifest: Manifest, i: int, index: int, raw: Any, columns: list[str] | None = None) -> Row:
-    """Row ``index`` of file ``i`` from what ``iter_raw`` gave for it, parsed."""
-    info, fmt = manifest.files[i], manifest.fmt
-    file = info.path
-    if fmt == "jsonl":
-        try:
-            value = json.loads(raw.decode("utf-8"))
-        except ValueError as exc:
-            return Row(file, index, None, f"malformed JSON ({exc})", i)
-        if not isinstance(value, dict):
-            return Row(file, index, None, f"a JSON {type(value).__name__}, not an object", i)
-        return Row(file, index, value, None, i)
+def _json_line(raw: bytes) -> Any:
+    """One jsonl line parsed: ``json.loads`` without its per-call encoding detection (jsonl is UTF-8)."""
+    if raw[:1] != b"{":  # leading space, a byte-order mark, not an object: the full parser
+        return json.loads(raw)
+    text = raw.decode("utf-8")
+    value, end = _JSON.raw_decode(text)
+    if end < len(text) and not text[end:].isspace():
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+_new_row = functools.partial(tuple.__new__, Row)  # Row from a tuple of its fields, without a Python call
+
+
+def make_rows(manifest: Manifest, fids: list[int], indexes: list[int], raws: list[Any]) -> list[Row]:
+    """Rows ``indexes`` of files ``fids`` of ``manifest``, parsed from what ``iter_raw`` gave for
+    them (parquet and Arrow rows as dicts: a record batch's ``to_pylist()``)."""
+    fmt, files = manifest.fmt, manifest.files
     if fmt in ("parquet", "hf"):
-        return Row(
-            file, index, raw if isinstance(raw, dict) else dict(zip(columns, raw, strict=True)), None, i
-        )
-    if fmt == "imagefolder":
-        return Row(file, 0, {"path": file, "label": info.label}, None, i)
-    try:
-        return Row(file, 0, {"text": raw.decode("utf-8")}, None, i)
-    except UnicodeDecodeError as exc:
-        return Row(file, 0, None, f"not UTF-8 text ({exc})", i)
+        paths = map(manifest.paths.__getitem__, fids)
+        return list(map(_new_row, zip(paths, indexes, raws, itertools.repeat(None), fids)))
+    out = []
+    for f, i, raw in zip(fids, indexes, raws, strict=True):
+        file = files[f].path
+        if fmt == "jsonl":
+            try:
+                value = _json_line(raw)
+            except ValueError as exc:  # UnicodeDecodeError included
+                out.append(Row(file, i, None, f"malformed JSON ({exc})", f))
+                continue
+            if type(value) is dict:
+                out.append(Row(file, i, value, None, f))
+            else:
+                out.append(Row(file, i, None, f"a JSON {type(value).__name__}, not an object", f))
+        elif fmt == "imagefolder":
+            out.append(Row(file, 0, {"path": file, "label": files[f].label}, None, f))
+        else:
+            try:
+                out.append(Row(file, 0, {"text": raw.decode("utf-8")}, None, f))
+            except UnicodeDecodeError as exc:
+                out.append(Row(file, 0, None, f"not UTF-8 text ({exc})", f))
+    return out
