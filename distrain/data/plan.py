@@ -179,7 +179,7 @@ class PartitionRows:
         self.lo, self.hi = plan.bounds(src, self.epoch, p)
         # rows read and not yet handed out: (file ids, row indices, raw rows), in the order they are handed
         # out (one permuted block, or without shuffling up to READ_AHEAD rows of one-row blocks)
-        self._buf: tuple[list[int], list[int], list[Any]] | None = None
+        self._buf: tuple[list[int], list[int], Any] | None = None
         self._at = 0
         self._reader: Iterator[tuple[int, int, list[Any]]] | None = None
         self._reader_at = -1
@@ -305,15 +305,29 @@ class PartitionRows:
         self._reader, self._pending = None, None
 
 
-def _in_order(runs: list, perm: np.ndarray | None) -> list:
-    """The rows of ``runs`` (lists, or Arrow record batches whose rows become dicts) as one list,
-    permuted by ``perm``."""
+class _ArrowRows:
+    """A block's Arrow rows, made Python dicts a slice at a time as they are handed out (the block
+    stays in Arrow's compact buffers until then)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, rows: slice) -> list[dict]:
+        return self.table.slice(rows.start, rows.stop - rows.start).to_pylist()
+
+
+def _in_order(runs: list, perm: np.ndarray | None):
+    """The rows of ``runs`` (lists, or Arrow record batches whose rows become dicts) in one
+    sequence, permuted by ``perm``."""
     if runs and not isinstance(runs[0], list):
         import pyarrow as pa
 
         if all(r.schema == runs[0].schema for r in runs):
             table = pa.Table.from_batches(runs)
-            return (table.take(perm) if perm is not None else table).to_pylist()
+            return _ArrowRows((table.take(perm) if perm is not None else table).combine_chunks())
         runs = [r.to_pylist() for r in runs]
     rows = runs[0] if len(runs) == 1 else [r for run in runs for r in run]
     return rows if perm is None else [rows[i] for i in perm.tolist()]
