@@ -3,6 +3,7 @@ against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks,
 a rank streaming 10k, 100k and 300k parquet images.
 
     python benchmarks/bench_data_scale.py [--rows 3000000] [--row-bytes 400] [--images 10000,100000,300000]
+    (--rows 0: the images only)
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files; at
 the defaults 3M rows, 1.2 GB), and the same rows as parquet (row groups of 5,000). A pass is what one
@@ -240,69 +241,80 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         os.environ["DISTRAIN_CACHE_DIR"] = str(root / "cache")
+        if args.rows:
+            text_tables(root, args)
+        images_table(root, args)
+
+
+def text_tables(root: Path, args) -> None:
+    t = time.perf_counter()
+    build_text(root, args.rows, args.row_bytes)
+    sizes = {fmt: sum(p.stat().st_size for p in (root / fmt).iterdir()) for fmt in ("jsonl", "parquet")}
+    print(
+        f"corpus: {args.rows:,} rows; jsonl {sizes['jsonl'] / 1e9:.2f} GB, parquet {sizes['parquet'] / 1e9:.2f} GB "
+        f"(8 files each; written in {time.perf_counter() - t:.0f} s)\n"
+    )
+    from distrain.data.sources import build_manifest
+
+    print(
+        "| format | manifest, cold | manifest, cached | plain read | distrain pass | pass / plain | start-up | rows/s first 10% | rows/s last 10% | last / first |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    tenths = []
+    for fmt in ("jsonl", "parquet"):
+        path = str(root / fmt)
         t = time.perf_counter()
-        build_text(root, args.rows, args.row_bytes)
-        sizes = {fmt: sum(p.stat().st_size for p in (root / fmt).iterdir()) for fmt in ("jsonl", "parquet")}
+        build_manifest(f"{path}/*.{fmt}", fmt, "k")
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        build_manifest(f"{path}/*.{fmt}", fmt, "k")
+        warm = time.perf_counter() - t
+        plain = plain_pass(path, fmt)
+        ours = _child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
+        tenths.append((fmt, ours["tenths"]))
         print(
-            f"corpus: {args.rows:,} rows; jsonl {sizes['jsonl'] / 1e9:.2f} GB, parquet {sizes['parquet'] / 1e9:.2f} GB "
-            f"(8 files each; written in {time.perf_counter() - t:.0f} s)\n"
+            f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {plain['seconds']:.1f} s ({plain['rows'] / plain['seconds']:,.0f} rows/s) "
+            f"| {ours['seconds']:.1f} s | {ours['seconds'] / plain['seconds']:.2f}x | {ours['startup_s']:.2f} s ({ours['startup_rows']:,} rows) | {ours['first']:,.0f} | {ours['last']:,.0f} | {ours['last'] / ours['first']:.2f} |"
         )
-        from distrain.data.sources import build_manifest
+    for fmt, rates in tenths:
+        print(
+            f"\n{fmt}, rows/s in each tenth of the pass after the start-up: "
+            + ", ".join(f"{r:,.0f}" for r in rates)
+        )
+    print(
+        "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"
+    )
+    print("|---|---|---|---|---|")
+    for fmt in ("jsonl", "parquet"):
+        for world in (1, 2, 4):
+            got = [
+                _child(["pass", f"{root / fmt}/*.{fmt}", fmt, str(r), str(world)])["bytes"]
+                for r in range(world)
+            ]
+            share = sizes[fmt] / world
+            print(
+                f"| {fmt} | {world} | {min(got) / 1e6:,.0f} - {max(got) / 1e6:,.0f} MB | {sum(got) / sizes[fmt]:.3f} "
+                f"| {min(got) / share:.3f} - {max(got) / share:.3f} |"
+            )
+    import shutil
 
-        print(
-            "| format | manifest, cold | manifest, cached | plain read | distrain pass | pass / plain | start-up | rows/s first 10% | rows/s last 10% | last / first |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        tenths = []
-        for fmt in ("jsonl", "parquet"):
-            path = str(root / fmt)
-            t = time.perf_counter()
-            build_manifest(f"{path}/*.{fmt}", fmt, "k")
-            cold = time.perf_counter() - t
-            t = time.perf_counter()
-            build_manifest(f"{path}/*.{fmt}", fmt, "k")
-            warm = time.perf_counter() - t
-            plain = plain_pass(path, fmt)
-            ours = _child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
-            tenths.append((fmt, ours["tenths"]))
-            print(
-                f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {plain['seconds']:.1f} s ({plain['rows'] / plain['seconds']:,.0f} rows/s) "
-                f"| {ours['seconds']:.1f} s | {ours['seconds'] / plain['seconds']:.2f}x | {ours['startup_s']:.2f} s ({ours['startup_rows']:,} rows) | {ours['first']:,.0f} | {ours['last']:,.0f} | {ours['last'] / ours['first']:.2f} |"
-            )
-        for fmt, rates in tenths:
-            print(
-                f"\n{fmt}, rows/s in each tenth of the pass after the start-up: "
-                + ", ".join(f"{r:,.0f}" for r in rates)
-            )
-        print(
-            "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"
-        )
-        print("|---|---|---|---|---|")
-        for fmt in ("jsonl", "parquet"):
-            for world in (1, 2, 4):
-                got = [
-                    _child(["pass", f"{root / fmt}/*.{fmt}", fmt, str(r), str(world)])["bytes"]
-                    for r in range(world)
-                ]
-                share = sizes[fmt] / world
-                print(
-                    f"| {fmt} | {world} | {min(got) / 1e6:,.0f} - {max(got) / 1e6:,.0f} MB | {sum(got) / sizes[fmt]:.3f} "
-                    f"| {min(got) / share:.3f} - {max(got) / share:.3f} |"
-                )
-        import shutil
+    shutil.rmtree(root / "jsonl")
+    shutil.rmtree(root / "parquet")
 
-        shutil.rmtree(root / "jsonl")
-        shutil.rmtree(root / "parquet")
-        print("\n| parquet images | files | peak RSS, rank | peak RSS, its worker | images/s |")
-        print("|---|---|---|---|---|")
-        for n in (int(x) for x in args.images.split(",")):
-            path = root / f"images-{n}"
-            build_images(path, n)
-            res = image_rss(path)
-            print(
-                f"| {n:,} | {len(list(path.iterdir()))} | {res['rss_mib']:.0f} MiB | {res['worker_rss_mib']:.0f} MiB | {res['images_per_s']:,.0f} |"
-            )
-            shutil.rmtree(path)
+
+def images_table(root: Path, args) -> None:
+    import shutil
+
+    print("\n| parquet images | files | peak RSS, rank | peak RSS, its worker | images/s |")
+    print("|---|---|---|---|---|")
+    for n in (int(x) for x in args.images.split(",")):
+        path = root / f"images-{n}"
+        build_images(path, n)
+        res = image_rss(path)
+        print(
+            f"| {n:,} | {len(list(path.iterdir()))} | {res['rss_mib']:.0f} MiB | {res['worker_rss_mib']:.0f} MiB | {res['images_per_s']:,.0f} |"
+        )
+        shutil.rmtree(path)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,23 @@ def test_large_rows_get_smaller_blocks_and_any_read_size_gives_every_row_once(tm
         assert rest == orders[0][k:n0]
 
 
+def test_block_size_follows_the_rows_size_in_memory_not_on_disk(tmp_path):
+    """Parquet images that compress well (here one 5 KB blob, dictionary-encoded) are small on disk
+    and 5 KB each in memory: the cap counts the decoded size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distrain.data.plan import Plan
+    from distrain.data.sources import build_manifest
+
+    blob = bytes(range(256)) * 20
+    pq.write_table(pa.table({"image": [blob] * 400, "label": [1] * 400}), tmp_path / "img.parquet")
+    man = build_manifest(str(tmp_path / "img.parquet"), "parquet", "data.train_path")
+    assert man.files[0].size < 400 * len(blob) / 10
+    plan = Plan([man], [1.0], 0, 4, 1024, True, block_mb=0.1)
+    assert 18 <= plan.blocks[0] <= 20 and plan.reads[0] == plan.blocks[0]
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -453,7 +470,7 @@ def test_resume_refuses_a_world_size_the_cursor_does_not_divide_and_a_changed_pl
             other.load_state_dict(SavedRanks(ckpt, "data", 2, 0, 2, own))
     # a position saved before blocks were capped by bytes resumes only with the cap off
     own = own["data"]
-    del own["plan"]["block_mb"]
+    del own["plan"]["block_mb"], own["plan"]["blocks"]  # as an earlier version saved it
     with pytest.raises(
         DataError,
         match=r"saved with data.shuffle_block_mb=null, this run has 1.0: resume with data.shuffle_block_mb=null",

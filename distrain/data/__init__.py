@@ -452,6 +452,12 @@ class DataPipeline:
                 raise DataError(
                     f"the data position was saved with {name}={was}, this run has {is_}: resume with {name}={was}"
                 )
+        if saved.get("blocks", now["blocks"]) != now["blocks"]:
+            raise DataError(
+                f"the data position was saved with shuffle blocks of {saved['blocks']} rows per source, this run "
+                f"derives {now['blocks']} from data.shuffle_block_mb and the rows' size; resume with the data "
+                "and the version of distrain and pyarrow the run was started with"
+            )
         if saved["digests"] != now["digests"]:
             raise DataError(
                 "the training data changed since the checkpoint; resume with the data the run was started on"

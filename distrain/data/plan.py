@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from distrain.data.sources import Manifest, Row, iter_raw, make_rows
+from distrain.data.sources import Manifest, Row, iter_raw, make_rows, row_bytes
 from distrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,10 @@ class Plan:
         self.block, self.shuffle, self.block_mb = block, shuffle, block_mb
         # rows per block of each source: one without shuffling (the order is the files'), else at most
         # ``block`` rows and about ``block_mb`` of the source's bytes (its mean row size)
-        self.blocks = [1 if not shuffle else self._block_rows(m) for m in manifests]
+        sizes = [row_bytes(m) if block_mb else 0.0 for m in manifests]
+        self.blocks = [1 if not shuffle else self._block_rows(b, block) for b in sizes]
+        # rows read at a time (a parquet batch, a run of jsonl lines; the read-ahead without shuffling)
+        self.reads = [self._block_rows(b, 1024) for b in sizes]
         total = sum(weights)
         self.cum_weights = np.cumsum([w / total for w in weights])
         for m in manifests if check_rows else ():
@@ -94,11 +97,11 @@ class Plan:
         self._orders: dict[tuple[int, int], tuple] = {}
         self._starts: dict[tuple[int, int], np.ndarray] = {}
 
-    def _block_rows(self, m: Manifest) -> int:
-        if not self.block_mb or not m.total:
-            return self.block
-        row_bytes = max(1.0, sum(f.size for f in m.files) / m.total)
-        return max(1, min(self.block, int(self.block_mb * 2**20 / row_bytes)))
+    def _block_rows(self, size: float, most: int) -> int:
+        """At most ``most`` rows, and about ``block_mb`` of rows of ``size`` bytes."""
+        if not self.block_mb or size <= 0:
+            return most
+        return max(1, min(most, int(self.block_mb * 2**20 / size)))
 
     def key(self) -> dict[str, Any]:
         """What a saved position depends on; a resume must have the same."""
@@ -106,6 +109,7 @@ class Plan:
             "partitions": self.partitions,
             "block": self.block if self.shuffle else 1,
             "block_mb": self.block_mb if self.shuffle else None,
+            "blocks": self.blocks,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "digests": [m.digest for m in self.manifests],
@@ -178,14 +182,12 @@ class PartitionRows:
         self.epoch, self.block, self.idx = int(st["epoch"]), int(st["block"]), int(st["idx"])
         self.lo, self.hi = plan.bounds(src, self.epoch, p)
         # rows read and not yet handed out: (file ids, row indices, raw rows), in the order they are handed
-        # out (one permuted block, or without shuffling up to READ_AHEAD rows of one-row blocks)
+        # out (one permuted block, or without shuffling a read's worth of one-row blocks)
         self._buf: tuple[list[int], list[int], Any] | None = None
         self._at = 0
         self._reader: Iterator[tuple[int, int, list[Any]]] | None = None
         self._reader_at = -1
         self._pending: tuple[int, int, list[Any]] | None = None  # a chunk the last block left over
-
-    READ_AHEAD = 1024
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "block": self.block, "idx": self.idx}
@@ -240,7 +242,7 @@ class PartitionRows:
             self.lo, self.hi = self.plan.bounds(self.src, self.epoch, self.p)
             start, end = self._span(0)
         if self.size == 1:
-            end = min(self.hi, start + self.READ_AHEAD)
+            end = min(self.hi, start + self.plan.reads[self.src])
         if self._reader is None or self._reader_at != start:
             self._close()
             self._reader, self._reader_at = self._chunks_from(start), start
@@ -291,7 +293,7 @@ class PartitionRows:
                 return
             stop = min(int(m.rows[i]), r + self.hi - at)
             first = r
-            for raws in iter_raw(m, i, r, self.columns, stop):
+            for raws in iter_raw(m, i, r, self.columns, stop, self.plan.reads[self.src]):
                 yield i, first, raws
                 first += len(raws)
             if first < stop:  # the file ended early: the block being read reports it

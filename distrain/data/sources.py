@@ -395,13 +395,18 @@ def arrow_table(path: str):
 
 
 def iter_raw(
-    manifest: Manifest, i: int, start: int = 0, columns: list[str] | None = None, stop: int | None = None
-) -> Iterator[list[Any]]:
+    manifest: Manifest,
+    i: int,
+    start: int = 0,
+    columns: list[str] | None = None,
+    stop: int | None = None,
+    batch: int = 1024,
+) -> Iterator[Any]:
     """The raw rows of file ``i`` of ``manifest`` from row ``start`` (to ``stop``, or the end),
     front to back, in runs of consecutive rows: lists of jsonl lines (bytes), seeking to the indexed
     offset before ``start``; for parquet and Arrow, record batches of ``columns`` (of every column
     when the file lacks one of them), reading only the row groups that hold the rows. ``make_rows``
-    parses them."""
+    parses them. A run holds at most ``batch`` rows."""
     info, fmt = manifest.files[i], manifest.fmt
     stop = info.rows if stop is None else min(stop, info.rows)
     if start >= stop:
@@ -421,10 +426,10 @@ def iter_raw(
                 f.readline()
             left = stop - start
             while left:
-                lines = list(itertools.islice(f, min(left, JSONL_STRIDE)))
+                lines = list(itertools.islice(f, min(left, batch)))
                 if lines:
                     yield lines
-                if len(lines) < min(left, JSONL_STRIDE):  # shorter than its manifest: reported above
+                if len(lines) < min(left, batch):  # shorter than its manifest: reported above
                     return
                 left -= len(lines)
         return
@@ -443,13 +448,13 @@ def iter_raw(
             names = pf.schema_arrow.names
             cols = columns if columns and all(c in names for c in columns) else None
             index = int(ends[g - 1]) if g else 0
-            for batch in pf.iter_batches(
-                batch_size=1024, row_groups=range(g, last + 1), columns=cols, use_threads=False
+            for got in pf.iter_batches(
+                batch_size=batch, row_groups=range(g, last + 1), columns=cols, use_threads=False
             ):
-                lo, hi = max(0, start - index), min(batch.num_rows, stop - index)
+                lo, hi = max(0, start - index), min(got.num_rows, stop - index)
                 if hi > lo:
-                    yield batch.slice(lo, hi - lo) if (lo or hi < batch.num_rows) else batch
-                index += batch.num_rows
+                    yield got.slice(lo, hi - lo) if (lo or hi < got.num_rows) else got
+                index += got.num_rows
                 if index >= stop:
                     return
         return
@@ -458,9 +463,24 @@ def iter_raw(
         cols = columns if columns and all(c in table.column_names for c in columns) else None
         if cols:
             table = table.select(cols)
-        yield from table.slice(start, stop - start).to_batches(max_chunksize=1024)
+        yield from table.slice(start, stop - start).to_batches(max_chunksize=batch)
         return
     raise ValueError(f"data.format={fmt} has no row reader")
+
+
+def row_bytes(manifest: Manifest) -> float:
+    """About how many bytes a raw row of ``manifest`` takes in memory: its files' bytes per row, or
+    for parquet and Arrow the decoded size of the first file's first rows (compressed or
+    dictionary-encoded columns are larger in memory than on disk); 0 for an ImageFolder, whose rows
+    are only paths until decoded."""
+    if manifest.fmt == "imagefolder" or not manifest.total:
+        return 0.0
+    on_disk = sum(f.size for f in manifest.files) / manifest.total
+    first = next((i for i, f in enumerate(manifest.files) if f.rows), None)
+    if manifest.fmt not in ("parquet", "hf") or first is None:
+        return on_disk
+    batch = next(iter_raw(manifest, first, 0, None, None, 64))
+    return max(on_disk, batch.nbytes / batch.num_rows)
 
 
 _JSON = json.JSONDecoder()
