@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from distrain.config import load_config, reference_markdown, to_yaml
 from distrain.errors import ConfigError, UserError
+
+log = logging.getLogger("distrain")
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_PREEMPTED = (
@@ -84,6 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _add_launch(sub)
+    p = sub.add_parser("submit", help="submit a run to a scheduler")
+    ssub = p.add_subparsers(dest="submit_mode", required=True)
+    q = ssub.add_parser(
+        "slurm",
+        help="render the Slurm job script (Ray on the allocation, or one node without Ray) into RUN_DIR/slurm/ and sbatch it",
+    )
+    _add_config_args(q)
+    for flag, key, kind in (
+        ("--nodes", "nodes", int),
+        ("--gpus-per-node", "gpus_per_node", int),
+        ("--cpus-per-task", "cpus_per_task", int),
+        ("--time", "time", str),
+        ("--partition", "partition", str),
+        ("--account", "account", str),
+        ("--qos", "qos", str),
+        ("--constraint", "constraint", str),
+    ):
+        q.add_argument(flag, dest=key, type=kind, default=None, help=f"as cluster.slurm.{key}")
+    q.add_argument("--dry-run", action="store_true", help="print the checks and the script; submit nothing")
+    p = sub.add_parser(
+        "status", help="a run's state, step, newest checkpoint, restarts, Slurm job and W&B run"
+    )
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p = sub.add_parser("cluster", help="helpers the Slurm job script calls")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+    q = csub.add_parser("wait-ray", help="wait until N Ray nodes have joined ADDRESS")
+    q.add_argument("--address", required=True)
+    q.add_argument("--nodes", type=int, required=True)
+    q.add_argument("--timeout", type=float, default=300)
+    q.add_argument(
+        "--pids", type=int, nargs="*", default=[], help="the nodes' srun steps: fail at once if one ends"
+    )
     p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
     p.add_argument("run_dir", help="a run directory written by `distrain train`")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
@@ -149,8 +185,19 @@ def _launch(args) -> int:
     setup_logging(0, cfg.run.log_level)
     from ray.train import TrainingFailedError
 
+    from distrain.cluster.control import new_launch, write_notice
     from distrain.cluster.ray import launch, worker_failures
 
+    launch_id, run_dir = new_launch(), cfg.run.run_dir.resolve()
+
+    def on_notice(signum, frame):  # Slurm's --signal, a scheduler's SIGTERM: every worker checkpoints
+        log.warning(
+            "%s: asking every worker to finish its step, checkpoint and stop", signal.Signals(signum).name
+        )
+        write_notice(run_dir, launch_id, signal.Signals(signum).name)
+
+    signal.signal(signal.SIGUSR1, on_notice)
+    signal.signal(signal.SIGTERM, on_notice)
     try:
         if args.launch_mode == "local":
             summary = launch(cfg, local=True, node_ip=args.node_ip)
@@ -168,11 +215,48 @@ def _launch(args) -> int:
     return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary.get("status"), EXIT_ERROR)
 
 
+def _submit(args) -> int:
+    overrides = list(args.overrides)
+    for key in (
+        "nodes",
+        "gpus_per_node",
+        "cpus_per_task",
+        "time",
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"cluster.slurm.{key}={value}")
+    cfg = load_config(args.config, overrides)
+    from distrain.cluster.slurm import submit
+
+    out = submit(cfg, dry_run=args.dry_run)
+    s = cfg.cluster.slurm
+    checks = (
+        f"checks passed: {s.nodes} node(s) x {max(1, s.gpus_per_node)} worker(s) = {out['workers']} rank(s), "
+        f"launcher {out['launcher']}, batch layout and data partitions fit; run dir {out['run_dir']}"
+    )
+    if args.dry_run:
+        sys.stdout.write(out["script"])
+        print(f"# {checks}\n# --dry-run: nothing written, nothing submitted")
+        return EXIT_OK
+    print(checks)
+    print(
+        f"submitted job {out['job_id']}; log {out['log']}; follow it with `distrain status {out['run_dir']}`"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # `launch ... --workers N a=b`: overrides may follow the options
-    if extra and (args.command != "launch" or any("=" not in x or x.startswith("-") for x in extra)):
+    if extra and (
+        args.command not in ("launch", "submit") or any("=" not in x or x.startswith("-") for x in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -196,6 +280,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "launch":
             return _launch(args)
+        if args.command == "submit":
+            return _submit(args)
+        if args.command == "status":
+            import json
+            from pathlib import Path
+
+            from distrain.cluster.slurm import print_status, status
+
+            info = status(Path(args.run_dir))
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                print_status(info)
+            return EXIT_OK
+        if args.command == "cluster":
+            from distrain.cluster.slurm import wait_ray
+
+            wait_ray(args.address, args.nodes, args.timeout, args.pids)
+            return EXIT_OK
         if args.command == "report":
             from pathlib import Path
 

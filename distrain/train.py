@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,17 @@ def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: i
         "precision": cfg.parallel.precision,
         "grad_accum": cfg.parallel.grad_accum,
         "params": n_params,
+        **slurm_job(),
     }
+
+
+def slurm_job() -> dict[str, Any]:
+    """The Slurm job this launch runs in and how many times it was requeued (none outside Slurm)."""
+    job = os.environ.get("DISTRAIN_SLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    restarts = os.environ.get("DISTRAIN_SLURM_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0
+    return {"slurm_job_id": job, "slurm_restart_count": int(restarts)}
 
 
 def _announce(cfg: Config, run_dir, dist_info, topology: dict[str, Any], wandb_where: str) -> None:
@@ -184,6 +195,7 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     try:
         summary = s.trainer.train()
+        summary.update(slurm_job())
         summary.update(
             run_dir=str(run_dir),
             world_size=s.dist.world_size,

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from distrain.cluster.control import StopWatch
 from distrain.config import Config
 from distrain.data import ERROR_KINDS, DataError, DataPipeline, to_device
 from distrain.errors import UserError
@@ -165,6 +167,7 @@ class Trainer:
         self.agreement = self.comm.agreement(2)
         self.spec = get_spec(cfg.model.name)
         self.stop_reason: str | None = None
+        self.watch = StopWatch(cfg.run.run_dir) if dist_info.is_main else None
         self._eval_n: int | None = None  # eval micro-batches per rank, agreed at the first eval
         self.float_dtype = (
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
@@ -216,6 +219,17 @@ class Trainer:
         Host values only: the GPU is not touched and the reduction overlaps the next step
         (``StepAgreement``)."""
         clock = self.checkpointer.clock_flag()
+        if self.watch is not None:
+            self.watch.stepped()
+            why = self.stop_reason is None and self.watch.check()
+            if why:
+                log.warning(
+                    "%s: finishing step %d, saving a checkpoint on every rank, then stopping%s",
+                    "stop notice from the launcher" if why == "preempted" else "the job's time limit is near",
+                    self.step + 1,
+                    "" if why == "preempted" else f" (end in {self.watch.deadline - time.time():.0f} s)",
+                )
+                self.request_stop("preempted")
         stop, clock = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), clock])
         if stop:
             self.stop_reason = {1: "interrupted", 2: "preempted"}[int(stop)]
@@ -336,7 +350,10 @@ class Trainer:
         meters = self.meters
         meters.mark()
         meters.flush()  # the checkpoint holds current totals (energy, time)
+        t0 = time.monotonic()
         path = self.checkpointer.save(self.step)
+        if self.watch is not None:
+            self.watch.saved(time.monotonic() - t0)
         meters.lap("checkpoint")
         for callback in self.on_checkpoint:
             callback(self.step, path)

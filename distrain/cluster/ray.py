@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distrain.cluster.control import LAUNCH_ID, new_launch
 from distrain.config import Config, config_from_yaml, to_yaml
 from distrain.errors import ConfigError
 
@@ -53,7 +54,17 @@ def _worker_env(node_ip: str | None) -> dict[str, str]:
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S
     )
-    for key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "TMPDIR"):
+    for key in (
+        "TORCH_EXTENSIONS_DIR",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "WANDB_MODE",
+        "TMPDIR",
+        "DISTRAIN_LAUNCH_ID",  # the stop notices of this launch (distrain.cluster.control)
+        "DISTRAIN_DEADLINE",
+        "DISTRAIN_SLURM_JOB_ID",
+        "DISTRAIN_SLURM_RESTART_COUNT",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -96,7 +107,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report({"step": step})
 
     summary = run(cfg, setup(cfg, on_checkpoint=[report]))
-    if summary["status"] != "completed":
+    if summary["status"] not in ("completed", "preempted"):  # preempted: checkpointed, the driver exits 75
         raise RuntimeError(f"training stopped at step {summary['step']}: {summary['status']}")
 
 
@@ -134,6 +145,8 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     run_dir = cfg.run.run_dir.resolve()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
     check_launch(run_dir, cfg)  # before any Ray process starts or RUN_DIR/ray is written
+    if not os.environ.get(LAUNCH_ID):
+        new_launch()
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if not local and not address:
         raise ConfigError(

@@ -383,7 +383,59 @@ class TrackingConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- cluster
+class SlurmConfig(Section):
+    nodes: int = Field(1, ge=1, description="Nodes to allocate (`distrain submit slurm --nodes`).")
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs per node; one Ray worker (rank) per GPU, or one per node without GPUs."
+    )
+    cpus_per_task: int = Field(
+        2, ge=1, description="CPUs of the one task per node (Ray's node, or `distrain train`)."
+    )
+    time: str = Field(
+        "01:00:00", description="Wall-clock limit, as sbatch --time (e.g. 30, 4:00:00, 2-00:00:00)."
+    )
+    partition: str | None = Field(None, description="sbatch --partition.")
+    account: str | None = Field(None, description="sbatch --account.")
+    qos: str | None = Field(None, description="sbatch --qos.")
+    constraint: str | None = Field(None, description="sbatch --constraint.")
+    launcher: Literal["auto", "ray", "train"] = Field(
+        "auto",
+        description="ray: a Ray head on the first node and a worker on each other node, then `distrain launch ray`; train: `srun distrain train` on one node (torchrun over its GPUs when it has several); auto: ray for more than one node.",
+    )
+    grace_s: int = Field(
+        120,
+        ge=10,
+        description="Slurm signals the job this many seconds before its time limit (--signal=B:USR1@grace_s); the run checkpoints and requeues.",
+    )
+    max_requeues: int = Field(
+        5, ge=0, description="A preempted or timed-out job requeues itself at most this many times."
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before anything else on the job (e.g. `module load cuda`, `source .venv/bin/activate`).",
+    )
+    sbatch: list[str] = Field(
+        default_factory=list,
+        description="Extra #SBATCH options, one per item (e.g. `--mem=0`, `--exclusive`).",
+    )
+    ray_node_ip: str | None = Field(
+        None,
+        description="Shell expression for the address a node's Ray binds (default: the node's address by `hostname -I`); on one machine give each node its own, e.g. `127.0.0.$((2 + SLURM_NODEID))`.",
+    )
+    ready_timeout_s: int = Field(
+        300, ge=10, description="How long the job waits for every Ray node to join before failing."
+    )
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_text(cls, v):
+        return str(v) if isinstance(v, int) else v
+
+
 class ClusterConfig(Section):
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig, description="`distrain submit slurm`: the allocation and its job script."
+    )
     workers: int = Field(
         1,
         ge=1,

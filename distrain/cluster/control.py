@@ -1,0 +1,85 @@
+"""Stop notices that reach a run without signal handlers: Ray Train runs the training loop in a
+worker thread, where none can be installed, so the launcher (which has the signal) writes a notice
+file in the run directory and rank 0 polls it between steps; the trainer's per-step agreement then
+stops every rank at one step boundary. A notice is for one launch only (its id), so a stale file
+never stops the next job. The job's end (``DISTRAIN_DEADLINE``, seconds since the epoch, set by the
+Slurm job script) is watched the same way: rank 0 asks to stop while there is still time to save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LAUNCH_ID = "DISTRAIN_LAUNCH_ID"
+DEADLINE = "DISTRAIN_DEADLINE"
+POLL_S = 1.0
+
+
+def notice_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "control" / "stop.json"
+
+
+def new_launch() -> str:
+    """This launch's id, in the environment its workers inherit."""
+    launch = uuid.uuid4().hex[:16]
+    os.environ[LAUNCH_ID] = launch
+    return launch
+
+
+def write_notice(run_dir: Path, launch: str, reason: str) -> None:
+    """Ask launch ``launch`` of the run to checkpoint and stop (safe in a signal handler: one small
+    atomic write)."""
+    path = notice_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"launch": launch, "reason": reason, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+class StopWatch:
+    """Rank 0's view of the outside world between steps: a stop notice for this launch, or the job's
+    end coming closer than what a step and a save take (``margin``)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = notice_path(run_dir)
+        self.launch = os.environ.get(LAUNCH_ID)
+        deadline = os.environ.get(DEADLINE)
+        self.deadline = float(deadline) if deadline else None
+        self._next = 0.0
+        self.step_s = 0.0  # the slowest recent step
+        self.save_s = 0.0  # the last save
+        self._last = time.monotonic()
+
+    def stepped(self) -> None:
+        now = time.monotonic()
+        dt, self._last = now - self._last, now
+        self.step_s = max(dt, 0.9 * self.step_s)
+
+    def saved(self, seconds: float) -> None:
+        self.save_s = seconds
+        self._last = time.monotonic()
+
+    def margin(self) -> float:
+        """Seconds before the deadline at which to stop: two steps (the agreement lags one), the save,
+        and a safety of 15 s plus half the save for the job's own exit."""
+        return 15.0 + 2 * self.step_s + 1.5 * self.save_s
+
+    def check(self) -> str | None:
+        """Why to stop now ("preempted" for a notice, "time limit" for the deadline), or None."""
+        if self.deadline is not None and self.deadline - time.time() < self.margin():
+            return "time limit"
+        now = time.monotonic()
+        if self.launch is None or now < self._next:
+            return None
+        self._next = now + POLL_S
+        try:
+            notice = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return "preempted" if notice.get("launch") == self.launch else None

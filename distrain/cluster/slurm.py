@@ -1,0 +1,312 @@
+"""Slurm: ``distrain submit slurm`` renders ``slurm/job.sbatch`` for a config and submits it;
+``distrain cluster wait-ray`` is the job's readiness wait; ``distrain status`` reads a run directory.
+
+The job script runs Ray on the allocation (a head on the first node, a worker on every other node,
+each ``ray start --block`` in its own ``srun --overlap`` step) and ``distrain launch ray`` from the
+batch shell, or ``srun distrain train`` on one node. A preemption notice or the time limit makes the
+run checkpoint on every rank and exit 75, and the job requeues itself (``cluster.slurm.max_requeues``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distrain.config import Config, check_topology, to_yaml
+from distrain.errors import ConfigError, UserError
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
+DEFAULT_NODE_IP = "$(hostname -I | cut -d' ' -f1)"
+EXIT_PREEMPTED = 75
+
+
+class SlurmError(UserError):
+    """sbatch, squeue or the job script refused something; the message says what."""
+
+
+def job_config(cfg: Config) -> tuple[Config, str]:
+    """The config the job runs (its cluster section sized to the allocation) and the launcher."""
+    s = cfg.cluster.slurm
+    launcher = s.launcher if s.launcher != "auto" else ("ray" if s.nodes > 1 else "train")
+    if launcher == "train" and s.nodes > 1:
+        raise ConfigError(
+            f"cluster.slurm.launcher=train runs on one node, but cluster.slurm.nodes={s.nodes}; "
+            "set cluster.slurm.launcher=ray (or auto) for several nodes"
+        )
+    per_node = max(1, s.gpus_per_node)
+    if launcher == "train":
+        workers = per_node
+        cluster = {"workers": workers}
+    else:
+        workers = s.nodes * per_node
+        cluster = {
+            "workers": workers,
+            "gpus_per_worker": 1 if s.gpus_per_node else 0,
+            "cpus_per_worker": max(1, s.cpus_per_task // per_node),
+            "placement": "STRICT_SPREAD" if per_node == 1 and s.nodes > 1 else "PACK",
+        }
+    check_topology(cfg, workers)
+    run = {"dir": str(cfg.run.run_dir.resolve())}
+    cfg = cfg.model_copy(
+        update={
+            "cluster": cfg.cluster.model_copy(update=cluster),
+            "run": cfg.run.model_copy(update=run),
+        }
+    )
+    return cfg, launcher
+
+
+def render(cfg: Config, launcher: str, workdir: Path, config_path: Path, template: Path = TEMPLATE) -> str:
+    """The job script for ``cfg`` (``config_path``: where its resolved config will be)."""
+    if not template.is_file():
+        raise ConfigError(
+            f"the Slurm job template {template} is missing: reinstall distrain from its source tree"
+        )
+    s = cfg.cluster.slurm
+    sbatch = []
+    if s.gpus_per_node:
+        sbatch.append(f"--gpus-per-node={s.gpus_per_node}")
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(s, key)
+        if value:
+            sbatch.append(f"--{key}={value}")
+    for line in s.sbatch:
+        line = line.strip()
+        if not line.startswith("-"):
+            raise ConfigError(
+                f"cluster.slurm.sbatch: {line!r} is not an sbatch option; write options such as '--mem=0'"
+            )
+        sbatch.append(line)
+    run_dir = cfg.run.run_dir
+    fields = {
+        "job_name": cfg.run.name,
+        "nodes": str(s.nodes),
+        "cpus_per_task": str(s.cpus_per_task),
+        "time": s.time,
+        "run_dir": str(run_dir),
+        "grace_s": str(s.grace_s),
+        "sbatch_lines": "\n".join(f"#SBATCH {x}" for x in sbatch),
+        "run_dir_q": shlex.quote(str(run_dir)),
+        "config_q": shlex.quote(str(config_path)),
+        "launcher": launcher,
+        "max_requeues": str(s.max_requeues),
+        "gpus_per_node": str(s.gpus_per_node),
+        "workers": str(cfg.cluster.workers),
+        "ready_timeout_s": str(s.ready_timeout_s),
+        "workdir_q": shlex.quote(str(workdir)),
+        "setup_lines": "\n".join(s.setup),
+        "node_ip": (s.ray_node_ip or DEFAULT_NODE_IP).replace("'", "'\\''"),
+    }
+    text = template.read_text()
+    for key, value in fields.items():
+        text = text.replace("{{" + key + "}}", value)
+    if "{{" in text:
+        missing = text[text.index("{{") : text.index("}}", text.index("{{")) + 2]
+        raise ConfigError(f"{template}: the field {missing} has no value")
+    return text
+
+
+def submit(cfg: Config, dry_run: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+    """Check ``cfg``, render its job script and submit it; returns {script, job_id, ...}. With
+    ``dry_run`` nothing is written or submitted."""
+    from distrain.checkpoint import check_launch
+
+    cfg, launcher = job_config(cfg)
+    run_dir = cfg.run.run_dir
+    check_launch(run_dir, cfg)
+    workdir = (workdir or Path.cwd()).resolve()
+    slurm_dir = run_dir / "slurm"
+    config_path = slurm_dir / "config.yaml"
+    script = render(cfg, launcher, workdir, config_path)
+    out = {"script": script, "launcher": launcher, "workers": cfg.cluster.workers, "run_dir": str(run_dir)}
+    if dry_run:
+        return out
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmError(
+            "sbatch is not on PATH: submit from a Slurm login node (or install the Slurm client); "
+            "`distrain submit slurm --dry-run` prints the job script without it"
+        )
+    created = not run_dir.exists()
+    slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch's --output lives here
+    config_path.write_text(to_yaml(cfg))
+    script_path = slurm_dir / "job.sbatch"
+    script_path.write_text(script)
+    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise SlurmError(f"sbatch refused the job:\n{proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    shutil.copy(script_path, slurm_dir / f"job-{job_id}.sbatch")
+    out.update(job_id=job_id, log=str(slurm_dir / f"slurm-{job_id}.out"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ readiness
+def wait_ray(address: str, nodes: int, timeout: float, pids: list[int]) -> None:
+    """Until ``nodes`` Ray nodes are alive at ``address``; fails at once when one of ``pids`` (the
+    job's ``ray start`` steps) has died, and after ``timeout`` seconds."""
+    import ray
+
+    t0 = time.monotonic()
+    connected = False
+    alive = 0
+    while time.monotonic() - t0 < timeout:
+        dead = [p for p in pids if not _alive(p)]
+        if dead:
+            raise SlurmError(
+                f"a Ray node's srun step (pid {dead[0]}) ended before the cluster was up; see its output above"
+            )
+        if not connected:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+                connected = True
+            except Exception:  # noqa: BLE001 - the head is still starting
+                time.sleep(1.0)
+                continue
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive >= nodes:
+            print(
+                f"distrain: {alive} Ray node(s) up at {address} after {time.monotonic() - t0:.0f} s",
+                flush=True,
+            )
+            ray.shutdown()
+            return
+        time.sleep(1.0)
+    raise SlurmError(
+        f"{alive} of {nodes} Ray nodes joined {address} within {timeout:.0f} s "
+        "(cluster.slurm.ready_timeout_s); see the nodes' output above"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (an exited child the shell has not reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------------------- status
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _slurm_state(job_id: str) -> str | None:
+    for cmd in (
+        ["squeue", "-h", "-j", job_id, "-o", "%T"],
+        ["sacct", "-n", "-X", "-j", job_id, "-o", "State"],
+    ):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        state = proc.stdout.strip().split()
+        if proc.returncode == 0 and state:
+            return state[0]
+    return None
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    """What a run directory says about its run: state, step, newest checkpoint, restarts, the Slurm
+    job and its state, the W&B run."""
+    from distrain.checkpoint import list_checkpoints, step_of
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "slurm").is_dir():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml, no slurm/)")
+    out: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary = (
+        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+    )
+    records = _jsonl(run_dir / "metrics.jsonl")
+    steps = None
+    if summary:
+        steps = summary.get("steps")
+    elif (run_dir / "config.yaml").is_file():
+        import yaml
+
+        steps = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("train") or {}).get("steps")
+    step = summary["step"] if summary else max((r.get("step", 0) for r in records), default=0)
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    out.update(step=step, steps=steps, checkpoint=ckpts[0].name if ckpts else None)
+    out["checkpoint_step"] = step_of(ckpts[0].name) if ckpts else None
+    jobs = _jsonl(run_dir / "slurm" / "jobs.jsonl")
+    starts = [j for j in jobs if "start" in j]
+    ends = [j for j in jobs if "exit" in j]
+    job = starts[-1]["job_id"] if starts else None
+    out.update(slurm_job=job, restarts=max((j.get("restart", 0) for j in starts), default=0))
+    slurm_state = _slurm_state(job) if job else None
+    out["slurm_state"] = slurm_state
+    last_exit = ends[-1] if ends else None
+    if slurm_state in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        state = "running"
+    elif slurm_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") and starts:
+        state = "preempted" if last_exit and last_exit.get("exit") == EXIT_PREEMPTED else "pending"
+    elif slurm_state == "PENDING":
+        state = "pending"
+    elif summary and summary.get("status") == "completed":
+        state = "completed"
+    elif summary and summary.get("status") == "preempted":
+        state = "preempted"
+    elif (summary and summary.get("status") == "failed") or (
+        last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED)
+    ):
+        state = "failed"
+    elif summary:
+        state = summary.get("status", "stopped")
+    else:
+        state = "running" if records else "unknown"
+    out["state"] = state
+    error = (summary or {}).get("error")
+    if state == "failed" and not error and job:
+        log = run_dir / "slurm" / f"slurm-{job}.out"
+        if log.is_file():
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if "error:" in ln]
+            error = lines[-1].strip() if lines else None
+    out["error"] = error
+    wandb_dirs = sorted((run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
+    out["wandb"] = str(wandb_dirs[-1]) if wandb_dirs else None
+    return out
+
+
+def print_status(info: dict[str, Any], stream=sys.stdout) -> None:
+    rows = [
+        ("state", info["state"]),
+        ("step", f"{info['step']} of {info['steps']}" if info["steps"] else str(info["step"])),
+        ("checkpoint", info["checkpoint"] or "none"),
+        ("restarts", str(info["restarts"])),
+    ]
+    if info["slurm_job"]:
+        rows.append(("slurm job", f"{info['slurm_job']} ({info['slurm_state'] or 'not in squeue/sacct'})"))
+    rows.append(("wandb", info["wandb"] or "none"))
+    if info.get("error"):
+        rows.append(("error", info["error"]))
+    width = max(len(k) for k, _ in rows)
+    stream.write(f"{info['run_dir']}\n")
+    for k, v in rows:
+        stream.write(f"  {k:<{width}}  {v}\n")
