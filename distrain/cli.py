@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cluster":
             from distrain.cluster.slurm import wait_ray
 
-            wait_ray(args.address, args.nodes, args.timeout, args.pids)
+            waited = wait_ray(args.address, args.nodes, args.timeout, args.pids)
+            print(f"distrain: {args.nodes} Ray node(s) up at {args.address} after {waited:.0f} s", flush=True)
             return EXIT_OK
         if args.command == "report":
             from pathlib import Path

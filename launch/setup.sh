@@ -3,6 +3,8 @@
 #   PYTHON   interpreter for the venv (default: python3.11, else python3)
 #   VENV     venv directory (default: .venv in the checkout)
 #   DATA     where `distrain data prepare` writes (default: data)
+#   SLURM    1 = install Debian's Slurm (slurmctld, slurmd, slurm-client) for the Slurm tests when it
+#            is missing and apt-get can run (as root or with sudo); 0 = never (default: 1)
 #   DRY_RUN  1 = print the commands, run nothing
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 0; fi
@@ -15,3 +17,12 @@ run() { echo "+ $*"; [[ "${DRY_RUN:-0}" == 1 ]] || "$@"; }
 run "$VENV/bin/python" -m pip install --quiet --upgrade pip
 run "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
 [[ -f "$DATA/pydoc/val.jsonl" && -d "$DATA/digits/val" ]] || run "$VENV/bin/distrain" data prepare --out "$DATA"
+if [[ "${SLURM:-1}" == 1 ]] && ! command -v slurmctld >/dev/null && [[ ! -x /usr/sbin/slurmctld ]] && command -v apt-get >/dev/null; then
+  if [[ $(id -u) == 0 ]]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n); else sudo=(none); fi
+  if [[ "${sudo[0]:-}" != none ]]; then
+    apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+    run "${apt[@]}" install -y -q slurmctld slurmd slurm-client || { run "${apt[@]}" update -q && run "${apt[@]}" install -y -q slurmctld slurmd slurm-client; }
+  else
+    echo "setup.sh: Slurm is not installed and apt-get needs root: the Slurm tests will be skipped (apt-get install slurmctld slurmd slurm-client)"
+  fi
+fi

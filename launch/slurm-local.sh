@@ -4,26 +4,25 @@
 #   launch/slurm-local.sh up DIR     write DIR/slurm.conf, start the daemons (pid files in DIR)
 #   launch/slurm-local.sh down DIR   stop exactly the daemons `up` started, by pid file
 #   launch/slurm-local.sh env DIR    print the export line that points sbatch & co at it
+#   SLURM_LOCAL_PORT  slurmctld's port (default: 16817 + a per-user offset; the nodes take the next two)
+#   DRY_RUN           1 = write DIR/slurm.conf and print the commands, start nothing
 # Needs Debian's slurmctld, slurmd and slurm-client (`.ci/run` installs them).
 set -euo pipefail
 cmd=${1:-}; dir=${2:-}
-if [[ -z "$cmd" || -z "$dir" || "$cmd" == -h || "$cmd" == --help ]]; then
-  awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 2
-fi
+if [[ "$cmd" == -h || "$cmd" == --help ]]; then awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 0; fi
+if [[ -z "$cmd" || -z "$dir" ]]; then echo "usage: launch/slurm-local.sh up|down|env DIR (--help)" >&2; exit 2; fi
 mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
 conf=$dir/slurm.conf
 case "$cmd" in
   env) echo "export SLURM_CONF=$conf"; exit 0 ;;
   down)
-    for pid in "$dir"/*.pid; do
-      [[ -f "$pid" ]] || continue
-      kill "$(cat "$pid")" 2>/dev/null || true
+    pids=()
+    for f in "$dir"/*.pid; do [[ -f "$f" ]] && pids+=("$(cat "$f")"); done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     done
-    for pid in "$dir"/*.pid; do
-      [[ -f "$pid" ]] || continue
-      for _ in $(seq 1 50); do kill -0 "$(cat "$pid")" 2>/dev/null || break; sleep 0.1; done
-      rm -f "$pid"
-    done
+    rm -f "$dir"/*.pid
     exit 0 ;;
   up) ;;
   *) echo "slurm-local.sh: unknown command $cmd (up, down, env)" >&2; exit 2 ;;
@@ -73,6 +72,8 @@ NodeName=node2 NodeAddr=127.0.0.1 NodeHostname=$(hostname) Port=$((port + 2)) $n
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 export SLURM_CONF=$conf
+echo "+ slurmctld -f $conf -i; slurmd -f $conf -N node1; slurmd -f $conf -N node2"
+[[ "${DRY_RUN:-0}" == 1 ]] && exit 0
 slurmctld -f "$conf" -i
 for n in node1 node2; do slurmd -f "$conf" -N "$n"; done
 for _ in $(seq 1 100); do

@@ -196,6 +196,44 @@ def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ra
     assert len(offline) == 2 and len({d.name.rsplit("-", 1)[1] for d in offline}) == 1  # one W&B run
 
 
+def test_a_notice_to_the_driver_checkpoints_every_worker_at_one_step_and_exits_75(
+    in_workdir, tmp_path, ray_env
+):
+    """Ray Train runs the loop in a worker thread (no signal handlers there): SIGUSR1 to the driver
+    (what a Slurm job's trap forwards) reaches every worker through a stop notice, they stop after
+    the same step with one checkpoint, and the driver exits 75."""
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, "-m", "distrain.cli", "launch", "local", str(CONFIGS / "gpt-cpu-tiny.yaml")]
+    args = ["--workers", "2", f"run.dir={run_dir}", "train.log_every=5", "checkpoint.every_steps=1000"]
+    proc = subprocess.Popen(
+        [*cmd, *args, "train.steps=400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ray_env,
+    )
+    try:
+        wait_for_records(run_dir / "metrics.jsonl", 3, proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out[-5000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stop = summary["step"]
+    assert summary["status"] == "preempted" and 15 <= stop < 400
+    ckpts = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step")]
+    assert ckpts == [f"step{stop:08d}"]  # one checkpoint, at the step every rank stopped after
+    manifest = json.loads((run_dir / "checkpoints" / ckpts[0] / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"rank-00000.pt", "rank-00001.pt"} <= set(manifest["files"])
+    notice = json.loads((run_dir / "control" / "stop.json").read_text())
+    assert notice["reason"] == "SIGUSR1" and len(notice["launch"]) == 16
+    status = _distrain(ray_env, "status", str(run_dir), "--json")  # a run of any launcher
+    st = json.loads(status.stdout)
+    assert (st["state"], st["step"], st["checkpoint"], st["slurm_job"]) == ("preempted", stop, ckpts[0], None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.2", 0))
@@ -215,6 +253,7 @@ def _non_loopback_peers(pids: set[int]) -> list[str]:
     return bad
 
 
+@pytest.mark.slow  # a two-node Ray job (spread over nodes) also runs in tests/test_slurm.py
 def test_two_node_cluster_spreads_workers_and_takes_jobs(in_workdir, tmp_path, ray_env):
     """A head (127.0.0.2) and a worker node (127.0.0.3) from launch/ray-up.sh; a job submitted with
     launch/ray-submit.sh runs one worker per node; launch/ray-down.sh stops both nodes."""

@@ -92,6 +92,10 @@ def wait_step(run_dir: Path, step: int, timeout: float = 300) -> None:
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(r.get("step", 0) >= step for r in read_jsonl(path) if "loss" in r):
             return
+        ended = [j for j in jobs(run_dir) if "exit" in j]
+        assert not ended, f"the job ended ({ended[-1]}) before step {step}:\n" + "".join(
+            p.read_text()[-3000:] for p in (run_dir / "slurm").glob("slurm-*.out")
+        )
         time.sleep(0.5)
     raise AssertionError(f"{run_dir}: no step {step} within {timeout}s")
 
@@ -122,6 +126,27 @@ def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
     assert bad.returncode == 1 and "data.partitions=4 is not divisible by the world size 3" in bad.stderr
     one = distrain("submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--dry-run", f"run.dir={run_dir}")
     assert "LAUNCHER=train" in one.stdout and "WORKERS=1" in one.stdout
+
+
+def test_stop_notices_are_for_one_launch_and_the_deadline_leaves_time_to_save(tmp_path, monkeypatch):
+    from distrain.cluster import control
+
+    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
+    monkeypatch.delenv(control.DEADLINE, raising=False)
+    watch = control.StopWatch(tmp_path)
+    assert watch.check() is None  # no notice
+    control.write_notice(tmp_path, "b" * 16, "SIGUSR1")  # an earlier launch's notice
+    watch._next = 0.0
+    assert watch.check() is None
+    control.write_notice(tmp_path, "a" * 16, "SIGUSR1")
+    watch._next = 0.0
+    assert watch.check() == "preempted"
+    monkeypatch.setenv(control.DEADLINE, str(time.time() + 60))
+    watch = control.StopWatch(tmp_path / "other")
+    watch.step_s, watch.save_s = 1.0, 10.0
+    assert watch.margin() == 15 + 2 + 15 and watch.check() is None  # 60 s left, 32 s needed
+    watch.save_s = 40.0
+    assert watch.check() == "time limit"
 
 
 def test_submit_without_sbatch_is_a_clear_error(in_workdir, tmp_path):
@@ -157,6 +182,22 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     assert st["state"] == "failed" and "data/missing" in st["error"] and st["slurm_job"] == j2
     st = json.loads(distrain("status", str(good), "--json").stdout)
     assert (st["state"], st["step"], st["steps"], st["checkpoint"]) == ("completed", 12, 12, "step00000012")
+    # sbatch's own refusal is shown as it is, and the new run directory is not left behind
+    nope = tmp_path / "nope"
+    out = distrain(
+        "submit",
+        "slurm",
+        str(CONFIGS / "gpt-cpu-tiny.yaml"),
+        f"run.dir={nope}",
+        "--partition",
+        "nope",
+        *JOB,
+        check=False,
+    )
+    assert (
+        out.returncode == 1 and "sbatch refused the job" in out.stderr and "invalid partition" in out.stderr
+    )
+    assert not nope.exists()
 
 
 @pytest.mark.slurm
@@ -212,11 +253,11 @@ def test_two_node_ray_job_survives_preemption_and_matches_an_uninterrupted_run(i
 @pytest.mark.slow
 @needs_slurm
 def test_a_time_limit_shorter_than_training_checkpoints_before_it_and_requeues(in_workdir, tmp_path, slurm):
-    """--time=1 (60 s) for a run that needs more: without any signal (grace 10 s is shorter than the
-    trainer's own margin), the trainer stops before the limit from its step and save times; the
-    job requeues and the run completes."""
+    """--time=1 (60 s) for a run that needs more, and no signal (cluster.slurm.grace_s=0, a site that
+    sends none): the trainer stops before the limit from its step and save times; the job requeues
+    and the run completes."""
     run = tmp_path / "limit"
-    j = submit(run, "train.steps=1200", "train.log_every=50", "--time", "1", "cluster.slurm.grace_s=10")
+    j = submit(run, "train.steps=1500", "train.log_every=50", "--time", "1", "cluster.slurm.grace_s=0")
     end = wait_done(run, j, timeout=900)
     runs = jobs(run)
     exits = [r["exit"] for r in runs if "exit" in r]
@@ -224,4 +265,4 @@ def test_a_time_limit_shorter_than_training_checkpoints_before_it_and_requeues(i
     log = (run / "slurm" / f"slurm-{j}.out").read_text()
     assert "time limit is near" in log and "TIMEOUT" not in log and "DUE TO TIME LIMIT" not in log
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["step"] == 1200
+    assert summary["status"] == "completed" and summary["step"] == 1500

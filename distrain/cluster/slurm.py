@@ -91,7 +91,9 @@ def render(cfg: Config, launcher: str, workdir: Path, config_path: Path, templat
         "cpus_per_task": str(s.cpus_per_task),
         "time": s.time,
         "run_dir": str(run_dir),
-        "grace_s": str(s.grace_s),
+        "signal_line": f"#SBATCH --signal=B:USR1@{s.grace_s}"
+        if s.grace_s
+        else "# (no --signal: cluster.slurm.grace_s=0)",
         "sbatch_lines": "\n".join(f"#SBATCH {x}" for x in sbatch),
         "run_dir_q": shlex.quote(str(run_dir)),
         "config_q": shlex.quote(str(config_path)),
@@ -151,9 +153,9 @@ def submit(cfg: Config, dry_run: bool = False, workdir: Path | None = None) -> d
 
 
 # ------------------------------------------------------------------------------------ readiness
-def wait_ray(address: str, nodes: int, timeout: float, pids: list[int]) -> None:
+def wait_ray(address: str, nodes: int, timeout: float, pids: list[int]) -> float:
     """Until ``nodes`` Ray nodes are alive at ``address``; fails at once when one of ``pids`` (the
-    job's ``ray start`` steps) has died, and after ``timeout`` seconds."""
+    job's ``ray start`` steps) has died, and after ``timeout`` seconds. Returns the seconds waited."""
     import ray
 
     t0 = time.monotonic()
@@ -174,12 +176,8 @@ def wait_ray(address: str, nodes: int, timeout: float, pids: list[int]) -> None:
                 continue
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
         if alive >= nodes:
-            print(
-                f"distrain: {alive} Ray node(s) up at {address} after {time.monotonic() - t0:.0f} s",
-                flush=True,
-            )
             ray.shutdown()
-            return
+            return time.monotonic() - t0
         time.sleep(1.0)
     raise SlurmError(
         f"{alive} of {nodes} Ray nodes joined {address} within {timeout:.0f} s "
@@ -286,8 +284,9 @@ def status(run_dir: Path) -> dict[str, Any]:
     if state == "failed" and not error and job:
         log = run_dir / "slurm" / f"slurm-{job}.out"
         if log.is_file():
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if "error:" in ln]
-            error = lines[-1].strip() if lines else None
+            lines = log.read_text(errors="replace").splitlines()
+            ours = [ln for ln in lines if "distrain: error:" in ln] or [ln for ln in lines if "error:" in ln]
+            error = ours[-1].strip() if ours else None
     out["error"] = error
     wandb_dirs = sorted((run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
     out["wandb"] = str(wandb_dirs[-1]) if wandb_dirs else None

@@ -404,8 +404,8 @@ class SlurmConfig(Section):
     )
     grace_s: int = Field(
         120,
-        ge=10,
-        description="Slurm signals the job this many seconds before its time limit (--signal=B:USR1@grace_s); the run checkpoints and requeues.",
+        ge=0,
+        description="Slurm signals the job this many seconds before its time limit (--signal=B:USR1@grace_s; Slurm may send it up to a minute early); the run checkpoints and requeues. 0: no signal (the trainer still checkpoints before the limit from its step and save times).",
     )
     max_requeues: int = Field(
         5, ge=0, description="A preempted or timed-out job requeues itself at most this many times."
