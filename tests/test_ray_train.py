@@ -135,6 +135,7 @@ def _ray_descendants(pid: int, marker: str) -> list:
     return found
 
 
+@pytest.mark.slow  # minutes on 2 cores; the default suite keeps a stop notice to the driver
 def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ray_env):
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(
