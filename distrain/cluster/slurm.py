@@ -232,7 +232,7 @@ def _slurm_state(job_id: str) -> str | None:
 def status(run_dir: Path) -> dict[str, Any]:
     """What a run directory says about its run: state, step, newest checkpoint, restarts, the Slurm
     job and its state, the W&B run."""
-    from distrain.checkpoint import list_checkpoints, step_of
+    from distrain.checkpoint import list_checkpoints
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() and not (run_dir / "slurm").is_dir():
@@ -252,7 +252,6 @@ def status(run_dir: Path) -> dict[str, Any]:
     step = summary["step"] if summary else max((r.get("step", 0) for r in records), default=0)
     ckpts = list_checkpoints(run_dir / "checkpoints")
     out.update(step=step, steps=steps, checkpoint=ckpts[0].name if ckpts else None)
-    out["checkpoint_step"] = step_of(ckpts[0].name) if ckpts else None
     jobs = _jsonl(run_dir / "slurm" / "jobs.jsonl")
     starts = [j for j in jobs if "start" in j]
     ends = [j for j in jobs if "exit" in j]

@@ -246,7 +246,7 @@ class PartitionRows:
         if self._reader is None or self._reader_at != start:
             self._close()
             self._reader, self._reader_at = self._chunks_from(start), start
-        fids, indexes, raws = self._read(end - start, start, end)
+        fids, indexes, raws = self._read(start, end)
         self._reader_at = end
         perm = None
         if self.plan.shuffle and self.size > 1 and len(fids) > 1:
@@ -258,8 +258,9 @@ class PartitionRows:
         self._at = self.idx if self.size > 1 else 0
         return True
 
-    def _read(self, n: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list]:
-        """The next ``n`` rows of the reader: (file ids, row indices, the runs of raw rows)."""
+    def _read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """Rows ``[start, end)`` from the reader: (file ids, row indices, the runs of raw rows)."""
+        n = end - start
         fids, indexes, runs, have = [], [], [], 0
         while have < n:
             chunk = self._pending or next(self._reader, None)
