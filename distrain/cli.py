@@ -36,7 +36,14 @@ def _add_launch(sub) -> None:
         "local", help="start a one-node Ray cluster on this machine and run the workers on it"
     )
     _add_config_args(q)
-    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--workers",
+        default=None,
+        help="number of workers, or MIN-MAX for an elastic job (default: cluster.workers)",
+    )
+    q.add_argument(
+        "--dry-run", action="store_true", help="check the config, data and batch layout; start nothing"
+    )
     q.add_argument(
         "--node-ip",
         default="127.0.0.2",
@@ -44,7 +51,14 @@ def _add_launch(sub) -> None:
     )
     q = lsub.add_parser("ray", help="run on a running Ray cluster")
     _add_config_args(q)
-    q.add_argument("--workers", type=int, default=None, help="number of workers (default: cluster.workers)")
+    q.add_argument(
+        "--workers",
+        default=None,
+        help="number of workers, or MIN-MAX for an elastic job (default: cluster.workers)",
+    )
+    q.add_argument(
+        "--dry-run", action="store_true", help="check the config, data and batch layout; start nothing"
+    )
     q.add_argument(
         "--address",
         default=None,
@@ -178,11 +192,18 @@ def _train(args) -> int:
 def _launch(args) -> int:
     overrides = list(args.overrides)
     if args.workers is not None:
-        overrides.append(f"cluster.workers={args.workers}")
+        overrides.append(_workers_override(args.workers))
     cfg = load_config(args.config, overrides)
     from distrain.tracking import setup_logging
 
     setup_logging(0, cfg.run.log_level)
+    if args.dry_run:
+        from distrain.cluster.ray import check_run
+
+        for line in check_run(cfg):
+            print(line)
+        print("--dry-run: nothing written, nothing started")
+        return EXIT_OK
     from ray.train import TrainingFailedError
 
     from distrain.cluster.control import new_launch, write_notice
@@ -213,6 +234,14 @@ def _launch(args) -> int:
         if ray.is_initialized():
             ray.shutdown()
     return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary.get("status"), EXIT_ERROR)
+
+
+def _workers_override(text: str) -> str:
+    """``--workers N`` or ``--workers MIN-MAX`` as a cluster.workers override."""
+    lo, sep, hi = text.partition("-")
+    if not (lo.isdigit() and (not sep or hi.isdigit())):
+        raise ConfigError(f"--workers {text}: give a number of workers (4) or an elastic range MIN-MAX (2-4)")
+    return f"cluster.workers={{min: {lo}, max: {hi}}}" if sep else f"cluster.workers={lo}"
 
 
 def _submit(args) -> int:
@@ -272,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(to_yaml(cfg))
             else:
                 print(f"{args.config}: valid")
+                if cfg.cluster.elastic:
+                    from distrain.config import elastic_layouts
+
+                    print(elastic_layouts(cfg))
             return EXIT_OK
         if args.command == "export":
             from distrain.export import export

@@ -78,6 +78,8 @@ def params_digest(engine) -> str:
 
 
 def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
+    from distrain.config import global_batch
+
     return {
         "world_size": dist_info.world_size,
         "nodes": len({w["node"] for w in workers}),
@@ -86,6 +88,7 @@ def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: i
         "zero_stage": cfg.parallel.zero_stage,
         "precision": cfg.parallel.precision,
         "grad_accum": cfg.parallel.grad_accum,
+        "global_batch": global_batch(cfg, dist_info.world_size),
         "params": n_params,
         **slurm_job(),
     }
@@ -125,7 +128,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     import torch
 
     from distrain.checkpoint import Checkpointer, RandomState, refuse_to_overwrite, resume_plan
-    from distrain.config import global_batch
+    from distrain.config import global_batch, sized_for
     from distrain.data import DataPipeline
     from distrain.metrics import Meters
     from distrain.models import build_model, get_spec
@@ -134,6 +137,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     from distrain.trainer import Progress, Trainer
 
     os.environ.setdefault("DS_ACCELERATOR", check_device(cfg))  # before anything imports DeepSpeed
+    cfg = sized_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # an elastic job: grad_accum for this size
     setup_logging(int(os.environ.get("RANK", "0")), cfg.run.log_level)  # the launcher's rank, as torchrun's
     dist_info = init_distributed(cfg)
     run_dir = cfg.run.run_dir.resolve()

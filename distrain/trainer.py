@@ -211,7 +211,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, on_preempt)  # schedulers' notice (Slurm --signal, Kubernetes, Ray)
         signal.signal(signal.SIGUSR1, on_preempt)
 
-    _STOP_CODES = {None: 0.0, "interrupted": 1.0, "preempted": 2.0}
+    _STOP_CODES = {None: 0.0, "interrupted": 1.0, "resize": 2.0, "preempted": 3.0}
 
     def _agree(self) -> tuple[bool, float]:
         """(stop, the every_minutes save request), the same on every rank at this step boundary: a
@@ -225,14 +225,17 @@ class Trainer:
             if why:
                 log.warning(
                     "%s: finishing step %d, saving a checkpoint on every rank, then stopping%s",
-                    "stop notice from the launcher" if why == "preempted" else "the job's time limit is near",
+                    {
+                        "preempted": "stop notice from the launcher",
+                        "resize": "Ray is resizing the worker group",
+                    }.get(why, "the job's time limit is near"),
                     self.step + 1,
-                    "" if why == "preempted" else f" (end in {self.watch.deadline - time.time():.0f} s)",
+                    f" (end in {self.watch.deadline - time.time():.0f} s)" if why == "time limit" else "",
                 )
-                self.request_stop("preempted")
+                self.request_stop("resize" if why == "resize" else "preempted")
         stop, clock = self.agreement.exchange([self._STOP_CODES.get(self.stop_reason, 1.0), clock])
         if stop:
-            self.stop_reason = {1: "interrupted", 2: "preempted"}[int(stop)]
+            self.stop_reason = {1: "interrupted", 2: "resize", 3: "preempted"}[int(stop)]
         return bool(stop), clock
 
     # ----------------------------------------------------------------- eval
@@ -326,6 +329,9 @@ class Trainer:
             "lr": float(window["lr"]),
             "grad_norm": None if gn is None else float(gn),
             "nonfinite_steps": p.nonfinite_steps,
+            "world_size": self.dist.world_size,  # an elastic job's size changes between records
+            "grad_accum": self.cfg.parallel.grad_accum,
+            "time": time.time(),
         }
         record.update(self._loss_scale_keys())
         record.update(meters.record())
@@ -391,7 +397,7 @@ class Trainer:
             else:
                 tracker.progress(self.step)
             if self.checkpointer.due(self.step, last, clock) or (
-                stopping and self.stop_reason == "preempted"
+                stopping and self.stop_reason in ("preempted", "resize")
             ):
                 self._checkpoint()
             if stopping:

@@ -3,7 +3,11 @@ worker thread, where none can be installed, so the launcher (which has the signa
 file in the run directory and rank 0 polls it between steps; the trainer's per-step agreement then
 stops every rank at one step boundary. A notice is for one launch only (its id), so a stale file
 never stops the next job. The job's end (``DISTRAIN_DEADLINE``, seconds since the epoch, set by the
-Slurm job script) is watched the same way: rank 0 asks to stop while there is still time to save."""
+Slurm job script) is watched the same way: rank 0 asks to stop while there is still time to save.
+
+An elastic Ray job is told the same way that its worker group is about to be resized (a node is
+drained, or more workers fit): a ``resize`` notice, which the worker group that starts after the
+resize finds already there and ignores."""
 
 from __future__ import annotations
 
@@ -32,14 +36,27 @@ def new_launch() -> str:
     return launch
 
 
-def write_notice(run_dir: Path, launch: str, reason: str) -> None:
+RESIZE = "resize"
+
+
+def write_notice(run_dir: Path, launch: str, reason: str) -> str:
     """Ask launch ``launch`` of the run to checkpoint and stop (safe in a signal handler: one small
-    atomic write)."""
+    atomic write); ``reason`` "resize" for a worker group about to be resized. Returns its id."""
     path = notice_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"launch": launch, "reason": reason, "time": time.time()}))
+    notice = uuid.uuid4().hex[:12]
+    tmp.write_text(json.dumps({"launch": launch, "reason": reason, "time": time.time(), "id": notice}))
     os.replace(tmp, path)
+    return notice
+
+
+def _read(path: Path) -> dict:
+    try:
+        notice = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return notice if isinstance(notice, dict) else {}
 
 
 class StopWatch:
@@ -55,6 +72,8 @@ class StopWatch:
         self.step_s = 0.0  # the slowest recent step
         self.save_s = 0.0  # the last save
         self._last = time.monotonic()
+        old = _read(self.path)  # a resize notice already there was for the worker group before this one
+        self._seen = old.get("id") if old.get("reason") == RESIZE else None
 
     def stepped(self) -> None:
         now = time.monotonic()
@@ -71,15 +90,17 @@ class StopWatch:
         return 15.0 + 2 * self.step_s + 1.5 * self.save_s
 
     def check(self) -> str | None:
-        """Why to stop now ("preempted" for a notice, "time limit" for the deadline), or None."""
+        """Why to stop now ("preempted" for a notice, "resize" for a resize notice, "time limit" for
+        the deadline), or None."""
         if self.deadline is not None and self.deadline - time.time() < self.margin():
             return "time limit"
         now = time.monotonic()
         if self.launch is None or now < self._next:
             return None
         self._next = now + POLL_S
-        try:
-            notice = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        notice = _read(self.path)
+        if notice.get("launch") != self.launch:
             return None
-        return "preempted" if notice.get("launch") == self.launch else None
+        if notice.get("reason") == RESIZE:
+            return RESIZE if notice.get("id") != self._seen else None
+        return "preempted"

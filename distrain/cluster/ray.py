@@ -7,6 +7,14 @@ distrain's own checkpoints (``RUN_DIR/checkpoints``) are the state; after each s
 report a small Ray ``Checkpoint`` that points at it. After a restart, or when ``fit()`` is run again
 for the same run directory, Ray hands that pointer back and the workers resume from the newest valid
 checkpoint. Multi-node runs need ``run.dir`` on a file system every node shares.
+
+Elastic jobs (``cluster.workers: {min, max}``) hand Ray Train the range: it starts once ``min``
+workers fit, restarts the group smaller when a node is lost and larger when more workers fit. Each
+size trains with the same global batch (``parallel.grad_accum`` derived in ``train.setup``) and
+resumes exactly from the newest checkpoint (the universal conversion under ZeRO, the data cursor).
+Before Ray resizes a running group (more workers fit, or a node is being drained) ``ResizeSaves``,
+a callback in Ray's controller, asks the workers to save first, so the steps since the last
+checkpoint are not lost; a node that dies without notice loses the steps since the last save.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from distrain.cluster.control import LAUNCH_ID, new_launch
+from distrain.cluster.control import LAUNCH_ID, RESIZE, new_launch, write_notice
 from distrain.config import Config, config_from_yaml, to_yaml
 from distrain.errors import ConfigError
 
@@ -70,6 +79,10 @@ def _worker_env(node_ip: str | None) -> dict[str, str]:
     return env
 
 
+class Resized(RuntimeError):
+    """The worker group saved for Ray's resize and ends here; Ray restarts it at the new size."""
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the config from the driver, resume if Ray holds a checkpoint pointer."""
     import ray.train
@@ -86,15 +99,21 @@ def train_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["gpus"] else "cpu")
     cfg = config_from_yaml(config["config"], "the launcher's config")
     pointer = ray.train.get_checkpoint()
-    if pointer is not None:
-        with pointer.as_directory() as d:
-            saved = json.loads((Path(d) / POINTER).read_text())
+    # a checkpoint of this launch that Ray was not told of (saved just before a resize): the launch
+    # was accepted with no checkpoint in RUN_DIR, or as a resume
+    saved_here = (cfg.run.run_dir / "checkpoints" / "latest").exists()
+    if pointer is not None or saved_here:
+        where = "a checkpoint saved before the resize"
+        if pointer is not None:
+            with pointer.as_directory() as d:
+                where = f"Ray's pointer: step {json.loads((Path(d) / POINTER).read_text())['step']}"
         cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})})
         if ctx.get_world_rank() == 0:
             logging.getLogger("distrain.cluster").warning(
-                "Ray holds a checkpoint of this run (a restart or a new launch): resuming from the newest "
-                "valid checkpoint (Ray's pointer: step %d)",
-                saved["step"],
+                "this run has a checkpoint (a restart, a resize or a new launch): resuming from the newest "
+                "valid checkpoint on %d worker(s) (%s)",
+                ctx.get_world_size(),
+                where,
             )
 
     def report(step: int, path: Path) -> None:
@@ -107,8 +126,55 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report({"step": step})
 
     summary = run(cfg, setup(cfg, on_checkpoint=[report]))
+    if summary["status"] == RESIZE:  # an error, not a return: Ray would take a return as the job done
+        raise Resized(f"checkpointed at step {summary['step']} for Ray's resize of the worker group")
     if summary["status"] not in ("completed", "preempted"):  # preempted: checkpointed, the driver exits 75
         raise RuntimeError(f"training stopped at step {summary['step']}: {summary['status']}")
+
+
+def _resize_callback(run_dir: Path, launch: str):
+    """Ray Train's controller callback that has a running worker group save before Ray resizes it."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ResizeSaves(ControllerCallback):
+        """Runs in Ray's controller. When a running group is about to be resized (``ResizingState``:
+        more workers fit) or a node is being drained (``PreemptingState``), write a resize notice;
+        the trainer stops every rank at one step and saves. A resize waits for that checkpoint (Ray
+        shuts the group down right after this hook); a drain does not (Ray keeps the group running
+        until the workers end or the node's deadline)."""
+
+        def __init__(self, run_dir: Path, launch: str, timeout_s: float = 600.0):
+            self.run_dir, self.launch, self.timeout_s = run_dir, launch, timeout_s
+
+        def after_controller_state_update(self, previous_state, current_state):
+            before, now = type(previous_state).__name__, type(current_state).__name__
+            if before != "RunningState" or now not in ("ResizingState", "PreemptingState"):
+                return
+            latest = self.run_dir / "checkpoints" / "latest"
+            was = latest.read_text() if latest.exists() else None
+            t0 = time.time()
+            write_notice(self.run_dir, self.launch, RESIZE)
+            if now == "PreemptingState":
+                log.warning("Ray: a node of the job is being drained; the workers save before it goes")
+                return
+            summary = self.run_dir / "summary.json"
+            done_before = summary.stat().st_mtime if summary.exists() else None
+            while time.time() - t0 < self.timeout_s:
+                if latest.exists() and latest.read_text() != was:
+                    log.warning(
+                        "Ray resizes the worker group: saved %s first (%.1f s)",
+                        latest.read_text(),
+                        time.time() - t0,
+                    )
+                    return
+                if summary.exists() and summary.stat().st_mtime != done_before:
+                    return  # the workers ended (training done, or a failure Ray will see)
+                time.sleep(0.2)
+            log.warning(
+                "Ray resizes the worker group: no checkpoint within %.0f s; resizing anyway", self.timeout_s
+            )
+
+    return ResizeSaves(run_dir, launch)
 
 
 def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> None:
@@ -119,7 +185,7 @@ def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> N
     env = _worker_env(node_ip if local else None)
     os.environ.update({k: v for k, v in env.items() if k != "GLOO_SOCKET_IFNAME"})
     if local:
-        need = int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 0.999)
+        need = int(cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + 0.999)
         ray.init(
             address="local",
             _node_ip_address=node_ip,
@@ -160,33 +226,83 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     resources = {"CPU": c.cpus_per_worker}
     if gpu:
         resources["GPU"] = c.gpus_per_worker
+    workers = (c.min_workers, c.max_workers) if c.elastic else c.workers
+    if c.elastic:
+        check_elastic(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": _launch_dir()},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
-            num_workers=c.workers, use_gpu=gpu, resources_per_worker=resources, placement_strategy=c.placement
+            num_workers=workers,
+            use_gpu=gpu,
+            resources_per_worker=resources,
+            placement_strategy=c.placement,
+            elastic_resize_monitor_interval_s=c.resize_check_s,
         ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(run_dir / "ray"),
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            failure_config=FailureConfig(max_failures=c.failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[_resize_callback(run_dir, os.environ[LAUNCH_ID])] if c.elastic else None,
             worker_runtime_env={"env_vars": _worker_env(node_ip if local else _host_ip(address))},
         ),
     )
     log.info(
-        "Ray Train: %d worker(s), %s placement, %s CPU%s each, backend %s, max_failures %d",
-        c.workers,
+        "Ray Train: %s worker(s), %s placement, %s CPU%s each, backend %s, max_failures %d",
+        f"{c.min_workers}-{c.max_workers} (elastic)" if c.elastic else c.workers,
         c.placement,
         c.cpus_per_worker,
         f" + {c.gpus_per_worker} GPU" if gpu else "",
         backend,
-        c.max_failures,
+        c.failures,
     )
     trainer.fit()
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "unknown"}
+
+
+def check_elastic(cfg: Config) -> list[int]:
+    """An elastic launch's check against its data (the partitions it really has): the sizes of the
+    range that keep the global batch, refused with the reason if any does not. Returns them."""
+    from distrain.config import check_sizes
+    from distrain.data import DataPipeline
+
+    pipe = DataPipeline(cfg, 0, 1)  # the partitions of its data
+    try:
+        return check_sizes(cfg, pipe.plan.partitions)
+    finally:
+        pipe.close()
+
+
+def check_run(cfg: Config) -> list[str]:
+    """A launch's checks before anything starts (``--dry-run``): the run directory, a resume's
+    config, the batch layout at every size against the data. Returns what they found."""
+    from distrain.checkpoint import check_launch
+    from distrain.config import check_sizes, elastic_layouts, global_batch
+    from distrain.data import DataPipeline
+
+    run_dir = cfg.run.run_dir.resolve()
+    check_launch(run_dir, cfg)
+    c = cfg.cluster
+    if c.elastic:
+        pipe = DataPipeline(cfg, 0, 1)  # the partitions of its data
+        pipe.close()
+        sizes = check_sizes(cfg, pipe.plan.partitions)
+        layout = elastic_layouts(cfg, pipe.plan.partitions)
+    else:
+        DataPipeline(cfg, 0, c.workers).close()  # the data's partitions among the ranks
+        sizes = [c.workers]
+        layout = (
+            f"global batch {global_batch(cfg, c.workers)}: {c.workers} workers x micro batch "
+            f"{cfg.train.micro_batch_size} x grad_accum {cfg.parallel.grad_accum}"
+        )
+    return [
+        f"run dir {run_dir} ({'resume' if cfg.checkpoint.resume else 'new run'})",
+        f"workers: {', '.join(map(str, sizes))}; {layout}",
+        "checks passed: config, run directory, batch layout and data partitions at every size",
+    ]
 
 
 def _launch_dir() -> str | None:

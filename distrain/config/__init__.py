@@ -11,7 +11,18 @@ from distrain.config.loader import (
     resume_changes,
     to_yaml,
 )
-from distrain.config.schema import Config, ModelSection, Section, check_topology, global_batch
+from distrain.config.schema import (
+    Config,
+    ModelSection,
+    Section,
+    check_sizes,
+    check_topology,
+    elastic_global_batch,
+    elastic_layouts,
+    elastic_sizes,
+    global_batch,
+    sized_for,
+)
 from distrain.errors import ConfigError, TopologyError
 
 __all__ = [
@@ -21,12 +32,17 @@ __all__ = [
     "ModelSection",
     "Section",
     "TopologyError",
+    "check_sizes",
     "check_topology",
+    "elastic_global_batch",
+    "elastic_layouts",
+    "elastic_sizes",
     "config_from_yaml",
     "global_batch",
     "load_config",
     "parse_override",
     "reference_markdown",
     "resume_changes",
+    "sized_for",
     "to_yaml",
 ]

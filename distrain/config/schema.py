@@ -432,29 +432,72 @@ class SlurmConfig(Section):
         return str(v) if isinstance(v, int) else v
 
 
+class WorkerRange(Section):
+    """An elastic job's sizes: Ray Train runs as many workers as fit, from ``min`` to ``max``."""
+
+    min: int = Field(..., ge=1, description="The fewest workers the job trains on (it waits below that).")
+    max: int = Field(..., ge=1, description="The most workers the job trains on.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"cluster.workers: min={self.min} is above max={self.max}; swap them")
+        return self
+
+
 class ClusterConfig(Section):
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="`distrain submit slurm`: the allocation and its job script."
     )
-    workers: int = Field(
+    workers: int | WorkerRange = Field(
         1,
-        ge=1,
-        description="Training processes (one per GPU on GPU clusters); `distrain train` runs one unless launched by torchrun.",
+        description="Training processes (one per GPU on GPU clusters), or an elastic range {min: M, max: N} for Ray launches (the job shrinks when nodes go and grows when they return; train.global_batch_size stays fixed and parallel.grad_accum is derived for each size); `distrain train` runs one unless launched by torchrun.",
     )
     gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker asks for (0 on CPU).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker asks for.")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places workers over nodes (SPREAD: one per node where it can)."
     )
-    max_failures: int = Field(
-        0,
+    max_failures: int | None = Field(
+        None,
         ge=-1,
-        description="Ray restarts the worker group this many times after a worker dies (-1: without limit); each restart resumes from the newest checkpoint.",
+        description="Ray restarts the worker group this many times after a worker dies (-1: without limit); each restart resumes from the newest checkpoint. Unset: 0 for a fixed number of workers, -1 for an elastic range (a lost node is a restart).",
+    )
+    resize_check_s: float = Field(
+        60.0,
+        gt=0,
+        description="Elastic range: how often Ray checks whether more workers fit while the job runs (a grow waits up to this long, plus Ray's 20 s resource refresh).",
     )
     address: str | None = Field(
         None,
         description="Ray cluster address for `distrain launch ray` (default: the RAY_ADDRESS environment variable).",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_positive(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"cluster.workers={v}: at least 1 (or a range {{min: M, max: N}})")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.max if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def failures(self) -> int:
+        """``max_failures`` as Ray takes it (its default resolved)."""
+        if self.max_failures is not None:
+            return self.max_failures
+        return -1 if self.elastic else 0
 
 
 class Config(Section):
@@ -524,12 +567,94 @@ class Config(Section):
         if p.offload_optimizer and p.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
         self.model.check(self)
-        check_topology(self, self.cluster.workers)
+        if self.cluster.elastic:
+            check_sizes(self)
+        else:
+            check_topology(self, self.cluster.workers)
         return self
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
     return cfg.train.micro_batch_size * cfg.parallel.grad_accum * world_size
+
+
+def elastic_global_batch(cfg: Config) -> int:
+    """An elastic job's samples per optimizer step, the same at every size: train.global_batch_size,
+    or micro batch x parallel.grad_accum x the range's max."""
+    if cfg.train.global_batch_size is not None:
+        return cfg.train.global_batch_size
+    return cfg.train.micro_batch_size * cfg.parallel.grad_accum * cfg.cluster.max_workers
+
+
+def size_problem(cfg: Config, world_size: int, partitions: int | None = None) -> str | None:
+    """Why an elastic job cannot train on ``world_size`` workers, or None: the global batch must be
+    micro batch x a whole grad_accum x world size, and the data partitions divide among the ranks
+    (at least data.num_workers each)."""
+    want, micro = elastic_global_batch(cfg), cfg.train.micro_batch_size
+    k = partitions if partitions is not None else cfg.data.partitions
+    if want % (micro * world_size):
+        return f"{want} samples are not micro batch {micro} x a whole grad_accum x {world_size}"
+    if k is not None and k % world_size:
+        return f"data.partitions={k} is not divisible by {world_size}"
+    if k is not None and cfg.data.engine == "torch" and cfg.data.num_workers > k // world_size:
+        return f"each rank would read {k // world_size} partitions, fewer than data.num_workers={cfg.data.num_workers}"
+    return None
+
+
+def elastic_sizes(cfg: Config, partitions: int | None = None) -> tuple[list[int], dict[int, str]]:
+    """(the sizes of cluster.workers' range that keep the global batch, {size: why not} for the rest)."""
+    ok, bad = [], {}
+    for n in range(cfg.cluster.min_workers, cfg.cluster.max_workers + 1):
+        why = size_problem(cfg, n, partitions)
+        if why:
+            bad[n] = why
+        else:
+            ok.append(n)
+    return ok, bad
+
+
+def sized_for(cfg: Config, world_size: int) -> Config:
+    """An elastic job's config at ``world_size`` workers: parallel.grad_accum derived from the fixed
+    global batch (global = micro x grad_accum x world size); a fixed-size config as it is."""
+    if not cfg.cluster.elastic:
+        return cfg
+    why = size_problem(cfg, world_size)
+    if why:
+        raise TopologyError(f"cluster.workers: this job cannot train on {world_size} workers: {why}")
+    accum = elastic_global_batch(cfg) // (cfg.train.micro_batch_size * world_size)
+    return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": accum})})
+
+
+def elastic_layouts(cfg: Config, partitions: int | None = None) -> str:
+    """The batch layout at each size of an elastic range (one line)."""
+    ok, _ = elastic_sizes(cfg, partitions)
+    micro = cfg.train.micro_batch_size
+    return f"elastic: global batch {elastic_global_batch(cfg)} at every size: " + ", ".join(
+        f"{n} workers x micro batch {micro} x grad_accum {sized_for(cfg, n).parallel.grad_accum}" for n in ok
+    )
+
+
+def _smallest_batch(cfg: Config) -> int:
+    """The smallest global batch, at least the current one, that every size of the range keeps."""
+    import math
+
+    step = cfg.train.micro_batch_size * math.lcm(*range(cfg.cluster.min_workers, cfg.cluster.max_workers + 1))
+    return -(-elastic_global_batch(cfg) // step) * step
+
+
+def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
+    """Refuse an elastic range with a size that cannot keep the global batch, naming each and the
+    sizes that work; returns the sizes."""
+    ok, bad = elastic_sizes(cfg, partitions)
+    if bad:
+        w = cfg.cluster.workers
+        raise TopologyError(
+            f"cluster.workers={{min: {w.min}, max: {w.max}}}: Ray may run any size in the range, and "
+            + "; ".join(f"{n} workers cannot keep the global batch ({why})" for n, why in bad.items())
+            + f". Sizes that work: {ok or 'none'}; narrow the range to them, or set train.global_batch_size="
+            f"{_smallest_batch(cfg)} (micro batch x a multiple of every size; data.partitions too)"
+        )
+    return ok
 
 
 def check_topology(cfg: Config, world_size: int) -> None:
