@@ -219,7 +219,14 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         s.tracker.close()
         s.data.close()
         s.checkpointer.close()  # a background save finishes before the run is reported
-    if s.dist.is_main:
+    if s.dist.is_main and summary["status"] == "resize":  # the job goes on: no end-of-run record
+        log.info(
+            "run %s: checkpointed at step %d/%d for Ray's resize; the workers restart at the new size",
+            cfg.run.name,
+            summary["step"],
+            summary["steps"],
+        )
+    elif s.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         s.tracker.summary(summary)
         log.info(

@@ -132,7 +132,7 @@ def train_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(f"training stopped at step {summary['step']}: {summary['status']}")
 
 
-def _resize_callback(run_dir: Path, launch: str):
+def _resize_callback(run_dir: Path, launch: str, timeout_s: float):
     """Ray Train's controller callback that has a running worker group save before Ray resizes it."""
     from ray.train.v2._internal.execution.callback import ControllerCallback
 
@@ -143,7 +143,7 @@ def _resize_callback(run_dir: Path, launch: str):
         shuts the group down right after this hook); a drain does not (Ray keeps the group running
         until the workers end or the node's deadline)."""
 
-        def __init__(self, run_dir: Path, launch: str, timeout_s: float = 600.0):
+        def __init__(self, run_dir: Path, launch: str, timeout_s: float):
             self.run_dir, self.launch, self.timeout_s = run_dir, launch, timeout_s
 
         def after_controller_state_update(self, previous_state, current_state):
@@ -171,10 +171,12 @@ def _resize_callback(run_dir: Path, launch: str):
                     return  # the workers ended (training done, or a failure Ray will see)
                 time.sleep(0.2)
             log.warning(
-                "Ray resizes the worker group: no checkpoint within %.0f s; resizing anyway", self.timeout_s
+                "Ray resizes the worker group: no checkpoint within %.0f s (cluster.resize_save_timeout_s); "
+                "resizing anyway, from the last checkpoint",
+                self.timeout_s,
             )
 
-    return ResizeSaves(run_dir, launch)
+    return ResizeSaves(run_dir, launch, timeout_s)
 
 
 def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> None:
@@ -245,7 +247,9 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=c.failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[_resize_callback(run_dir, os.environ[LAUNCH_ID])] if c.elastic else None,
+            callbacks=[_resize_callback(run_dir, os.environ[LAUNCH_ID], c.resize_save_timeout_s)]
+            if c.elastic
+            else None,
             worker_runtime_env={"env_vars": _worker_env(node_ip if local else _host_ip(address))},
         ),
     )

@@ -468,6 +468,11 @@ class ClusterConfig(Section):
         gt=0,
         description="Elastic range: how often Ray checks whether more workers fit while the job runs (a grow waits up to this long, plus Ray's 20 s resource refresh).",
     )
+    resize_save_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Elastic range: before Ray resizes a running group it waits this long for the workers to finish their step and save (then resizes anyway, losing the steps since the last checkpoint).",
+    )
     address: str | None = Field(
         None,
         description="Ray cluster address for `distrain launch ray` (default: the RAY_ADDRESS environment variable).",
@@ -634,12 +639,20 @@ def elastic_layouts(cfg: Config, partitions: int | None = None) -> str:
     )
 
 
-def _smallest_batch(cfg: Config) -> int:
-    """The smallest global batch, at least the current one, that every size of the range keeps."""
+def _fixes(cfg: Config, bad: dict[int, str]) -> list[str]:
+    """The smallest global batch and partition count, at least the current ones, that every size of
+    the range keeps (only those that are at fault)."""
     import math
 
-    step = cfg.train.micro_batch_size * math.lcm(*range(cfg.cluster.min_workers, cfg.cluster.max_workers + 1))
-    return -(-elastic_global_batch(cfg) // step) * step
+    lcm = math.lcm(*range(cfg.cluster.min_workers, cfg.cluster.max_workers + 1))
+    out = []
+    if any("samples are not" in why for why in bad.values()):
+        step = cfg.train.micro_batch_size * lcm
+        out.append(f"train.global_batch_size={-(-elastic_global_batch(cfg) // step) * step}")
+    k = next((int(why.split("=")[1].split()[0]) for why in bad.values() if "data.partitions=" in why), None)
+    if k is not None:
+        out.append(f"data.partitions={-(-k // lcm) * lcm} (a multiple of every size)")
+    return out or ["data.num_workers lower"]
 
 
 def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
@@ -651,8 +664,8 @@ def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
         raise TopologyError(
             f"cluster.workers={{min: {w.min}, max: {w.max}}}: Ray may run any size in the range, and "
             + "; ".join(f"{n} workers cannot keep the global batch ({why})" for n, why in bad.items())
-            + f". Sizes that work: {ok or 'none'}; narrow the range to them, or set train.global_batch_size="
-            f"{_smallest_batch(cfg)} (micro batch x a multiple of every size; data.partitions too)"
+            + f". Sizes that work: {ok or 'none'}; narrow the range to them, or set "
+            + " and ".join(_fixes(cfg, bad))
         )
     return ok
 

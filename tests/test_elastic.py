@@ -1,0 +1,211 @@
+"""Elastic Ray Train jobs: `cluster.workers: {min, max}`, a fixed global batch at every size, and a
+job that shrinks when a node goes and grows when it returns, on a real two-node Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distrain.config import ConfigError, load_config, sized_for
+from tests.conftest import CONFIGS, REPO, read_jsonl
+
+TINY = CONFIGS / "gpt-cpu-tiny.yaml"
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distrain.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ,
+        timeout=600,
+    )
+
+
+def test_a_range_keeps_the_global_batch_and_derives_grad_accum_per_size():
+    cfg = load_config(TINY, ["cluster.workers={min: 1, max: 4}", "train.global_batch_size=96"])
+    assert cfg.cluster.elastic and cfg.cluster.failures == -1  # a lost node is a restart
+    assert [sized_for(cfg, n).parallel.grad_accum for n in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert load_config(TINY, ["cluster.workers=2"]).cluster.failures == 0
+    # without train.global_batch_size: micro batch x grad_accum x the range's max, kept at every size
+    cfg = load_config(TINY, ["cluster.workers={min: 1, max: 2}"])
+    assert sized_for(cfg, 1).parallel.grad_accum == 2 and sized_for(cfg, 2).parallel.grad_accum == 1
+
+
+def test_sizes_that_cannot_keep_the_global_batch_are_named_and_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["cluster.workers={min: 1, max: 4}"])
+    msg = str(err.value)
+    assert "3 workers cannot keep the global batch (32 samples are not micro batch 8" in msg
+    assert "Sizes that work: [1, 2, 4]" in msg and "train.global_batch_size=96" in msg
+    with pytest.raises(ConfigError, match="data.partitions=4 is not divisible by 3"):
+        load_config(
+            TINY, ["cluster.workers={min: 2, max: 3}", "train.global_batch_size=48", "data.partitions=4"]
+        )
+    with pytest.raises(ConfigError, match="min=3 is above max=2"):
+        load_config(TINY, ["cluster.workers={min: 3, max: 2}"])
+    # `config validate` prints the layout of every size
+    out = _cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 2}")
+    assert out.returncode == 0, out.stderr
+    assert (
+        "global batch 16 at every size: 1 workers x micro batch 8 x grad_accum 2, "
+        "2 workers x micro batch 8 x grad_accum 1" in out.stdout
+    )
+    out = _cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 3}")
+    assert out.returncode == 1 and "2 workers cannot keep the global batch" in out.stderr
+
+
+def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothing(in_workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr
+    assert "workers: 1, 2; elastic: global batch 16 at every size" in out.stdout
+    assert "nothing written, nothing started" in out.stdout
+    # every size keeps a global batch of 96, but the data's own partitions (data.partitions unset: 4
+    # for this small corpus) do not split over 3 ranks
+    out = _cli(
+        "launch",
+        "local",
+        str(TINY),
+        "--workers",
+        "2-4",
+        "--dry-run",
+        f"run.dir={run_dir}",
+        "train.global_batch_size=96",
+        "data.num_workers=0",
+    )
+    assert out.returncode == 1
+    assert "3 workers cannot keep the global batch (data.partitions=4 is not divisible by 3)" in out.stderr
+    assert "Sizes that work: [2, 4]" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr
+    out = _cli("launch", "local", str(TINY), "--workers", "two", "--dry-run")
+    assert (
+        out.returncode == 1
+        and "--workers two: give a number of workers (4) or an elastic range" in out.stderr
+    )
+    assert not run_dir.exists()
+
+
+def test_one_process_of_an_elastic_config_trains_with_the_grad_accum_of_its_size(in_workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _cli(
+        "train",
+        str(TINY),
+        "cluster.workers={min: 1, max: 2}",
+        f"run.dir={run_dir}",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["world_size"], r["grad_accum"]) for r in recs] == [(1, 1, 2), (2, 1, 2)]
+    assert json.loads((run_dir / "summary.json").read_text())["samples_seen"] == 32  # 16 a step
+
+
+def test_a_resize_notice_stops_the_group_that_was_running_not_the_next_one(tmp_path, monkeypatch):
+    from distrain.cluster import control
+
+    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
+    monkeypatch.delenv(control.DEADLINE, raising=False)
+    running = control.StopWatch(tmp_path)
+    control.write_notice(tmp_path, "a" * 16, control.RESIZE)
+    running._next = 0.0
+    assert running.check() == "resize"
+    after = control.StopWatch(tmp_path)  # the group Ray starts after the resize finds the notice there
+    assert after.check() is None
+    control.write_notice(tmp_path, "a" * 16, control.RESIZE)  # the next resize
+    after._next = 0.0
+    assert after.check() == "resize"
+    control.write_notice(tmp_path, "a" * 16, "SIGUSR1")  # a preemption notice of the launch: always
+    assert control.StopWatch(tmp_path).check() == "preempted"
+
+
+def _positions(ckpt: Path) -> tuple[set[int], dict]:
+    """(the cursors, every partition's position) over the rank files of a checkpoint."""
+    cursors, parts = set(), {}
+    for f in sorted(ckpt.glob("rank-*.pt")):
+        data = torch.load(f, map_location="cpu", weights_only=True)["data"]
+        cursors.add(data["cursor"])
+        parts.update(data["partitions"])
+    return cursors, parts
+
+
+@pytest.mark.ray
+@pytest.mark.world_size
+@pytest.mark.slow
+def test_an_elastic_job_shrinks_when_a_node_goes_grows_when_it_returns_and_matches_a_fixed_run(
+    in_workdir, tmp_path
+):
+    """A head and a worker node (one CPU each); the job runs `{min: 1, max: 2}` under ZeRO 2 (the
+    universal conversion at every resize). The worker node is stopped by its pid while the job trains
+    on two workers, started again once it trains on one; the job completes. Against one process with
+    the same global batch (grad_accum 2): the same loss at every step within float summation, the same
+    data position at the end; every step once in metrics.jsonl with its world size; one W&B run."""
+    steps, stage = 700, 2
+    out = tmp_path / "drill.json"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_elastic.py"),
+            "--steps",
+            str(steps),
+            "--out",
+            str(tmp_path / "el"),
+            "--json",
+            str(out),
+            f"parallel.zero_stage={stage}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    res = json.loads(out.read_text())
+    run_dir = Path(res["run_dir"])
+    assert res["rc"] == 0, (tmp_path / "el" / "launch.log").read_text()[-5000:]
+    assert res["shrink_lost_steps"] == 0 and res["grow_lost_steps"] == 0  # saved before each resize
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    sizes = [r["world_size"] for r in recs]
+    changes = [(a, b) for a, b in zip(sizes, sizes[1:], strict=False) if a != b]
+    assert sizes[0] == 2 and changes == [(2, 1), (1, 2)], changes
+    assert {(r["world_size"], r["grad_accum"]) for r in recs} == {(2, 1), (1, 2)}
+    log = (tmp_path / "el" / "launch.log").read_text()
+    assert log.count("converting it to a universal checkpoint") == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["samples_seen"] == 16 * steps
+    ids = {d.name.rsplit("-", 1)[1] for d in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 3
+
+    one = tmp_path / "one"
+    data = tmp_path / "el" / "data"
+    p = _cli(
+        "train",
+        str(TINY),
+        f"run.dir={one}",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "optim.warmup_steps=0",
+        "checkpoint.every_steps=20",
+        "checkpoint.at_end=false",
+        f"parallel.zero_stage={stage}",
+        "parallel.grad_accum=2",
+        f"data.train_path={data}/pydoc/train-*.jsonl",
+        f"data.eval_path={data}/pydoc/val.jsonl",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    fixed = [r["loss"] for r in read_jsonl(one / "metrics.jsonl") if "loss" in r]
+    assert len(fixed) == steps
+    worst = max(abs(a["loss"] - b) / b for a, b in zip(recs, fixed, strict=True))
+    assert worst < 1e-4, worst  # the same global batches, only split differently
+    tag = f"step{steps:08d}"
+    cursors, parts = _positions(run_dir / "checkpoints" / tag)
+    assert cursors == _positions(one / "checkpoints" / tag)[0] == {16 * steps}
+    assert parts == _positions(one / "checkpoints" / tag)[1]  # every partition where the fixed run's is
