@@ -224,6 +224,8 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     c = cfg.cluster
     gpu = c.gpus_per_worker > 0
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if gpu else "gloo")
+    # read by Ray Train's controller, which the driver's environment reaches
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(c.start_timeout_s))
     _start_ray(address, local, cfg, node_ip)
     resources = {"CPU": c.cpus_per_worker}
     if gpu:

@@ -468,6 +468,11 @@ class ClusterConfig(Section):
         gt=0,
         description="Elastic range: how often Ray checks whether more workers fit while the job runs (a grow waits up to this long, plus Ray's 20 s resource refresh).",
     )
+    start_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long Ray Train waits for a worker group to start before it tries again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, which wins when set). After a lost node an elastic job may first ask for its old size (Ray's view of free resources lags up to 20 s) and waits this long before trying the size that fits.",
+    )
     resize_save_timeout_s: float = Field(
         300.0,
         gt=0,
