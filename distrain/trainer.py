@@ -383,7 +383,7 @@ class Trainer:
             stopping, clock = self._agree()
             last = self.step == steps or stopping
             eval_loss = None
-            if (eval_every and self.step % eval_every == 0) or last:
+            if (eval_every and self.step % eval_every == 0) or (last and self.stop_reason != "resize"):
                 meters.mark()
                 eval_loss = last_eval = self.evaluate()
                 meters.lap("eval")

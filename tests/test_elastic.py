@@ -205,8 +205,14 @@ def test_an_elastic_job_shrinks_when_a_node_goes_grows_when_it_returns_and_match
     assert p.returncode == 0, p.stderr[-3000:]
     fixed = [r["loss"] for r in read_jsonl(one / "metrics.jsonl") if "loss" in r]
     assert len(fixed) == steps
-    worst = max(abs(a["loss"] - b) / b for a, b in zip(recs, fixed, strict=True))
-    assert worst < 1e-4, worst  # the same global batches, only split differently
+    # the same global batches, only split differently: float summation in another order, whose
+    # difference compounds over the steps (measured: 1e-7 at the start, a few 1e-5 by step 100, at
+    # most 2.5e-4 by step 700, with no jump at a resize); batches that differed would be ~1e-1 apart
+    diff = [abs(a["loss"] - b) / b for a, b in zip(recs, fixed, strict=True)]
+    assert max(diff[:50]) < 1e-4 and max(diff) < 1e-3, (max(diff[:50]), max(diff))
+    for s in range(1, steps):  # no step after a resize is further off than the run already was
+        if sizes[s] != sizes[s - 1]:
+            assert diff[s] < 2 * max(diff[:s]) + 1e-6, (s + 1, diff[s], max(diff[:s]))
     tag = f"step{steps:08d}"
     cursors, parts = _positions(run_dir / "checkpoints" / tag)
     assert cursors == _positions(one / "checkpoints" / tag)[0] == {16 * steps}
