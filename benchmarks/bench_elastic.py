@@ -71,6 +71,31 @@ class Watch:
         raise TimeoutError(f"no {what} within {timeout:.0f} s")
 
 
+def resume_times(log: str) -> list[float]:
+    """Seconds each resumed worker group spent from its first log line about the checkpoint (the
+    universal conversion, under ZeRO) to "resumed from" (the engine and data position loaded)."""
+    import re
+
+    # (pid, time, event) once: on one machine both nodes' log monitors echo a worker's lines
+    stamps = dict.fromkeys(
+        re.findall(
+            r"pid=(\d+)[^)]*\)\S* (\d\d):(\d\d):(\d\d) (?:INFO|WARNING) distrain\.checkpoint: "
+            r"(step\d+ was saved|resumed from)",
+            log,
+        )
+    )
+    out, start = [], None
+    for _pid, h, m, sec, what in stamps:
+        t = int(h) * 3600 + int(m) * 60 + int(sec)
+        if what == "resumed from":
+            if start is not None:
+                out.append(float(t - start))
+            start = None
+        elif start is None:
+            start = t
+    return out
+
+
 def drill(work: Path, steps: int, stop: str, env: dict[str, str], data: Path, extra: list[str]) -> dict:
     """Run the elastic job through a shrink and a grow; returns the timings, the records and paths."""
     state = work / "nodes"
@@ -154,7 +179,9 @@ def drill(work: Path, steps: int, stop: str, env: dict[str, str], data: Path, ex
         seen_before_grow = max(r["step"] for r in watch.records if r["time"] < big["time"])
         rc = proc.wait(timeout=900)
         watch.poll()
+        log.flush()
         return {
+            "resume_s": resume_times((work / "launch.log").read_text()),
             "rc": rc,
             "run_dir": str(run_dir),
             "stop": stop,
@@ -212,6 +239,7 @@ def main() -> None:
         f"| {res['stop']} | {res['loss_to_step_s']:.1f} s | {res['shrink_lost_steps']} | {res['back_to_step_s']:.1f} s "
         f"| {res['grow_lost_steps']} | {res['rc']} |"
     )
+    print(f"universal conversion and load per resume (s): {res['resume_s']}")
 
 
 if __name__ == "__main__":

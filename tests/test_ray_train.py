@@ -91,11 +91,10 @@ def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir
     assert summary["samples_seen"] == json.loads((one_dir / "summary.json").read_text())["samples_seen"]
     ray_loss, one_loss = _losses(ray_dir), _losses(one_dir)
     assert len(ray_loss) == len(one_loss) == 20
-    # Same init, lr schedule and global batch (16); the two ranks read other rows than the one
-    # process does, so the curves agree within data noise: step 1 within 2 %, the mean of the last
-    # 5 steps within 5 %, and both fall by at least a quarter.
-    assert ray_loss[0] == pytest.approx(one_loss[0], rel=0.02)
-    assert sum(ray_loss[-5:]) / 5 == pytest.approx(sum(one_loss[-5:]) / 5, rel=0.05)
+    # Same init, lr schedule and global batches (16 samples: the data plan's order does not depend
+    # on the world size; two ranks take 8 each, one process 2 micro-batches of 8): the same loss at
+    # every step within float summation in another order, and both fall by at least a quarter.
+    assert ray_loss == pytest.approx(one_loss, rel=1e-4)
     assert ray_loss[-1] < 0.75 * ray_loss[0] and one_loss[-1] < 0.75 * one_loss[0]
     out = p.stdout + p.stderr
     assert out.count("step 20/20 |") == 1  # one rank logs, once
