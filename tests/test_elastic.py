@@ -44,11 +44,16 @@ def test_sizes_that_cannot_keep_the_global_batch_are_named_and_refused(tmp_path)
         load_config(TINY, ["cluster.workers={min: 1, max: 4}"])
     msg = str(err.value)
     assert "3 workers cannot keep the global batch (32 samples are not micro batch 8" in msg
-    assert "Sizes that work: [1, 2, 4]" in msg and "train.global_batch_size=96" in msg
+    assert "Sizes that work: 1, 2, 4;" in msg and "train.global_batch_size=96" in msg
     with pytest.raises(ConfigError, match="data.partitions=4 is not divisible by 3"):
         load_config(
             TINY, ["cluster.workers={min: 2, max: 3}", "train.global_batch_size=48", "data.partitions=4"]
         )
+    with pytest.raises(ConfigError) as err:  # a 1,024-GPU range: the error stays short and says what to do
+        load_config(TINY, ["cluster.workers={min: 512, max: 1024}", "train.global_batch_size=8192"])
+    msg = str(err.value)
+    assert "513 workers cannot keep" in msg and "(and 507 more sizes)" in msg and len(msg) < 1000
+    assert "Sizes that work: 512, 1024;" in msg and "no global batch near this one fits every size" in msg
     with pytest.raises(ConfigError, match="min=3 is above max=2"):
         load_config(TINY, ["cluster.workers={min: 3, max: 2}"])
     # `config validate` prints the layout of every size
@@ -83,7 +88,7 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     )
     assert out.returncode == 1
     assert "3 workers cannot keep the global batch (data.partitions=4 is not divisible by 3)" in out.stderr
-    assert "Sizes that work: [2, 4]" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr
+    assert "Sizes that work: 2, 4;" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr
     out = _cli("launch", "local", str(TINY), "--workers", "two", "--dry-run")
     assert (
         out.returncode == 1

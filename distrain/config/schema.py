@@ -653,11 +653,15 @@ def _fixes(cfg: Config, bad: dict[int, str]) -> list[str]:
     out = []
     if any("samples are not" in why for why in bad.values()):
         step = cfg.train.micro_batch_size * lcm
+        if step > 16 * elastic_global_batch(cfg):  # a wide range: no batch near this one fits every size
+            return []
         out.append(f"train.global_batch_size={-(-elastic_global_batch(cfg) // step) * step}")
     k = next((int(why.split("=")[1].split()[0]) for why in bad.values() if "data.partitions=" in why), None)
     if k is not None:
         out.append(f"data.partitions={-(-k // lcm) * lcm} (a multiple of every size)")
-    return out or ["data.num_workers lower"]
+    if not out and any("data.num_workers" in why for why in bad.values()):
+        out.append(f"data.num_workers <= data.partitions / {cfg.cluster.max_workers}")
+    return out
 
 
 def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
@@ -665,12 +669,18 @@ def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
     sizes that work; returns the sizes."""
     ok, bad = elastic_sizes(cfg, partitions)
     if bad:
-        w = cfg.cluster.workers
+        w, shown = cfg.cluster.workers, list(bad.items())[:4]
+        more = f" (and {len(bad) - 4} more sizes)" if len(bad) > 4 else ""
+        works = ", ".join(map(str, ok[:8])) + (f", ... ({len(ok)} in all)" if len(ok) > 8 else "")
         raise TopologyError(
             f"cluster.workers={{min: {w.min}, max: {w.max}}}: Ray may run any size in the range, and "
-            + "; ".join(f"{n} workers cannot keep the global batch ({why})" for n, why in bad.items())
-            + f". Sizes that work: {ok or 'none'}; narrow the range to them, or set "
-            + " and ".join(_fixes(cfg, bad))
+            + "; ".join(f"{n} workers cannot keep the global batch ({why})" for n, why in shown)
+            + f"{more}. Sizes that work: {works or 'none'}; narrow the range to them"
+            + (
+                f", or set {' and '.join(fixes)}"
+                if (fixes := _fixes(cfg, bad))
+                else " (no global batch near this one fits every size of a range this wide)"
+            )
         )
     return ok
 
