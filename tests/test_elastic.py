@@ -222,3 +222,49 @@ def test_an_elastic_job_shrinks_when_a_node_goes_grows_when_it_returns_and_match
     cursors, parts = _positions(run_dir / "checkpoints" / tag)
     assert cursors == _positions(one / "checkpoints" / tag)[0] == {16 * steps}
     assert parts == _positions(one / "checkpoints" / tag)[1]  # every partition where the fixed run's is
+
+
+def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(tmp_path, monkeypatch):
+    """``ResizeSaves`` in Ray's controller: Running -> Resizing writes a resize notice and returns once
+    the workers' checkpoint is `latest`; Running -> Preempting (a drain) only writes the notice; a
+    group that never saves is resized anyway after cluster.resize_save_timeout_s."""
+    import threading
+    import time
+
+    from distrain.cluster import control
+    from distrain.cluster.ray import _resize_callback
+
+    states = {n: type(n, (), {})() for n in ("RunningState", "ResizingState", "PreemptingState")}
+    (tmp_path / "checkpoints").mkdir()
+    latest = tmp_path / "checkpoints" / "latest"
+    latest.write_text("step00000020")
+    hook = _resize_callback(tmp_path, "a" * 16, 30.0)
+    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
+    workers = control.StopWatch(tmp_path)
+
+    def save_when_told():  # rank 0: sees the notice, saves; `latest` moves last
+        while workers.check() != "resize":
+            workers._next = 0.0
+            time.sleep(0.05)
+        time.sleep(0.3)
+        latest.write_text("step00000027")
+
+    t = threading.Thread(target=save_when_told)
+    t.start()
+    t0 = time.time()
+    hook.after_controller_state_update(states["RunningState"], states["ResizingState"])
+    t.join()
+    assert latest.read_text() == "step00000027" and 0.3 <= time.time() - t0 < 10
+
+    t0 = time.time()
+    hook.after_controller_state_update(states["RunningState"], states["PreemptingState"])
+    assert time.time() - t0 < 1  # a drain: Ray keeps the group running until the workers end
+    notice = json.loads(control.notice_path(tmp_path).read_text())
+    assert notice["reason"] == control.RESIZE and notice["launch"] == "a" * 16
+    hook.after_controller_state_update(states["ResizingState"], states["RunningState"])  # not a resize
+    assert json.loads(control.notice_path(tmp_path).read_text()) == notice
+
+    slow = _resize_callback(tmp_path, "a" * 16, 0.5)
+    t0 = time.time()
+    slow.after_controller_state_update(states["RunningState"], states["ResizingState"])
+    assert 0.5 <= time.time() - t0 < 5  # no save came: resized anyway, from the last checkpoint
