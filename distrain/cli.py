@@ -134,6 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--pids", type=int, nargs="*", default=[], help="the nodes' srun steps: fail at once if one ends"
     )
+    p = sub.add_parser(
+        "plan", help="memory per GPU, step time, days, energy and CO2e of a config at any scale (no GPU)"
+    )
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None, help="data-parallel GPUs (default: cluster.workers)")
+    p.add_argument("--gpu", default=None, help="the card, a name of the peak table (default: H100)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to plan with (0-1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
     p.add_argument("run_dir", help="a run directory written by `distrain train`")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
@@ -199,9 +207,11 @@ def _launch(args) -> int:
     setup_logging(0, cfg.run.log_level)
     if args.dry_run:
         from distrain.cluster.ray import check_run
+        from distrain.plan import format_plan, plan
 
         for line in check_run(cfg):
             print(line)
+        print(format_plan(plan(cfg, cfg.cluster.max_workers)))
         print("--dry-run: nothing written, nothing started")
         return EXIT_OK
     from ray.train import TrainingFailedError
@@ -269,8 +279,12 @@ def _submit(args) -> int:
         f"launcher {out['launcher']}, batch layout and data partitions fit; run dir {out['run_dir']}"
     )
     if args.dry_run:
+        from distrain.plan import format_plan, plan
+
         sys.stdout.write(out["script"])
-        print(f"# {checks}\n# --dry-run: nothing written, nothing submitted")
+        print(f"# {checks}")
+        print("\n".join(f"# {ln}" for ln in format_plan(plan(cfg, out["workers"])).splitlines()))
+        print("# --dry-run: nothing written, nothing submitted")
         return EXIT_OK
     print(checks)
     print(
@@ -284,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `launch ... --workers N a=b`: overrides may follow the options
     if extra and (
-        args.command not in ("launch", "submit") or any("=" not in x or x.startswith("-") for x in extra)
+        args.command not in ("launch", "submit", "plan")
+        or any("=" not in x or x.startswith("-") for x in extra)
     ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.command not in ("train", "resume", "launch"):
+    if args.command not in ("train", "resume", "launch", "plan"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "config":
@@ -305,6 +320,19 @@ def main(argv: list[str] | None = None) -> int:
                     from distrain.config import elastic_layouts
 
                     print(elastic_layouts(cfg))
+            return EXIT_OK
+        if args.command == "plan":
+            import json
+
+            from distrain.plan import format_plan, plan
+
+            # --gpus N: N workers with the config's global batch (grad_accum derived, as for an elastic size)
+            sized = [f"cluster.workers={{min: {args.gpus}, max: {args.gpus}}}"] if args.gpus else []
+            cfg = load_config(args.config, [*args.overrides, *sized])
+            if args.mfu is not None and not 0 < args.mfu <= 1:
+                raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. 0.4")
+            out = plan(cfg, args.gpus, args.gpu, args.mfu)
+            print(json.dumps(out, indent=2) if args.json else format_plan(out))
             return EXIT_OK
         if args.command == "export":
             from distrain.export import export

@@ -73,6 +73,7 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     assert out.returncode == 0, out.stderr
     assert "workers: 1, 2; elastic: global batch 16 at every size" in out.stdout
     assert "nothing written, nothing started" in out.stdout
+    assert "plan: 0.1M parameters on 2 x H100" in out.stdout  # the plan at the range's max
     # every size keeps a global batch of 96, but the data's own partitions (data.partitions unset: 4
     # for this small corpus) do not split over 3 ranks
     out = _cli(

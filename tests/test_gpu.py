@@ -219,3 +219,25 @@ def test_no_host_sync_off_log_steps(in_workdir, tmp_path):
     off_log = [r for r in seen if r[0] in (1, 2, 5, 6, 9, 10)]
     assert not off_log, off_log
     assert [r for r in seen if r[0] in (4, 8, 12)], "the debug mode reported no sync even on log steps"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_plan_matches_the_memory_a_gpu_run_allocates(in_workdir, tmp_path, stage):
+    """`distrain plan`'s total per GPU against torch.cuda.max_memory_allocated of the same config
+    (the mini GPT, bf16, one GPU), within 25 %: model states, DeepSpeed's buffers, activations."""
+    from distrain.plan import plan
+
+    cfg = _cfg(
+        tmp_path,
+        "gpt",
+        "model.preset=mini",
+        "parallel.precision=bf16",
+        f"parallel.zero_stage={stage}",
+        steps=5,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    summary = run(cfg, setup(cfg))
+    assert summary["status"] == "completed"
+    peak = torch.cuda.max_memory_allocated()
+    planned = plan(cfg, gpus=1, gpu=torch.cuda.get_device_name())["total_bytes"]
+    assert planned == pytest.approx(peak, rel=0.25), (planned, peak)

@@ -668,6 +668,12 @@ def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
     """Refuse an elastic range with a size that cannot keep the global batch, naming each and the
     sizes that work; returns the sizes."""
     ok, bad = elastic_sizes(cfg, partitions)
+    if bad and cfg.cluster.min_workers == cfg.cluster.max_workers:  # one size (distrain plan --gpus N)
+        n = cfg.cluster.min_workers
+        raise TopologyError(
+            f"{n} workers cannot keep the global batch: {bad[n]}; set train.global_batch_size to a multiple of "
+            f"train.micro_batch_size x {n} (or data.partitions to a multiple of {n})"
+        )
     if bad:
         w, shown = cfg.cluster.workers, list(bad.items())[:4]
         more = f" (and {len(bad) - 4} more sizes)" if len(bad) > 4 else ""

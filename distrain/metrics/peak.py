@@ -29,6 +29,12 @@ class GpuPeak:
     match: tuple[str, ...]  # every substring must occur in torch.cuda.get_device_name()
     tflops: dict[str, float]  # dtype -> dense TFLOP/s
     source: str
+    memory_gb: float = 0.0  # the datasheet's memory (GB) and maximum board power (W)
+    power_w: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.match)
 
 
 # dense figures: the datasheets quote bf16/fp16/tf32 "with sparsity"; these are half of those
@@ -37,53 +43,82 @@ GPU_PEAKS: tuple[GpuPeak, ...] = (
         ("H200", "NVL"),
         {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
         "NVIDIA H200 Tensor Core GPU datasheet (H200 NVL column)",
+        memory_gb=141,
+        power_w=600,
     ),
     GpuPeak(
         ("H200",),
         {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 67.0},
         "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM column)",
+        memory_gb=141,
+        power_w=700,
     ),
     GpuPeak(
         ("H100", "NVL"),
         {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
         "NVIDIA H100 Tensor Core GPU datasheet (H100 NVL column)",
+        memory_gb=94,
+        power_w=400,
     ),
     GpuPeak(
         ("H100", "PCIe"),
         {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
         "NVIDIA H100 Tensor Core GPU datasheet (H100 PCIe column)",
+        memory_gb=80,
+        power_w=350,
     ),
     GpuPeak(
         ("H100",),  # "NVIDIA H100 80GB HBM3": the SXM5 part
         {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
         "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM column)",
+        memory_gb=80,
+        power_w=700,
     ),
     GpuPeak(
         ("A100",),
         {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
         "NVIDIA A100 Tensor Core GPU datasheet",
+        memory_gb=80,
+        power_w=400,
     ),
     GpuPeak(
         ("L40S",),
         {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
         "NVIDIA L40S datasheet",
+        memory_gb=48,
+        power_w=350,
     ),
     GpuPeak(
         ("L4",),
         {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
         "NVIDIA L4 Tensor Core GPU datasheet",
+        memory_gb=24,
+        power_w=72,
     ),
     GpuPeak(
         ("V100", "PCIE"),
         {"fp16": 112.0, "fp32": 14.0},
         "NVIDIA V100 Tensor Core GPU datasheet (PCIe column); no bf16",
+        memory_gb=32,
+        power_w=250,
     ),
     GpuPeak(
         ("V100",),
         {"fp16": 125.0, "fp32": 15.7},
         "NVIDIA V100 Tensor Core GPU datasheet (SXM2 column); no bf16",
+        memory_gb=32,
+        power_w=300,
     ),
 )
+
+
+def find_gpu(name: str) -> GpuPeak | None:
+    """The table's entry for a card named like ``torch.cuda.get_device_name()`` (or "H100 SXM")."""
+    upper = name.upper()
+    for entry in GPU_PEAKS:
+        if all(m.upper() in upper for m in entry.match):
+            return entry
+    return None
 
 
 def gpu_peak_flops(device_name: str, dtype: str) -> tuple[float | None, str]:
