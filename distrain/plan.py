@@ -29,7 +29,8 @@ device: nothing is allocated), in bytes:
 
 Per step: samples, tokens and FLOPs (the model's ``flops_per_sample``), the time at a stated MFU
 against the card's dense peak, the time to ``train.steps``, energy (card power x time x
-``metrics.pue``), CO2e (``metrics.grid_g_per_kwh``) and the checkpoint's size.
+``metrics.pue``), CO2e (``metrics.grid_g_per_kwh``) and the checkpoint's size (weights, Adam's
+moments and the master copy: 16 bytes a parameter in fp32 at ZeRO 1-3, 12 at ZeRO 0, 14 in bf16).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "run_seconds": run_s,
         "energy_kwh": joules / 3.6e6 * mc.pue if joules else None,
         "co2e_kg": co2e_kg(joules, mc.grid_g_per_kwh, mc.pue) if joules else None,
-        "checkpoint_bytes": (w + 12) * params if w == 2 else 12 * params,
+        # DeepSpeed's files: the weights, Adam's moments, and the fp32 master copy where one is kept
+        "checkpoint_bytes": (w + 8 + (4 if cfg.parallel.zero_stage or w == 2 else 0)) * params,
     }
     if not out["fits"]:
         out["fix"] = _fix(cfg, gpus=world, gpu=card.name, mfu=mfu, memory=memory)

@@ -234,3 +234,23 @@ def test_model_states_by_stage_and_offload():
     )
     plan_ = plan(load_config(TINY, []), gpu="A100")
     assert plan_["fits"] and plan_["gpus"] == 1 and plan_["gpu"] == "A100"
+    assert plan_["checkpoint_bytes"] == 12 * plan_["params"]  # fp32, ZeRO 0: weights and Adam's moments
+
+
+def test_the_planned_checkpoint_size_is_what_deepspeed_writes(in_workdir, tmp_path):
+    from distrain.train import run
+
+    cfg = load_config(
+        TINY,
+        [
+            f"run.dir={tmp_path / 'r'}",
+            "parallel.zero_stage=1",
+            "train.steps=1",
+            "train.eval_every=0",
+            "data.eval_path=null",
+        ],
+    )
+    run(cfg)
+    ckpt = tmp_path / "r" / "checkpoints" / "step00000001"
+    shards = sum(f.stat().st_size for f in ckpt.glob("*.pt") if "states" in f.name)  # DeepSpeed's files
+    assert plan(cfg)["checkpoint_bytes"] == pytest.approx(shards, rel=0.05)
