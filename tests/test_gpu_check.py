@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # about 100 s: every benchmark loop on the CPU; run before a GPU check (-m slow)
 def test_gpu_check_dry_run_writes_the_table(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
