@@ -29,36 +29,33 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(q) -> None:
+    """A launch's config, overrides, worker count and dry run."""
+    _add_config_args(q)
+    q.add_argument(
+        "--workers",
+        default=None,
+        help="number of workers, or MIN-MAX for an elastic job (default: cluster.workers)",
+    )
+    q.add_argument(
+        "--dry-run", action="store_true", help="check the config, data and batch layout; start nothing"
+    )
+
+
 def _add_launch(sub) -> None:
     p = sub.add_parser("launch", help="run on Ray Train workers: a local Ray cluster, or an existing one")
     lsub = p.add_subparsers(dest="launch_mode", required=True)
     q = lsub.add_parser(
         "local", help="start a one-node Ray cluster on this machine and run the workers on it"
     )
-    _add_config_args(q)
-    q.add_argument(
-        "--workers",
-        default=None,
-        help="number of workers, or MIN-MAX for an elastic job (default: cluster.workers)",
-    )
-    q.add_argument(
-        "--dry-run", action="store_true", help="check the config, data and batch layout; start nothing"
-    )
+    _add_run_args(q)
     q.add_argument(
         "--node-ip",
         default="127.0.0.2",
         help="address the local Ray node binds (default 127.0.0.2: loopback; 127.0.0.1 is rewritten by Ray)",
     )
     q = lsub.add_parser("ray", help="run on a running Ray cluster")
-    _add_config_args(q)
-    q.add_argument(
-        "--workers",
-        default=None,
-        help="number of workers, or MIN-MAX for an elastic job (default: cluster.workers)",
-    )
-    q.add_argument(
-        "--dry-run", action="store_true", help="check the config, data and batch layout; start nothing"
-    )
+    _add_run_args(q)
     q.add_argument(
         "--address",
         default=None,

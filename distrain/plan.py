@@ -205,15 +205,9 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
                 f"grad_accum x {world} GPUs; pick --gpus dividing {want // cfg.train.micro_batch_size}"
             )
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": want // per})})
-    params, small, block = _params(cfg)
-    states = model_states(cfg, world, params, small)
-    work = working(cfg, world, params, block)
-    acts, acts_how = activation_bytes(cfg)
-    gpu_terms = {
-        **{k: v for k, v in states.items() if k != "cpu"},
-        **work,
-        "activations": acts,
-    }
+    counts = _params(cfg)
+    params = counts[0]
+    gpu_terms, cpu, acts_how = _per_gpu(cfg, world, counts)
     total = sum(gpu_terms.values())
     memory = card.memory_gb * 1e9
     spec = get_spec(cfg.model.name)
@@ -241,7 +235,7 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "micro_batch": cfg.train.micro_batch_size,
         "grad_accum": cfg.parallel.grad_accum,
         "per_gpu_bytes": gpu_terms,
-        "cpu_bytes_per_gpu": states["cpu"],
+        "cpu_bytes_per_gpu": cpu,
         "activations_from": acts_how,
         "total_bytes": total,
         "fits": total <= memory,
@@ -265,11 +259,11 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "checkpoint_bytes": (w + 8 + (4 if cfg.parallel.zero_stage or w == 2 else 0)) * params,
     }
     if not out["fits"]:
-        out["fix"] = _fix(cfg, gpus=world, gpu=card.name, mfu=mfu, memory=memory)
+        out["fix"] = _fix(cfg, world, counts, memory)
     return out
 
 
-def _fix(cfg: Config, gpus: int, gpu: str, mfu: float | None, memory: float) -> str | None:
+def _fix(cfg: Config, world: int, counts: tuple[int, int, int], memory: float) -> str | None:
     """The first change that makes the plan fit: a higher ZeRO stage, activation checkpointing, a
     smaller micro batch, offload."""
     p = cfg.parallel
@@ -291,25 +285,23 @@ def _fix(cfg: Config, gpus: int, gpu: str, mfu: float | None, memory: float) -> 
         for section, keys in change.items():
             sec = getattr(trial, section).model_copy(update=keys)
             trial = trial.model_copy(update={section: sec})
-        got = plan_fits(trial, gpus)
-        if got is not None and got <= memory:
+        if sum(_per_gpu(trial, world, counts)[0].values()) <= memory:  # the same parameters
             return what
     return None
 
 
-def plan_fits(cfg: Config, world: int) -> float | None:
-    """The planned bytes per GPU of ``cfg`` (None when its batch layout does not work out)."""
-    try:
-        params, small, block = _params(cfg)
-    except Exception:  # noqa: BLE001 - a change the model refuses: not a fix
-        return None
+def _per_gpu(cfg: Config, world: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], float, str]:
+    """(bytes per GPU by term, bytes offloaded to CPU memory, how the activations were found) for
+    parameter ``counts`` from ``_params``."""
+    params, small, block = counts
     states = model_states(cfg, world, params, small)
-    acts, _ = activation_bytes(cfg)
-    return (
-        sum(v for k, v in states.items() if k != "cpu")
-        + sum(working(cfg, world, params, block).values())
-        + acts
-    )
+    acts, how = activation_bytes(cfg)
+    terms = {
+        **{k: v for k, v in states.items() if k != "cpu"},
+        **working(cfg, world, params, block),
+        "activations": acts,
+    }
+    return terms, states["cpu"], how
 
 
 def _gib(b: float) -> str:

@@ -70,6 +70,20 @@ def test_a_1024_gpu_plan_takes_seconds_and_says_what_fits():
     assert out.returncode == 1 and "not in the peak table; use one of H200 NVL, H200, H100 NVL" in out.stderr
 
 
+def _saved_bytes(model, forward) -> int:
+    """Bytes of the distinct storages (not the parameters) that ``forward()`` saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(v for k, v in seen.items() if k not in params)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_transformer_activations_follow_the_tensors_a_forward_saves(arch, checkpointing):
@@ -93,17 +107,8 @@ def test_transformer_activations_follow_the_tensors_a_forward_saves(arch, checkp
     spec = get_spec("gpt")
     torch.manual_seed(0)
     model = spec.build(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
 
-    def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    ids = torch.randint(0, 700, (3, 96))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        spec.loss(model, {"input_ids": ids})
-    saved = sum(v for k, v in seen.items() if k not in params)
+    saved = _saved_bytes(model, lambda: spec.loss(model, {"input_ids": torch.randint(0, 700, (3, 96))}))
     planned, how = activation_bytes(cfg, micro=3)
     if checkpointing:  # the block recomputed during backward is not saved by the forward
         planned -= 3 * 96 * block_elements(cfg)[0] * activation_width(cfg)
@@ -119,21 +124,13 @@ def test_cnn_activations_are_traced_under_fake_tensors_like_a_real_forward():
     assert "fake tensors" in how
     spec = get_spec("resnet")
     model = spec.build(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
 
     m = cfg.model
     batch = {
         "images": torch.randn(4, m.in_channels, m.image_size, m.image_size),
         "labels": torch.zeros(4, dtype=torch.long),
     }
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        spec.loss(model, batch)
-    assert planned == pytest.approx(sum(v for k, v in seen.items() if k not in params), rel=0.02)
+    assert planned == pytest.approx(_saved_bytes(model, lambda: spec.loss(model, batch)), rel=0.02)
 
 
 PROBE = r'''
