@@ -308,29 +308,30 @@ class PartitionRows:
         self._reader, self._pending = None, None
 
 
-def arrow_dicts(batch) -> list[dict]:
-    """A record batch's rows as dicts (what ``to_pylist()`` gives), built from whole columns: one
-    conversion per column and one dict per row, without Arrow's per-row Python code."""
-    names = batch.schema.names
-    cols = [c.to_pylist() for c in batch.columns]
-    if len(cols) == 1:
-        (name,) = names
-        return [{name: v} for v in cols[0]]
-    if len(cols) == 2:
-        a, b = names
-        return [{a: x, b: y} for x, y in zip(*cols, strict=True)]
-    rows: list[dict] = [{} for _ in range(batch.num_rows)]
-    for name, col in zip(names, cols, strict=True):
-        for row, v in zip(rows, col, strict=True):
-            row[name] = v
-    return rows
+class _ArrowRows:
+    """A block's Arrow rows, made Python dicts a slice at a time as they are handed out (the block
+    stays in Arrow's compact buffers until then)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, rows: slice) -> list[dict]:
+        return self.table.slice(rows.start, rows.stop - rows.start).to_pylist()
 
 
-def _in_order(runs: list, perm: np.ndarray | None) -> list:
-    """The rows of ``runs`` (lists, or Arrow record batches whose rows become dicts) in one list,
-    permuted by ``perm``."""
+def _in_order(runs: list, perm: np.ndarray | None):
+    """The rows of ``runs`` (lists, or Arrow record batches whose rows become dicts) in one
+    sequence, permuted by ``perm``."""
     if runs and not isinstance(runs[0], list):
-        runs = [arrow_dicts(r) for r in runs]
+        import pyarrow as pa
+
+        if all(r.schema == runs[0].schema for r in runs):
+            table = pa.Table.from_batches(runs)
+            return _ArrowRows((table.take(perm) if perm is not None else table).combine_chunks())
+        runs = [r.to_pylist() for r in runs]
     rows = runs[0] if len(runs) == 1 else [r for run in runs for r in run]
     return rows if perm is None else [rows[i] for i in perm.tolist()]
 
