@@ -1,6 +1,6 @@
 """The CUDA path: fused AdamW, TF32, pinned memory, channels_last and cuDNN's autotuner for CNNs,
-fp16 with dynamic loss scaling, ZeRO-Offload, activation checkpointing, NVML energy, exact resume,
-and no host sync off log steps. Needs one CUDA GPU: `bash benchmarks/gpu_check.sh` runs these
+fp16 with dynamic loss scaling, ZeRO-Offload, activation checkpointing, compiled steps, NVML energy,
+exact resume, and no host sync off log steps. Needs one CUDA GPU: `bash benchmarks/gpu_check.sh` runs these
 (`-m gpu`); the default suite deselects them."""
 
 from __future__ import annotations
@@ -145,6 +145,21 @@ def test_resnet_channels_last_and_cudnn_benchmark(in_workdir, tmp_path):
     run(cfg, s)
     ok, losses = _falls(_losses(cfg.run.run_dir))
     assert ok, losses
+
+
+@pytest.mark.parametrize("model, stage", [("gpt", 3), ("resnet", 0)])
+def test_compiled_steps_on_cuda_train_as_eager_ones(in_workdir, tmp_path, model, stage):
+    over = ["parallel.precision=bf16", f"parallel.zero_stage={stage}", "checkpoint.every_steps=20"]
+    losses = {}
+    for compiled in (False, True):
+        cfg = _cfg(tmp_path, model, *over, f"parallel.compile={compiled}", steps=20, name=f"c{compiled}")
+        s = setup(cfg)
+        assert s.engine.is_compiled == compiled
+        run(cfg, s)
+        losses[compiled] = _losses(cfg.run.run_dir)
+    assert losses[True] == pytest.approx(losses[False], rel=5e-2), losses
+    saved = tmp_path / "cTrue" / "checkpoints"
+    assert not [p for p in saved.rglob("*") if p.is_file() and b"_orig_mod" in p.read_bytes()]
 
 
 def test_nvml_energy_counter(in_workdir, tmp_path):

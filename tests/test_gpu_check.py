@@ -26,7 +26,7 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
         timeout=900,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "14 tests collected" in p.stdout, p.stdout[-3000:]  # every test of tests/test_gpu.py
+    assert "16 tests collected" in p.stdout, p.stdout[-3000:]  # every test of tests/test_gpu.py
     text = results.read_text()
     assert "## GPU check" in text and "### CPU (dry run)" in text
     for row in (

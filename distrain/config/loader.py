@@ -189,6 +189,7 @@ RESUMABLE_KEYS = (
     "parallel.tf32",
     "parallel.cudnn_benchmark",
     "parallel.channels_last",
+    "parallel.compile",
     "checkpoint",
     "metrics",
     "tracking",

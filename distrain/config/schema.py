@@ -283,6 +283,10 @@ class ParallelConfig(Section):
         None,
         description="NHWC memory format for CNN weights and inputs (unset: on for image models on CUDA).",
     )
+    compile: bool = Field(
+        False,
+        description="Compile the model's forward and backward with torch.compile (inductor, CPU and CUDA) through DeepSpeed's engine.compile(), which compiles the module in place: parameter names, checkpoints and exports are unchanged. The first steps are slower while the graphs compile.",
+    )
 
 
 # ------------------------------------------------------------------------------------- checkpoint

@@ -179,4 +179,9 @@ def build_engine(
         model=model, model_parameters=params, optimizer=optimizer, config=ds_config
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
+    if cfg.parallel.compile:
+        # DeepSpeed's own entry point: nn.Module.compile() on the module it wraps, in place, so the
+        # ZeRO hooks, state_dict names and every file written stay those of the eager module (a
+        # torch.compile wrapper made before deepspeed.initialize would prefix them with _orig_mod.)
+        engine.compile(backend="inductor")
     return engine
