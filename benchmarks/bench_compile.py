@@ -6,7 +6,8 @@ eager and compiled (`model.compile()`, inductor), one CPU process each, side by 
 Same model, batches, AdamW, schedule and clipping as `bench_loop.py` (whose loops this reuses). Each
 loop runs in its own subprocess; the loops alternate and repeat. The step time is the median over the
 steps after --warmup; the compile time is what the first --warmup steps took beyond as many steady
-steps (for distrain, from the first metrics.jsonl windows), reported on its own.
+steps (for distrain, from the first metrics.jsonl windows), reported on its own: each loop runs with
+an empty inductor cache of its own (TORCHINDUCTOR_CACHE_DIR), so it is a first run's compile.
 """
 
 from __future__ import annotations
@@ -106,7 +107,14 @@ def main() -> None:
             for loop in LOOPS:
                 cmd = [sys.executable, __file__, "--loop", loop, "--size", size]
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+                with tempfile.TemporaryDirectory() as cache:
+                    out = subprocess.run(
+                        cmd,
+                        capture_output=True,
+                        text=True,
+                        env={**env, "TORCHINDUCTOR_CACHE_DIR": cache},
+                        cwd=os.getcwd(),
+                    )
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 if out.returncode or not line:
                     sys.exit(f"{loop} {size} failed:\n{out.stderr[-3000:]}")
