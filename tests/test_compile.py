@@ -103,3 +103,16 @@ def test_compiled_model_trains_resumes_and_exports_as_the_eager_one(in_workdir, 
     if fmt == "torchvision":
         a, b = torch.load(out, weights_only=True), torch.load(ref, weights_only=True)
         assert sorted(a) == sorted(b)
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_naming_the_key(tmp_path, monkeypatch):
+    from distrain.errors import TopologyError
+    from distrain.parallel import check_device
+
+    cfg = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [f"run.dir={tmp_path}", "parallel.compile=true"])
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ or clang++ on it
+    with pytest.raises(TopologyError, match="parallel.compile=true on the CPU needs a C\\+\\+ compiler"):
+        check_device(cfg)
+    monkeypatch.undo()
+    assert check_device(cfg) == "cpu"

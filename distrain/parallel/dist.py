@@ -7,6 +7,8 @@ import contextlib
 import io
 import logging
 import os
+import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,14 @@ def check_device(cfg: Config) -> str:
         if p.offload_optimizer or p.offload_params:
             raise TopologyError(
                 "parallel.offload_optimizer/offload_params move state from GPU to CPU memory; on the CPU set both to false"
+            )
+        # what inductor builds its CPU kernels with (torch._inductor.config.cpp.cxx)
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if p.compile and not shutil.which(cxx):
+            raise TopologyError(
+                f"parallel.compile=true on the CPU needs a C++ compiler: inductor builds its kernels with {cxx!r} "
+                "(the CXX environment variable, else g++, clang++ on macOS), which is not on PATH; install one "
+                "(apt-get install g++), point CXX at one, or set parallel.compile=false"
             )
     elif p.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise TopologyError(
