@@ -116,3 +116,11 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_naming_the_key(tmp_p
         check_device(cfg)
     monkeypatch.undo()
     assert check_device(cfg) == "cpu"
+
+
+@pytest.mark.slow  # about 80 s: ZeRO 3's hooks around a compiled module
+def test_compiled_gpt_under_zero3_trains_as_the_eager_one(in_workdir, tmp_path):
+    for name, over in (("eager", []), ("compiled", ["parallel.compile=true"])):
+        run(_cfg(tmp_path, "gpt", name, "parallel.zero_stage=3", *over))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=2e-3)
+    assert not _files_mention(tmp_path / "compiled", b"_orig_mod")
