@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -108,17 +107,8 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--loop", loop, "--size", size]
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
                 with tempfile.TemporaryDirectory() as cache:
-                    out = subprocess.run(
-                        cmd,
-                        capture_output=True,
-                        text=True,
-                        env={**env, "TORCHINDUCTOR_CACHE_DIR": cache},
-                        cwd=os.getcwd(),
-                    )
-                line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                if out.returncode or not line:
-                    sys.exit(f"{loop} {size} failed:\n{out.stderr[-3000:]}")
-                res[loop].append(json.loads(line[0][7:]))
+                    env_loop = {**env, "TORCHINDUCTOR_CACHE_DIR": cache}
+                    res[loop].append(bench_loop.child_result(cmd, env_loop, f"{loop} {size}"))
         med = {k: statistics.median(r["step_s"] for r in v) for k, v in res.items()}
         comp = {k: statistics.median(r["compile_s"] for r in v) for k, v in res.items()}
         for loop in LOOPS:

@@ -195,6 +195,15 @@ def child(args) -> None:
     )
 
 
+def child_result(cmd: list[str], env: dict, what: str) -> dict:
+    """Run one loop's subprocess; its RESULT line, or exit naming ``what`` with the child's stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,large")
@@ -214,30 +223,21 @@ def main() -> None:
         res: dict[str, list[dict]] = {"plain": [], "deepspeed": [], "distrain": []}
         for _ in range(args.repeats):
             for loop in res:
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--loop",
-                        loop,
-                        "--size",
-                        size,
-                        "--steps",
-                        str(args.steps),
-                        "--warmup",
-                        str(args.warmup),
-                        "--precision",
-                        args.precision,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=os.getcwd(),
-                )
-                line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                if out.returncode or not line:
-                    sys.exit(f"{loop} {size} failed:\n{out.stderr[-3000:]}")
-                res[loop].append(json.loads(line[0][7:]))
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--loop",
+                    loop,
+                    "--size",
+                    size,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--precision",
+                    args.precision,
+                ]
+                res[loop].append(child_result(cmd, env, f"{loop} {size}"))
         med = {k: statistics.median(r["step_s"] for r in v) for k, v in res.items()}
         rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in res.items()}
         rows.append((size, med, rss))

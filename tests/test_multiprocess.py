@@ -72,7 +72,10 @@ def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
 
 
 @pytest.mark.world_size
-@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "first, second",
+    [pytest.param(2, 1, marks=pytest.mark.slow), (1, 2)],  # 2 -> 1: also the elastic drill's shrink (slow)
+)
 def test_checkpoint_resumes_on_another_world_size(in_workdir, tmp_path, first, second):
     run_dir = tmp_path / "r"
     args = [
