@@ -18,41 +18,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_loop  # noqa: E402
 
 LOOPS = ["plain", "plain-compiled", "distrain", "distrain-compiled"]
-
-
-def run_plain(cfg, batches, compiled: bool) -> list[float]:
-    import torch
-
-    from distrain.models import build_model, get_spec
-    from distrain.parallel.engine import param_groups
-
-    model = build_model(cfg)
-    if compiled:
-        model.compile(backend="inductor")
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, bench_loop._lr_lambda(cfg))
-    loss_fn = get_spec(cfg.model.name).loss
-    times = []
-    for b in batches:
-        t0 = time.perf_counter()
-        loss = loss_fn(model, b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.parallel.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def run_distrain(cfg) -> list[float]:
@@ -75,7 +46,7 @@ def child(args) -> None:
                 cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"compile": True})})
             times = run_distrain(cfg)
         else:
-            times = run_plain(cfg, bench_loop._batches(cfg, args.steps), compiled)
+            times = bench_loop.run_plain(cfg, bench_loop._batches(cfg, args.steps), 0, compiled)
     steady = statistics.median(times[args.warmup :])
     first = sum(times[: args.warmup]) - args.warmup * steady
     print("RESULT " + json.dumps({"loop": args.loop, "step_s": steady, "compile_s": first}), flush=True)

@@ -77,13 +77,16 @@ def _lr_lambda(cfg):
     return f
 
 
-def run_plain(cfg, batches, warmup: int) -> list[float]:
+def run_plain(cfg, batches, warmup: int, compiled: bool = False) -> list[float]:
+    """The plain loop's step times after ``warmup`` steps; ``compiled``: ``model.compile()`` (inductor)."""
     import torch
 
     from distrain.models import build_model, get_spec
     from distrain.parallel.engine import param_groups
 
     model = build_model(cfg)
+    if compiled:
+        model.compile(backend="inductor")
     if cfg.parallel.precision == "bf16":
         model = model.to(
             torch.bfloat16
