@@ -293,3 +293,33 @@ def test_data_index_command_fills_the_cache(tmp_path):
     man = src.build_manifest(f"{tmp_path}/*.jsonl", "jsonl", "k")
     assert f"jsonl, 2 files, 60 rows, 60 chunks, digest {man.digest}" in p.stdout
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("chosen", [None, "system"])
+def test_parquet_reads_use_jemalloc_unless_the_user_chose_an_arrow_pool(tmp_path, chosen):
+    """Arrow's default pool (mimalloc) makes the first reads of every open parquet reader slow;
+    importing distrain makes jemalloc the pool of the process and of the C++ parquet reader (before
+    pyarrow loads), and leaves a pool the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [str(i) for i in range(100)]}), tmp_path / "p.parquet")
+    code = (
+        "from distrain.data import sources as src\n"
+        "import pyarrow as pa\n"
+        f"man = src.build_manifest({str(tmp_path / 'p.parquet')!r}, 'parquet', 'data.train_path')\n"
+        "rows = sum(b.num_rows for b in src.iter_raw(man, 0, 0, ['text']))\n"
+        "print(rows, pa.default_memory_pool().backend_name, pa.jemalloc_memory_pool().max_memory() > 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env["DISTRAIN_CACHE_DIR"] = str(tmp_path / "cache")
+    if chosen:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    # the parquet reader's own buffers came from jemalloc only when it is the pool
+    assert p.stdout.split("\n")[0] == ("100 system False" if chosen else "100 jemalloc True")

@@ -69,6 +69,7 @@ def _worker_env(node_ip: str | None) -> dict[str, str]:
         "HF_DATASETS_OFFLINE",
         "WANDB_MODE",
         "TMPDIR",
+        "ARROW_DEFAULT_MEMORY_POOL",  # distrain's choice (distrain/__init__.py) or the user's
         "DISTRAIN_LAUNCH_ID",  # the stop notices of this launch (distrain.cluster.control)
         "DISTRAIN_DEADLINE",
         "DISTRAIN_SLURM_JOB_ID",
