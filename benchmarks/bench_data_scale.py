@@ -2,24 +2,26 @@
 against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks, and the peak RSS of
 a rank streaming 10k, 100k and 300k parquet images.
 
-    python benchmarks/bench_data_scale.py [--rows 3000000] [--row-bytes 400] [--images 10000,100000,300000]
+    python benchmarks/bench_data_scale.py [--rows 3200000] [--row-bytes 400] [--images 10000,100000,300000]
         [--repeat 3]   (--rows 0: the images only; --images '': the text only)
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files;
-at the defaults 3M rows, 1.2 GB), and the same rows as parquet (row groups of 5,000). A pass is
-what one rank of world size 1 reads: its 64 partitions, 32 rows of each in turn (the plan's sample
-order, a micro-batch at a time), every row of the epoch once, with the default shuffle blocks
-(1,024 rows, at most 1 MiB). The start-up is the first round, in which every partition opens its
-file and decodes a first page; the rates per tenth are over the rest of the pass. The baseline
-reads the same files front to back with plain Python / pyarrow: jsonl lines parsed with json.loads,
-parquet ``iter_batches().to_pylist()``. The plain read and the pass run --repeat times,
-alternating, so that a slow spell of the machine falls on both; the tables give the best and the
-median of the runs, and each tenth's rate at its best over the runs. Partitions per rank: rank 0 of
-world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain read's rate. Bytes
-per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own; the bytes are the
-process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of 32x32 PNGs, resnet-
-cpu-tiny's pipeline (one DataLoader worker) streaming 300 batches of 32 in a fresh process; the
-figures are the peak RSS (VmHWM) of that process and of its worker.
+at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M
+rows, 10 for each of the 64 partitions, so they all end together and the last tenth is read by all
+of them). A pass is what one rank of world size 1 reads: its 64 partitions, 32 rows of each in turn
+(the plan's sample order, a micro-batch at a time), every row of the epoch once, with the default
+shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first round, in which every
+partition opens its file and decodes a first page; the rates per tenth are over the rest of the
+pass. The baseline reads the same files front to back with plain Python / pyarrow: jsonl lines
+parsed with json.loads, parquet ``iter_batches().to_pylist()``, in this process, which has imported
+distrain and so has the same Arrow memory pool as the pass. The plain read and the pass run
+--repeat times, alternating, so that a slow spell of the machine falls on both; the tables give the
+best and the median of the runs, and each tenth's rate at its best over the runs. Partitions per
+rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain
+read's rate. Bytes per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own;
+the bytes are the process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of
+32x32 PNGs, resnet-cpu-tiny's pipeline (one DataLoader worker) streaming 300 batches of 32 in a
+fresh process; the figures are the peak RSS (VmHWM) of that process and of its worker.
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def _child_images(path: str, batches: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=3_000_000)
+    ap.add_argument("--rows", type=int, default=3_200_000)
     ap.add_argument("--row-bytes", type=int, default=400)
     ap.add_argument("--images", default="10000,100000,300000")
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs of the plain read and the pass")
