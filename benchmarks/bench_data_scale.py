@@ -8,16 +8,18 @@ a rank streaming 10k, 100k and 300k parquet images.
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files;
 at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M
 rows, 10 for each of the 64 partitions, so they all end together and the last tenth is read by all
-of them). A pass is what one rank of world size 1 reads: its 64 partitions, 32 rows of each in turn
-(the plan's sample order, a micro-batch at a time), every row of the epoch once, with the default
-shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first round, in which every
-partition opens its file and decodes a first page; the rates per tenth are over the rest of the
-pass. The baseline reads the same files front to back with plain Python / pyarrow: jsonl lines
-parsed with json.loads, parquet ``iter_batches().to_pylist()``, in this process, which has imported
-distrain and so has the same Arrow memory pool as the pass. The plain read and the pass run
---repeat times, alternating, so that a slow spell of the machine falls on both; the tables give the
-best and the median of the runs, and each tenth's rate at its best over the runs. Partitions per
-rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain
+of them). A pass is what one rank of world size 1 reads in an epoch's worth of its stream: its 64
+partitions, 32 rows of each in turn (the plan's sample order, a micro-batch at a time), with the
+default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first round, in which every
+partition opens its file and reads its first block; the pass goes on for as many rows as the epoch
+has, each partition into its next epoch as in training (see plan_pass), and the rates per tenth are
+over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
+the epoch once. The baseline reads the same files front to back with plain Python / pyarrow: jsonl
+lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in this process, which has
+imported distrain and so has the same Arrow memory pool as the pass. The plain read and the pass
+run --repeat times, alternating, so that a slow spell of the machine falls on both; the tables give
+the best and the median of the runs, and each tenth's rate at its best over the runs. Partitions
+per rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain
 read's rate. Bytes per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own;
 the bytes are the process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of
 32x32 PNGs, resnet-cpu-tiny's pipeline (one DataLoader worker) streaming 300 batches of 32 in a
@@ -97,9 +99,17 @@ def _rchar() -> int:
         return int(next(line for line in f if line.startswith("rchar")).split()[1])
 
 
-def plan_pass(path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32) -> dict:
-    """One epoch of rank ``rank``'s partitions, ``take`` rows of each in turn: the start-up (the first
-    round, in which every partition opens its file) and the rates over each tenth of the rest."""
+def plan_pass(
+    path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32, stream: bool = False
+) -> dict:
+    """One epoch's worth of rank ``rank``'s partitions, ``take`` rows of each in turn: the start-up
+    (the first round, in which every partition opens its file and reads its first block) and the
+    rates over each tenth of the rest. Without ``stream`` each partition stops at its epoch's end and
+    every row is read once; the last tenth then has less left to read than the others (a partition
+    reads a block when it starts handing it out, and the start-up read the first). ``stream``: the
+    partitions go on into their next epoch, as in training, and the pass is an epoch's worth of rows
+    after the start-up, so its last tenth reads the next epoch's first blocks as the start-up read
+    this one's."""
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401
 
@@ -112,24 +122,28 @@ def plan_pass(path: str, fmt: str, rank: int, world: int, partitions: int = 64, 
     man = build_manifest(path, fmt, "data.train_path")
     plan = Plan([man], [1.0], 0, partitions, 1024, True, block_mb=1.0)
     cursors = [
-        PartitionRows(plan, 0, p, loop=False, columns=["text"]) for p in owned(partitions, rank, world)
+        PartitionRows(plan, 0, p, loop=stream, columns=["text"]) for p in owned(partitions, rank, world)
     ]
     expect = sum(c.hi - c.lo for c in cursors)
     t0, r0 = time.perf_counter(), _rchar()
     n = sum(len(c.rows(take)) for c in cursors)  # the start-up: every partition opens its file
     t1, n0 = time.perf_counter(), n
+    if stream:
+        expect += n0
     marks, tenth = [], max(1, (expect - n0) // 10)
     live = list(cursors)
-    while live:
+    while live and n < expect:
         keep = []
         for c in live:
-            rows = c.rows(take)
+            rows = c.rows(min(take, expect - n))
             if not rows:
                 continue
             keep.append(c)
             before, n = n, n + len(rows)
             if (n - n0) // tenth > (before - n0) // tenth:
                 marks.append((n, time.perf_counter()))
+            if n >= expect:
+                break
         live = keep
     dt = time.perf_counter() - t0
     bytes_read = _rchar() - r0
@@ -235,9 +249,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind == "pass":
+        if kind in ("pass", "stream"):
             path, fmt, rank, world = rest
-            res = plan_pass(path, fmt, int(rank), int(world))
+            res = plan_pass(path, fmt, int(rank), int(world), stream=kind == "stream")
         else:
             res = _child_images(rest[0], int(rest[1]))
         print(json.dumps(res))
@@ -287,7 +301,7 @@ def text_tables(root: Path, args) -> None:
         plain, ours = [], []
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both
             plain.append(plain_pass(path, fmt))
-            ours.append(_child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"]))
+            ours.append(_child(["stream", f"{path}/*.{fmt}", fmt, "0", "1"]))
         ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
         # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
         best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
@@ -315,7 +329,7 @@ def text_tables(root: Path, args) -> None:
         plain = [plain_pass(path, fmt) for _ in range(args.repeat)]
         plain_rates = [p["rows"] / p["seconds"] for p in plain]
         for world in (1, 8, 64):
-            runs = [_child(["pass", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
+            runs = [_child(["stream", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
             rates = [r["rows"] / r["seconds"] for r in runs]
             print(
                 f"| {fmt} | {world} | {64 // world} | {runs[0]['rows']:,} | {max(plain_rates):,.0f} | {max(rates):,.0f} "
