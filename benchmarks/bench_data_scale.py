@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -268,11 +269,6 @@ def main() -> None:
             images_table(root, args)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def text_tables(root: Path, args) -> None:
     t = time.perf_counter()
     build_text(root, args.rows, args.row_bytes)
@@ -308,8 +304,8 @@ def text_tables(root: Path, args) -> None:
         tenths.append((fmt, best, [o["tenths"] for o in ours]))
         rows = plain[0]["rows"]
         print(
-            f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {min(ps):.1f} s ({_median(ps):.1f} s; {rows / min(ps):,.0f} rows/s) "
-            f"| {min(os_):.1f} s ({_median(os_):.1f} s) | {min(os_) / min(ps):.2f}x ({_median(os_) / _median(ps):.2f}x) "
+            f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {min(ps):.1f} s ({median(ps):.1f} s; {rows / min(ps):,.0f} rows/s) "
+            f"| {min(os_):.1f} s ({median(os_):.1f} s) | {min(os_) / min(ps):.2f}x ({median(os_) / median(ps):.2f}x) "
             f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
             f"| {best[-1] / best[0]:.2f} |"
         )
@@ -333,7 +329,7 @@ def text_tables(root: Path, args) -> None:
             rates = [r["rows"] / r["seconds"] for r in runs]
             print(
                 f"| {fmt} | {world} | {64 // world} | {runs[0]['rows']:,} | {max(plain_rates):,.0f} | {max(rates):,.0f} "
-                f"| {max(plain_rates) / max(rates):.2f}x ({_median(plain_rates) / _median(rates):.2f}x) |"
+                f"| {max(plain_rates) / max(rates):.2f}x ({median(plain_rates) / median(rates):.2f}x) |"
             )
     print(
         "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"

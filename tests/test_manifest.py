@@ -297,7 +297,7 @@ def test_data_index_command_fills_the_cache(tmp_path):
 
 @pytest.mark.parametrize("chosen", [None, "system"])
 def test_parquet_reads_use_jemalloc_unless_the_user_chose_an_arrow_pool(tmp_path, chosen):
-    """Arrow's default pool (mimalloc) makes the first reads of every open parquet reader slow;
+    """Arrow's default pool (mimalloc) can make the first reads of every open parquet reader slow;
     importing distrain makes jemalloc the pool of the process and of the C++ parquet reader (before
     pyarrow loads), and leaves a pool the user set alone."""
     import os
