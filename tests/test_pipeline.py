@@ -98,6 +98,41 @@ def test_large_rows_get_smaller_blocks_and_any_read_size_gives_every_row_once(tm
         assert rest == orders[0][k:n0]
 
 
+@pytest.mark.parametrize("columns", [["text"], ["text", "n"], ["text", "n", "tags"]])
+def test_parquet_rows_are_the_files_rows_as_to_pylist_gives_them(tmp_path, columns):
+    """A shuffled parquet block is handed out as dicts a column at a time: each row's value is what
+    pyarrow's ``to_pylist()`` gives for that row of its file (nulls, lists, any number of columns),
+    read in any slice size, across row groups and files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distrain.data.plan import PartitionRows, Plan
+    from distrain.data.sources import build_manifest
+
+    expect = {}
+    for f in range(2):
+        n = 70 + 13 * f
+        table = pa.table(
+            {
+                "text": [None if i % 11 == 3 else f"{f}:{i}" for i in range(n)],
+                "n": [i * (f + 1) for i in range(n)],
+                "tags": [[i, None, f] if i % 4 else None for i in range(n)],
+            }
+        ).select(columns)
+        path = tmp_path / f"part-{f}.parquet"
+        pq.write_table(table, path, row_group_size=16)
+        expect |= {(str(path), i): r for i, r in enumerate(pq.read_table(path).to_pylist())}
+    man = build_manifest(f"{tmp_path}/*.parquet", "parquet", "data.train_path")
+    plan = Plan([man], [1.0], seed=5, partitions=2, block=24, shuffle=True)
+    for take in (1, 5, 32):
+        got = {}
+        for p in range(2):
+            cur = PartitionRows(plan, 0, p, loop=False)
+            while rows := cur.rows(take):
+                got |= {(r.file, r.index): r.value for r in rows}
+        assert got == expect
+
+
 def test_block_size_follows_the_rows_size_in_memory_not_on_disk(tmp_path):
     """Parquet images that compress well (here one 5 KB blob, dictionary-encoded) are small on disk
     and 5 KB each in memory: the cap counts the decoded size."""

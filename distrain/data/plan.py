@@ -310,16 +310,28 @@ class PartitionRows:
 
 class _ArrowRows:
     """A block's Arrow rows, made Python dicts a slice at a time as they are handed out (the block
-    stays in Arrow's compact buffers until then)."""
+    stays in Arrow's compact buffers until then), a column at a time: what ``to_pylist()`` gives,
+    without its per-row Python code."""
 
     def __init__(self, table):
-        self.table = table
+        table = table.combine_chunks()
+        self.n, self.names = table.num_rows, table.schema.names
+        self.columns = [c.chunk(0) if c.num_chunks == 1 else c for c in table.columns]
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.n
 
     def __getitem__(self, rows: slice) -> list[dict]:
-        return self.table.slice(rows.start, rows.stop - rows.start).to_pylist()
+        a, n = rows.start, rows.stop - rows.start
+        cols = [c.slice(a, n).to_pylist() for c in self.columns]
+        if len(cols) == 1:
+            (name,) = self.names
+            return [{name: v} for v in cols[0]]
+        if len(cols) == 2:
+            x, y = self.names
+            return [{x: u, y: v} for u, v in zip(*cols, strict=True)]
+        names = self.names
+        return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
 
 
 def _in_order(runs: list, perm: np.ndarray | None):
@@ -330,7 +342,7 @@ def _in_order(runs: list, perm: np.ndarray | None):
 
         if all(r.schema == runs[0].schema for r in runs):
             table = pa.Table.from_batches(runs)
-            return _ArrowRows((table.take(perm) if perm is not None else table).combine_chunks())
+            return _ArrowRows(table.take(perm) if perm is not None else table)
         runs = [r.to_pylist() for r in runs]
     rows = runs[0] if len(runs) == 1 else [r for run in runs for r in run]
     return rows if perm is None else [rows[i] for i in perm.tolist()]
