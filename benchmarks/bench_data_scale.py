@@ -164,23 +164,38 @@ def plan_pass(
 
 
 def plain_pass(path: str, fmt: str) -> dict:
+    """The files front to back with plain Python / pyarrow, and the rates over each tenth of the rows."""
     import glob
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pa.table({"a": [0]})  # pyarrow's first table imports pandas: before the clock, as in plan_pass
     files = sorted(glob.glob(f"{path}/*.{fmt}"))
-    t0, n = time.perf_counter(), 0
+    t0, n, at = time.perf_counter(), 0, 4096
+    marks = [(0, t0)]
     if fmt == "jsonl":
         for f in files:
             with open(f, "rb") as fh:
                 for line in fh:
                     json.loads(line)
                     n += 1
+                    if n >= at:
+                        marks.append((n, time.perf_counter()))
+                        at += 4096
     else:
-        import pyarrow.parquet as pq
-
         for f in files:
             for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["text"]):
                 n += len(b.to_pylist())
-    return {"rows": n, "seconds": time.perf_counter() - t0}
+                if n >= at:
+                    marks.append((n, time.perf_counter()))
+                    at += 4096
+    dt = time.perf_counter() - t0
+    marks.append((n, t0 + dt))
+    # the first mark at or past each tenth of the rows
+    cuts = [next(m for m in marks if m[0] >= k * n // 10) for k in range(11)]
+    tenths = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return {"rows": n, "seconds": dt, "tenths": tenths}
 
 
 def _child(args: list[str]) -> dict:
@@ -253,6 +268,8 @@ def main() -> None:
         if kind in ("pass", "stream"):
             path, fmt, rank, world = rest
             res = plan_pass(path, fmt, int(rank), int(world), stream=kind == "stream")
+        elif kind == "plain":
+            res = plain_pass(*rest)
         else:
             res = _child_images(rest[0], int(rest[1]))
         print(json.dumps(res))
@@ -296,12 +313,13 @@ def text_tables(root: Path, args) -> None:
         warm = time.perf_counter() - t
         plain, ours = [], []
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both
-            plain.append(plain_pass(path, fmt))
+            plain.append(_child(["plain", path, fmt]))
             ours.append(_child(["stream", f"{path}/*.{fmt}", fmt, "0", "1"]))
         ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
         # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
         best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
-        tenths.append((fmt, best, [o["tenths"] for o in ours]))
+        plain_best = [max(p["tenths"][i] for p in plain) for i in range(10)]
+        tenths.append((fmt, best, [o["tenths"] for o in ours], plain_best, [p["tenths"] for p in plain]))
         rows = plain[0]["rows"]
         print(
             f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {min(ps):.1f} s ({median(ps):.1f} s; {rows / min(ps):,.0f} rows/s) "
@@ -309,20 +327,24 @@ def text_tables(root: Path, args) -> None:
             f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
             f"| {best[-1] / best[0]:.2f} |"
         )
-    for fmt, best, runs in tenths:
-        print(
-            f"\n{fmt}, rows/s in each tenth of the pass after the start-up, best of the runs: "
-            + ", ".join(f"{r:,.0f}" for r in best)
-        )
-        for i, rates in enumerate(runs):
-            print(f"  run {i + 1}: " + ", ".join(f"{r:,.0f}" for r in rates))
+    for fmt, best, runs, plain_best, plain_runs in tenths:
+        for what, b, rs in (
+            ("the pass after the start-up", best, runs),
+            ("the plain read", plain_best, plain_runs),
+        ):
+            print(
+                f"\n{fmt}, rows/s in each tenth of {what}, best of the runs (last / first {b[-1] / b[0]:.2f}): "
+                + ", ".join(f"{r:,.0f}" for r in b)
+            )
+            for i, rates in enumerate(rs):
+                print(f"  run {i + 1}: " + ", ".join(f"{r:,.0f}" for r in rates))
     print(
         "\n| format | world size | partitions per rank | rank 0's rows | plain read, rows/s | rank 0's pass, rows/s | plain / pass, best (median) |"
     )
     print("|---|---|---|---|---|---|---|")
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
-        plain = [plain_pass(path, fmt) for _ in range(args.repeat)]
+        plain = [_child(["plain", path, fmt]) for _ in range(args.repeat)]
         plain_rates = [p["rows"] / p["seconds"] for p in plain]
         for world in (1, 8, 64):
             runs = [_child(["stream", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
