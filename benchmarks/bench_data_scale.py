@@ -15,10 +15,12 @@ partition opens its file and reads its first block; the pass goes on for as many
 has, each partition into its next epoch as in training (see plan_pass), and the rates per tenth are
 over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
 the epoch once. The baseline reads the same files front to back with plain Python / pyarrow: jsonl
-lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in this process, which has
-imported distrain and so has the same Arrow memory pool as the pass. The plain read and the pass
-run --repeat times, alternating, so that a slow spell of the machine falls on both; the tables give
-the best and the median of the runs, and each tenth's rate at its best over the runs. Partitions
+lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in a fresh process like the
+pass, which has imported distrain and so has the same Arrow memory pool as the pass; parquet also
+single-threaded (``use_threads=False``, as distrain reads its files). The plain read
+and the pass run --repeat times, alternating, so that a slow spell of the machine falls on both; the
+tables give the best and the median of the runs, and each tenth's rate (the plain read's too) at its
+best over the runs. Partitions
 per rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain
 read's rate. Bytes per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own;
 the bytes are the process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of
@@ -163,8 +165,9 @@ def plan_pass(
     }
 
 
-def plain_pass(path: str, fmt: str) -> dict:
-    """The files front to back with plain Python / pyarrow, and the rates over each tenth of the rows."""
+def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
+    """The files front to back with plain Python / pyarrow, and the rates over each tenth of the rows.
+    ``threads`` "0": parquet read single-threaded (``use_threads=False``, as distrain reads it)."""
     import glob
 
     import pyarrow as pa
@@ -185,7 +188,10 @@ def plain_pass(path: str, fmt: str) -> dict:
                         at += 4096
     else:
         for f in files:
-            for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["text"]):
+            batches = pq.ParquetFile(f).iter_batches(
+                batch_size=256, columns=["text"], use_threads=threads == "1"
+            )
+            for b in batches:
                 n += len(b.to_pylist())
                 if n >= at:
                     marks.append((n, time.perf_counter()))
@@ -302,7 +308,7 @@ def text_tables(root: Path, args) -> None:
         "| pass / plain, best (median) | start-up | rows/s first 10% | rows/s last 10% | last / first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    tenths = []
+    tenths, single, passes = [], [], {}
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
         t = time.perf_counter()
@@ -315,7 +321,10 @@ def text_tables(root: Path, args) -> None:
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both
             plain.append(_child(["plain", path, fmt]))
             ours.append(_child(["stream", f"{path}/*.{fmt}", fmt, "0", "1"]))
+            if fmt == "parquet":
+                single.append(_child(["plain", path, fmt, "0"]))
         ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
+        passes[fmt] = os_
         # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
         best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
         plain_best = [max(p["tenths"][i] for p in plain) for i in range(10)]
@@ -327,6 +336,12 @@ def text_tables(root: Path, args) -> None:
             f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
             f"| {best[-1] / best[0]:.2f} |"
         )
+    ss, os_ = [s["seconds"] for s in single], passes["parquet"]
+    print(
+        f"\nparquet, plain read single-threaded (use_threads=False, as distrain reads): {min(ss):.1f} s "
+        f"({median(ss):.1f} s; {single[0]['rows'] / min(ss):,.0f} rows/s); pass / it {min(os_) / min(ss):.2f}x "
+        f"({median(os_) / median(ss):.2f}x)"
+    )
     for fmt, best, runs, plain_best, plain_runs in tenths:
         for what, b, rs in (
             ("the pass after the start-up", best, runs),
