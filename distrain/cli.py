@@ -9,14 +9,11 @@ import signal
 import sys
 
 from distrain.config import load_config, reference_markdown, to_yaml
-from distrain.errors import ConfigError, UserError
+from distrain.errors import EXIT_PREEMPTED, ConfigError, UserError
 
 log = logging.getLogger("distrain")
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
-EXIT_PREEMPTED = (
-    75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint: launch again to resume (EX_TEMPFAIL)
-)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,11 @@ bug) is not a ``UserError`` and keeps its traceback."""
 
 from __future__ import annotations
 
+# the ``distrain`` command's exit status after a stop (SIGTERM, SIGUSR1, a stop notice from the
+# launcher, the time limit) that saved a checkpoint: launch again to resume (EX_TEMPFAIL).
+# slurm/job.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
+
 
 class UserError(Exception):
     """Base of the errors a user fixes; printed as one line, without a traceback."""

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from distrain.config import Config, check_topology, to_yaml
-from distrain.errors import ConfigError, UserError
+from distrain.errors import EXIT_PREEMPTED, ConfigError, UserError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 DEFAULT_NODE_IP = "$(hostname -I | cut -d' ' -f1)"
-EXIT_PREEMPTED = 75
 
 
 class SlurmError(UserError):
