@@ -114,8 +114,8 @@ def test_a_pass_opens_each_file_once_and_reads_it_front_to_back(tmp_path, monkey
             opened.clear()
             rows = []
             cur = PartitionRows(Plan([man], [1.0], 0, 1, 64, shuffle), 0, 0, loop=False)
-            while (r := cur.next_row()) is not None:
-                rows.append(r.index)
+            while got := cur.rows(1):
+                rows.extend(r.index for r in got)
             assert sorted(rows) == list(range(3000))
             assert opened == [name], opened  # one open for the whole pass, no re-open to skip rows
             if shuffle:  # rows permuted within blocks of 64, blocks in file order

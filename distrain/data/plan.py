@@ -213,10 +213,6 @@ class PartitionRows:
             self._buf = None
         return out
 
-    def next_row(self) -> Row | None:
-        got = self.rows(1)
-        return got[0] if got else None
-
     def states(self, k: int) -> list[dict[str, int]]:
         """The state before each of the ``k`` rows the last ``rows()`` gave."""
         e, b, i = self.took
