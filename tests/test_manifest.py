@@ -75,7 +75,7 @@ def test_jsonl_lines_parse_like_json_loads_and_bad_ones_are_named(tmp_path):
     f.write_bytes(b"".join(lines))
     man = src.build_manifest(str(f), "jsonl", "data.train_path")
     raws = [r for run in src.iter_raw(man, 0) for r in run]
-    rows = src.make_rows(man, [0] * len(raws), list(range(len(raws))), raws)
+    rows = list(src.make_rows(man, [0] * len(raws), list(range(len(raws))), raws))
     assert [r.value for r in rows[:3]] == [{"text": "plain"}, {"text": "indented"}, {"text": "bom"}]
     errors = [r.error for r in rows[3:]]
     assert errors[0].startswith("malformed JSON (Extra data")

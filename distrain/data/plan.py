@@ -30,6 +30,8 @@ reads which partition.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import random
 from collections import deque
@@ -38,7 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from distrain.data.sources import Manifest, Row, iter_raw, make_rows, row_bytes
+from distrain.data.sources import Manifest, Rows, iter_raw, make_rows, row_bytes, row_where
 from distrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -192,11 +194,15 @@ class PartitionRows:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "block": self.block, "idx": self.idx}
 
-    def rows(self, n: int) -> list[Row]:
+    def state(self) -> tuple[int, int, int]:
+        """``state_dict()``'s values: (epoch, block, index in the block)."""
+        return self.epoch, self.block, self.idx
+
+    def rows(self, n: int) -> Rows:
         """The next rows, at most ``n``, all of one epoch (and of one block when shuffled); fewer at the
         end of what was read, none at the end of a single pass. The state moves past them."""
         if self._buf is None and not self._fill():
-            return []
+            return Rows(self.manifest, [], [], [])
         fids, indexes, raws = self._buf
         a = self._at
         b = min(a + n, len(raws))
@@ -345,12 +351,35 @@ def _in_order(runs: list, perm: np.ndarray | None):
 
 
 class Doc(NamedTuple):
-    """A row as a partition hands it out: the partition's position before it, its source and epoch."""
+    """A row as a partition hands it out: the partition's position before it (``docs`` rows read,
+    each source's (epoch, block, index) state), the row's source and epoch, and the row itself (the
+    fields of a ``Row``)."""
 
-    before: dict[str, Any]
+    docs: int
+    sources: tuple[tuple[int, int, int], ...]
     src: int
     epoch: int
-    row: Row
+    file: str
+    index: int
+    value: dict[str, Any] | None
+    error: str | None
+    file_id: int
+
+    @property
+    def where(self) -> str:
+        return row_where(self.file, self.index)
+
+    def position(self, offset: int, count: int) -> dict[str, Any]:
+        """The partition's saved position for a sample that ends ``offset`` units into this row."""
+        return {
+            "docs": self.docs,
+            "sources": [{"epoch": e, "block": b, "idx": i} for e, b, i in self.sources],
+            "offset": offset,
+            "count": count,
+        }
+
+
+_new_doc = functools.partial(tuple.__new__, Doc)  # a Doc from a tuple of its fields, without a Python call
 
 
 class Prepared(NamedTuple):
@@ -433,21 +462,39 @@ class Partition:
                 src = min(int(np.searchsorted(self.plan.cum_weights, u, side="right")), len(self.cursors) - 1)
             cur = self.cursors[src]
             rows = cur.rows(n - len(out) if single else 1)
-            if not rows:
+            k = len(rows)
+            if not k:
                 break
-            others = [c.state_dict() for c in self.cursors]
-            for j, (row, st) in enumerate(zip(rows, cur.states(len(rows)), strict=True)):
-                others[src] = st
-                before = {"docs": self.docs + j, "sources": list(others)}
-                out.append(Doc(before, src, cur.took[0], row))
-            self.docs += len(rows)
+            e, b, i = cur.took
+            states = [(e, b + j, 0) for j in range(k)] if cur.size == 1 else [(e, b, i + j) for j in range(k)]
+            if single:
+                sources = [(st,) for st in states]
+            else:
+                others = [c.state() for c in self.cursors]
+                sources = []
+                for st in states:
+                    others[src] = st
+                    sources.append(tuple(others))
+            fields = (
+                range(self.docs, self.docs + k),
+                sources,
+                itertools.repeat(src),
+                itertools.repeat(e),
+                map(rows.manifest.paths.__getitem__, rows.fids),
+                rows.indexes,
+                rows.values,
+                rows.errors or itertools.repeat(None),
+                rows.fids,
+            )
+            out += map(_new_doc, zip(*fields, strict=False))  # the repeats are endless
+            self.docs += k
         return out
 
     def take(self, doc: Doc, prepared: Prepared) -> list[Sample]:
         """The samples that ``doc`` completes (none for a bad row, or a document shorter than what a
         window still needs)."""
         if prepared.units is None:
-            where = doc.row.where
+            where = doc.where
             if self.on_error == "fail":
                 raise DataError(f"{where}: {prepared.msg}; fix the row or set data.on_error=skip")
             self.errors[ERROR_KINDS.index(prepared.kind)] += 1
@@ -469,7 +516,7 @@ class Partition:
         out = []
         for data, off in self.packer.feed(prepared.units, skip):
             self.count += 1
-            out.append(Sample(data, {**doc.before, "offset": off, "count": self.count}, self.errors.copy()))
+            out.append(Sample(data, doc.position(off, self.count), self.errors.copy()))
             self.errors[:] = 0
         return out
 

@@ -117,6 +117,15 @@ def detect_format(path: str, fmt: str, key: str) -> str:
     return kinds.pop()
 
 
+def row_where(file: str, index: int) -> str:
+    """How an error names a row: the line of a jsonl file, an image file, the row of any other."""
+    if file.endswith((".jsonl", ".json")):
+        return f"{file} line {index + 1}"
+    if file.rsplit(".", 1)[-1].lower() in {e[1:] for e in IMAGE_EXT}:
+        return file
+    return f"{file} row {index}"
+
+
 class Row(NamedTuple):
     """One row read from ``file`` (0-based ``index``: the line of a jsonl file, the row of a parquet
     file or Arrow table, the image of an ImageFolder); ``value`` is the parsed row or ``error`` says
@@ -130,11 +139,36 @@ class Row(NamedTuple):
 
     @property
     def where(self) -> str:
-        if self.file.endswith((".jsonl", ".json")):
-            return f"{self.file} line {self.index + 1}"
-        if self.file.rsplit(".", 1)[-1].lower() in {e[1:] for e in IMAGE_EXT}:
-            return self.file
-        return f"{self.file} row {self.index}"
+        return row_where(self.file, self.index)
+
+
+class Rows:
+    """Rows as a reader hands them out, a column each: ``fids`` (each row's file, by its place in
+    the manifest), ``indexes`` (the row's index in its file), ``values`` (the parsed rows, None where
+    a row could not be read) and ``errors`` (why; None when every row was read). Indexing or
+    iterating gives ``Row``s."""
+
+    __slots__ = ("manifest", "fids", "indexes", "values", "errors")
+
+    def __init__(self, manifest: Manifest, fids: list[int], indexes: list[int], values: list, errors=None):
+        self.manifest, self.fids, self.indexes, self.values, self.errors = (
+            manifest,
+            fids,
+            indexes,
+            values,
+            errors,
+        )
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, j: int) -> Row:
+        f = self.fids[j]
+        error = self.errors[j] if self.errors else None
+        return Row(self.manifest.paths[f], self.indexes[j], self.values[j], error, f)
+
+    def __iter__(self) -> Iterator[Row]:
+        return map(self.__getitem__, range(len(self.values)))
 
 
 # --------------------------------------------------------------------------------------- manifests
@@ -497,34 +531,32 @@ def _json_line(raw: bytes) -> Any:
     return value
 
 
-_new_row = functools.partial(tuple.__new__, Row)  # Row from a tuple of its fields, without a Python call
-
-
-def make_rows(manifest: Manifest, fids: list[int], indexes: list[int], raws: list[Any]) -> list[Row]:
+def make_rows(manifest: Manifest, fids: list[int], indexes: list[int], raws: list[Any]) -> Rows:
     """Rows ``indexes`` of files ``fids`` of ``manifest``, parsed from what ``iter_raw`` gave for
-    them (parquet and Arrow rows as dicts: a record batch's ``to_pylist()``)."""
+    them (parquet and Arrow rows already as dicts: a record batch's ``to_pylist()``)."""
     fmt, files = manifest.fmt, manifest.files
     if fmt in ("parquet", "hf"):
-        paths = map(manifest.paths.__getitem__, fids)
-        return list(map(_new_row, zip(paths, indexes, raws, itertools.repeat(None), fids)))
-    out = []
-    for f, i, raw in zip(fids, indexes, raws, strict=True):
-        file = files[f].path
+        return Rows(manifest, fids, indexes, raws)
+    if fmt == "imagefolder":
+        return Rows(manifest, fids, indexes, [{"path": files[f].path, "label": files[f].label} for f in fids])
+    values, errors = [], None
+    for j, raw in enumerate(raws):
+        value = error = None
         if fmt == "jsonl":
             try:
                 value = _json_line(raw)
             except ValueError as exc:  # UnicodeDecodeError included
-                out.append(Row(file, i, None, f"malformed JSON ({exc})", f))
-                continue
-            if type(value) is dict:
-                out.append(Row(file, i, value, None, f))
+                error = f"malformed JSON ({exc})"
             else:
-                out.append(Row(file, i, None, f"a JSON {type(value).__name__}, not an object", f))
-        elif fmt == "imagefolder":
-            out.append(Row(file, 0, {"path": file, "label": files[f].label}, None, f))
+                if type(value) is not dict:
+                    value, error = None, f"a JSON {type(value).__name__}, not an object"
         else:
             try:
-                out.append(Row(file, 0, {"text": raw.decode("utf-8")}, None, f))
+                value = {"text": raw.decode("utf-8")}
             except UnicodeDecodeError as exc:
-                out.append(Row(file, 0, None, f"not UTF-8 text ({exc})", f))
-    return out
+                error = f"not UTF-8 text ({exc})"
+        values.append(value)
+        if error is not None:
+            errors = errors or [None] * len(raws)
+            errors[j] = error
+    return Rows(manifest, fids, indexes, values, errors)

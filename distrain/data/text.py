@@ -8,11 +8,10 @@ import numpy as np
 import torch
 
 from distrain.data.plan import Doc, Prepared
-from distrain.data.sources import Row
 
 
-def text_of(row: Row, fmt: str, field: str) -> Prepared:
-    """The row's text as ``units``, or the kind of bad row and why."""
+def text_of(row: Doc, fmt: str, field: str) -> Prepared:
+    """The row's text as ``units``, or the kind of bad row and why (``row``: a ``Doc`` or a ``Row``)."""
     field = "text" if fmt == "txt" else field
     if row.error is not None:
         return Prepared(None, "malformed", row.error)
@@ -27,13 +26,13 @@ def text_of(row: Row, fmt: str, field: str) -> Prepared:
 
 
 class TokenizeRows:
-    """Row -> its token ids followed by the end-of-document id (or why it is unusable)."""
+    """A row -> its token ids followed by the end-of-document id (or why it is unusable)."""
 
     def __init__(self, tokenizer, fmts: list[str], field: str):
         self.tok, self.fmts, self.field = tokenizer, fmts, field
 
     def __call__(self, doc: Doc) -> Prepared:
-        p = text_of(doc.row, self.fmts[doc.src], self.field)
+        p = text_of(doc, self.fmts[doc.src], self.field)
         if p.units is None:
             return p
         return Prepared(np.append(self.tok.encode(p.units), self.tok.eos_id))

@@ -41,7 +41,7 @@ def build_transform(cfg, train: bool):
 
 
 class DecodeImages:
-    """Row -> ``[(image tensor, label)]``, or why it is unusable. Seeds the CPU generator per
+    """A row -> ``[(image tensor, label)]``, or why it is unusable. Seeds the CPU generator per
     sample: callers in the training process save and restore its state around a batch."""
 
     def __init__(self, cfg, train: bool, fmt: str):
@@ -63,8 +63,7 @@ class DecodeImages:
             raw = raw.get("bytes") or raw.get("path") or b""
         return raw, int(v[self.label_field])
 
-    def __call__(self, doc: Doc) -> Prepared:
-        row = doc.row
+    def __call__(self, row: Doc) -> Prepared:
         if row.error is not None:
             return Prepared(None, "malformed", row.error)
         src, label = self._source(row)
@@ -75,7 +74,7 @@ class DecodeImages:
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this sample's
             return Prepared(None, "undecodable", f"cannot decode the image ({exc})")
         # this sample's augmentation; the CPU generator only (torch.manual_seed also queues CUDA seeding)
-        key = hash((self.seed, doc.epoch, row.file_id, row.index)) & 0x7FFF_FFFF_FFFF_FFFF
+        key = hash((self.seed, row.epoch, row.file_id, row.index)) & 0x7FFF_FFFF_FFFF_FFFF
         torch.default_generator.manual_seed(key)
         return Prepared([(self.transform(img), label)])
 
