@@ -311,21 +311,23 @@ class PartitionRows:
 
 
 class _ArrowRows:
-    """A block's Arrow rows, made Python dicts a slice at a time as they are handed out (the block
-    stays in Arrow's compact buffers until then), a column at a time: what ``to_pylist()`` gives,
-    without its per-row Python code."""
+    """A block's Arrow rows as Python values a column at a time (one ``to_pylist()`` call each),
+    permuted by moving references (an Arrow ``take`` would copy every value first), made the
+    dicts a record batch's ``to_pylist()`` gives a slice at a time as they are handed out."""
 
-    def __init__(self, table):
-        table = table.combine_chunks()
+    def __init__(self, table, perm: np.ndarray | None):
         self.n, self.names = table.num_rows, table.schema.names
-        self.columns = [c.chunk(0) if c.num_chunks == 1 else c for c in table.columns]
+        cols = [c.to_pylist() for c in table.columns]
+        if perm is not None:
+            order = perm.tolist()
+            cols = [[c[i] for i in order] for c in cols]
+        self.columns = cols
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, rows: slice) -> list[dict]:
-        a, n = rows.start, rows.stop - rows.start
-        cols = [c.slice(a, n).to_pylist() for c in self.columns]
+        cols = [c[rows] for c in self.columns]
         if len(cols) == 1:
             (name,) = self.names
             return [{name: v} for v in cols[0]]
@@ -343,8 +345,7 @@ def _in_order(runs: list, perm: np.ndarray | None):
         import pyarrow as pa
 
         if all(r.schema == runs[0].schema for r in runs):
-            table = pa.Table.from_batches(runs)
-            return _ArrowRows(table.take(perm) if perm is not None else table)
+            return _ArrowRows(pa.Table.from_batches(runs), perm)
         runs = [r.to_pylist() for r in runs]
     rows = runs[0] if len(runs) == 1 else [r for run in runs for r in run]
     return rows if perm is None else [rows[i] for i in perm.tolist()]
