@@ -14,7 +14,9 @@ default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first ro
 partition opens its file and reads its first block; the pass goes on for as many rows as the epoch
 has, each partition into its next epoch as in training (see plan_pass), and the rates per tenth are
 over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
-the epoch once. The baseline reads the same files front to back with plain Python / pyarrow: jsonl
+the epoch once. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of
+file ids, indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads
+it, as ``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline reads the same files front to back with plain Python / pyarrow: jsonl
 lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in a fresh process like the
 pass, which has imported distrain and so has the same Arrow memory pool as the pass; parquet also
 single-threaded (``use_threads=False``, as distrain reads its files). The plain read
@@ -103,7 +105,14 @@ def _rchar() -> int:
 
 
 def plan_pass(
-    path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32, stream: bool = False
+    path: str,
+    fmt: str,
+    rank: int,
+    world: int,
+    partitions: int = 64,
+    take: int = 32,
+    stream: bool = False,
+    docs: bool = False,
 ) -> dict:
     """One epoch's worth of rank ``rank``'s partitions, ``take`` rows of each in turn: the start-up
     (the first round, in which every partition opens its file and reads its first block) and the
@@ -112,24 +121,30 @@ def plan_pass(
     reads a block when it starts handing it out, and the start-up read the first). ``stream``: the
     partitions go on into their next epoch, as in training, and the pass is an epoch's worth of rows
     after the start-up, so its last tenth reads the next epoch's first blocks as the start-up read
-    this one's."""
+    this one's. ``docs``: each partition's rows as the pipeline reads them, ``Doc``s with the
+    partition's position before each (``Partition.read``), instead of the reader's ``Rows``."""
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401
 
     # pyarrow's first table imports pandas: before the clock, as in the baseline's process
     pa.table({"a": [0]})
 
-    from distrain.data.plan import PartitionRows, Plan, owned
+    from distrain.data.plan import ItemPacker, Partition, PartitionRows, Plan, owned
     from distrain.data.sources import build_manifest
 
     man = build_manifest(path, fmt, "data.train_path")
     plan = Plan([man], [1.0], 0, partitions, 1024, True, block_mb=1.0)
-    cursors = [
-        PartitionRows(plan, 0, p, loop=stream, columns=["text"]) for p in owned(partitions, rank, world)
-    ]
-    expect = sum(c.hi - c.lo for c in cursors)
+    mine = owned(partitions, rank, world)
+    if docs:
+        parts = [Partition(plan, p, None, ItemPacker(), None, "skip", stream, ["text"]) for p in mine]
+        cursors = [part.read for part in parts]
+        expect = sum(part.cursors[0].hi - part.cursors[0].lo for part in parts)
+    else:
+        rows = [PartitionRows(plan, 0, p, loop=stream, columns=["text"]) for p in mine]
+        cursors = [c.rows for c in rows]
+        expect = sum(c.hi - c.lo for c in rows)
     t0, r0 = time.perf_counter(), _rchar()
-    n = sum(len(c.rows(take)) for c in cursors)  # the start-up: every partition opens its file
+    n = sum(len(c(take)) for c in cursors)  # the start-up: every partition opens its file
     t1, n0 = time.perf_counter(), n
     if stream:
         expect += n0
@@ -138,7 +153,7 @@ def plan_pass(
     while live and n < expect:
         keep = []
         for c in live:
-            rows = c.rows(min(take, expect - n))
+            rows = c(min(take, expect - n))
             if not rows:
                 continue
             keep.append(c)
@@ -277,9 +292,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind in ("pass", "stream"):
+        if kind in ("pass", "stream", "docs"):
             path, fmt, rank, world = rest
-            res = plan_pass(path, fmt, int(rank), int(world), stream=kind == "stream")
+            res = plan_pass(path, fmt, int(rank), int(world), stream=kind != "pass", docs=kind == "docs")
         elif kind == "plain":
             res = plain_pass(*rest)
         else:
@@ -314,7 +329,7 @@ def text_tables(root: Path, args) -> None:
         "| pass / plain, best (median) | start-up | rows/s first 10% | rows/s last 10% | last / first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    tenths, single, passes = [], [], {}
+    tenths, single, passes, docs = [], [], {}, {}
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
         t = time.perf_counter()
@@ -327,10 +342,11 @@ def text_tables(root: Path, args) -> None:
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both
             plain.append(_child(["plain", path, fmt]))
             ours.append(_child(["stream", f"{path}/*.{fmt}", fmt, "0", "1"]))
+            docs.setdefault(fmt, []).append(_child(["docs", f"{path}/*.{fmt}", fmt, "0", "1"]))
             if fmt == "parquet":
                 single.append(_child(["plain", path, fmt, "0"]))
         ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
-        passes[fmt] = os_
+        passes[fmt] = (os_, ps)
         # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
         best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
         plain_best = [max(p["tenths"][i] for p in plain) for i in range(10)]
@@ -342,12 +358,19 @@ def text_tables(root: Path, args) -> None:
             f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
             f"| {best[-1] / best[0]:.2f} |"
         )
-    ss, os_ = [s["seconds"] for s in single], passes["parquet"]
+    ss, os_ = [s["seconds"] for s in single], passes["parquet"][0]
     print(
         f"\nparquet, plain read single-threaded (use_threads=False, as distrain reads): {min(ss):.1f} s "
         f"({median(ss):.1f} s; {single[0]['rows'] / min(ss):,.0f} rows/s); pass / it {min(os_) / min(ss):.2f}x "
         f"({median(os_) / median(ss):.2f}x)"
     )
+    print()
+    for fmt, runs in docs.items():
+        ds, ps = [d["seconds"] for d in runs], passes[fmt][1]
+        print(
+            f"{fmt}, the same pass as Docs (Partition.read: each row with its partition's position): "
+            f"{min(ds):.1f} s ({median(ds):.1f} s); / the plain read {min(ds) / min(ps):.2f}x ({median(ds) / median(ps):.2f}x)"
+        )
     for fmt, best, runs, plain_best, plain_runs in tenths:
         for what, b, rs in (
             ("the pass after the start-up", best, runs),
