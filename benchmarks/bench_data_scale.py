@@ -16,8 +16,8 @@ has, each partition into its next epoch as in training (see plan_pass), and the 
 over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
 the epoch once. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of
 file ids, indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads
-it, as ``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline reads the same files front to back with plain Python / pyarrow: jsonl
-lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in a fresh process like the
+it, as ``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline
+reads the same files front to back with plain Python / pyarrow: jsonl lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in a fresh process like the
 pass, which has imported distrain and so has the same Arrow memory pool as the pass; parquet also
 single-threaded (``use_threads=False``, as distrain reads its files). The plain read
 and the pass run --repeat times, alternating, so that a slow spell of the machine falls on both; the
