@@ -352,14 +352,16 @@ def _in_order(runs: list, perm: np.ndarray | None):
 
 
 class Doc(NamedTuple):
-    """A row as a partition hands it out: the partition's position before it (``docs`` rows read,
-    each source's (epoch, block, index) state), the row's source and epoch, and the row itself (the
-    fields of a ``Row``)."""
+    """A row as a partition hands it out: the partition's position before it (``docs`` rows read;
+    its source ``src`` at ``epoch``, ``block`` and ``idx``, the other sources as ``states`` has them),
+    and the row itself (the fields of a ``Row``)."""
 
     docs: int
-    sources: tuple[tuple[int, int, int], ...]
     src: int
     epoch: int
+    block: int
+    idx: int
+    states: tuple[tuple[int, int, int], ...]
     file: str
     index: int
     value: dict[str, Any] | None
@@ -372,12 +374,9 @@ class Doc(NamedTuple):
 
     def position(self, offset: int, count: int) -> dict[str, Any]:
         """The partition's saved position for a sample that ends ``offset`` units into this row."""
-        return {
-            "docs": self.docs,
-            "sources": [{"epoch": e, "block": b, "idx": i} for e, b, i in self.sources],
-            "offset": offset,
-            "count": count,
-        }
+        sources = [{"epoch": e, "block": b, "idx": i} for e, b, i in self.states]
+        sources[self.src] = {"epoch": self.epoch, "block": self.block, "idx": self.idx}
+        return {"docs": self.docs, "sources": sources, "offset": offset, "count": count}
 
 
 _new_doc = functools.partial(tuple.__new__, Doc)  # a Doc from a tuple of its fields, without a Python call
@@ -451,6 +450,9 @@ class Partition:
         self.docs, self.skip, self.count = int(st["docs"]), int(st["offset"]), int(st["count"])
         self.errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
         self.last_good = [c.epoch - 1 for c in self.cursors]
+        self._alone = (
+            (0, 0, 0),
+        )  # the other sources' states of a single source: none (its own is the Doc's)
 
     def read(self, n: int = 1) -> list[Doc]:
         """The next ``n`` rows (fewer at the end of a single pass)."""
@@ -467,20 +469,17 @@ class Partition:
             if not k:
                 break
             e, b, i = cur.took
-            states = [(e, b + j, 0) for j in range(k)] if cur.size == 1 else [(e, b, i + j) for j in range(k)]
-            if single:
-                sources = [(st,) for st in states]
+            if cur.size == 1:  # one-row blocks: a row's block is its place in the partition
+                blocks, idxs = range(b, b + k), itertools.repeat(0)
             else:
-                others = [c.state() for c in self.cursors]
-                sources = []
-                for st in states:
-                    others[src] = st
-                    sources.append(tuple(others))
+                blocks, idxs = itertools.repeat(b), range(i, i + k)
             fields = (
                 range(self.docs, self.docs + k),
-                sources,
                 itertools.repeat(src),
                 itertools.repeat(e),
+                blocks,
+                idxs,
+                itertools.repeat(self._alone if single else tuple(c.state() for c in self.cursors)),
                 map(rows.manifest.paths.__getitem__, rows.fids),
                 rows.indexes,
                 rows.values,
