@@ -450,9 +450,8 @@ class Partition:
         self.docs, self.skip, self.count = int(st["docs"]), int(st["offset"]), int(st["count"])
         self.errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
         self.last_good = [c.epoch - 1 for c in self.cursors]
-        self._alone = (
-            (0, 0, 0),
-        )  # the other sources' states of a single source: none (its own is the Doc's)
+        # a single source has no other sources' states: a placeholder its Doc's own state replaces
+        self._alone = ((0, 0, 0),)
 
     def read(self, n: int = 1) -> list[Doc]:
         """The next ``n`` rows (fewer at the end of a single pass)."""
