@@ -6,28 +6,29 @@ a rank streaming 10k to 1M parquet images at 64 and at 8 partitions.
         [--repeat 3]   (--rows 0: the images only; --images '': the text only)
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files;
-at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M
-rows, 10 for each of the 64 partitions, so they all end together and the last tenth is read by all
-of them). A pass is what one rank of world size 1 reads in an epoch's worth of its stream: its 64
+at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M rows,
+10 for each of the 64 partitions, so they all end together and the last tenth is read by all of
+them). A pass is what one rank of world size 1 reads in an epoch's worth of its stream: its 64
 partitions, 32 rows of each in turn (the plan's sample order, a micro-batch at a time), with the
 default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first round, in which every
 partition opens its file and reads its first block; the pass goes on for as many rows as the epoch
 has, each partition into its next epoch as in training (see plan_pass), and the rates per tenth are
 over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
-the epoch once. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of
-file ids, indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads
-it, as ``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline
-reads the same files front to back with plain Python / pyarrow: jsonl lines parsed with json.loads, parquet ``iter_batches().to_pylist()``, in a fresh process like the
-pass, which has imported distrain and so has the same Arrow memory pool as the pass; parquet also
-single-threaded (``use_threads=False``, as distrain reads its files). The plain read
-and the pass run --repeat times, alternating, so that a slow spell of the machine falls on both; the
-tables give the best and the median of the runs, and each tenth's rate (the plain read's too) at its
-best over the runs. Partitions
-per rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain
-read's rate. Bytes per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own;
-the bytes are the process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of
-32x32 PNGs (row groups of 100), resnet-cpu-tiny's pipeline (one DataLoader worker) at 64 and at 8
-partitions streaming 300 batches of 32 in a fresh process; the figures are the peak RSS (VmHWM) of that process and of its worker.
+the epoch once. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of file
+ids, indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads it, as
+``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline reads the
+same files front to back with plain Python / pyarrow: jsonl lines parsed with json.loads, parquet
+``iter_batches().to_pylist()``, in a fresh process like the pass, which has imported distrain and so
+has the same Arrow memory pool as the pass; parquet also single-threaded (``use_threads=False``, as
+distrain reads its files). The plain read and the pass run --repeat times, alternating, so that a
+slow spell of the machine falls on both; the tables give the best and the median of the runs, and
+each tenth's rate (the plain read's too) at its best over the runs. Partitions per rank: rank 0 of
+world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain read's rate. Bytes
+per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own; the bytes are the
+process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of 32x32 PNGs (row groups
+of 100), resnet-cpu-tiny's pipeline (one DataLoader worker) at 64 and at 8 partitions streaming 300
+batches of 32 in a fresh process; the figures are the peak RSS (VmHWM) of that process and of its
+worker.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def text_tables(root: Path, args) -> None:
         "| pass / plain, best (median) | start-up | rows/s first 10% | rows/s last 10% | last / first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    tenths, single, passes, docs = [], [], {}, {}
+    tenths, single, passes, plains, docs = [], [], {}, {}, {}
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
         t = time.perf_counter()
@@ -346,7 +347,7 @@ def text_tables(root: Path, args) -> None:
             if fmt == "parquet":
                 single.append(_child(["plain", path, fmt, "0"]))
         ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
-        passes[fmt] = (os_, ps)
+        passes[fmt], plains[fmt] = os_, ps
         # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
         best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
         plain_best = [max(p["tenths"][i] for p in plain) for i in range(10)]
@@ -358,7 +359,7 @@ def text_tables(root: Path, args) -> None:
             f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
             f"| {best[-1] / best[0]:.2f} |"
         )
-    ss, os_ = [s["seconds"] for s in single], passes["parquet"][0]
+    ss, os_ = [s["seconds"] for s in single], passes["parquet"]
     print(
         f"\nparquet, plain read single-threaded (use_threads=False, as distrain reads): {min(ss):.1f} s "
         f"({median(ss):.1f} s; {single[0]['rows'] / min(ss):,.0f} rows/s); pass / it {min(os_) / min(ss):.2f}x "
@@ -366,7 +367,7 @@ def text_tables(root: Path, args) -> None:
     )
     print()
     for fmt, runs in docs.items():
-        ds, ps = [d["seconds"] for d in runs], passes[fmt][1]
+        ds, ps = [d["seconds"] for d in runs], plains[fmt]
         print(
             f"{fmt}, the same pass as Docs (Partition.read: each row with its partition's position): "
             f"{min(ds):.1f} s ({median(ds):.1f} s); / the plain read {min(ds) / min(ps):.2f}x ({median(ds) / median(ps):.2f}x)"

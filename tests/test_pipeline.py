@@ -79,7 +79,9 @@ def test_large_rows_get_smaller_blocks_and_any_read_size_gives_every_row_once(tm
             cur = PartitionRows(plan, 0, p, loop=False)
             while rows := cur.rows(take):
                 assert len({r.file for r in rows}) >= 1 and len(rows) <= 5
-                for row, st in zip(rows, cur.states(len(rows)), strict=True):
+                e, blocks, idxs = cur.before(len(rows))
+                befores = [{"epoch": e, "block": b, "idx": i} for b, i in zip(blocks, idxs, strict=True)]
+                for row, st in zip(rows, befores, strict=True):
                     states.setdefault((row.file, row.index), (p, st))
                     got.append((row.file, row.index))
         orders.append(got)

@@ -35,7 +35,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -219,12 +219,13 @@ class PartitionRows:
             self._buf = None
         return out
 
-    def states(self, k: int) -> list[dict[str, int]]:
-        """The state before each of the ``k`` rows the last ``rows()`` gave."""
+    def before(self, k: int) -> tuple[int, Iterable[int], Iterable[int]]:
+        """The state before each of the ``k`` rows the last ``rows()`` gave: their epoch, and their
+        blocks and indexes in the block (one-row blocks: a row's block is its place in the partition)."""
         e, b, i = self.took
         if self.size == 1:
-            return [{"epoch": e, "block": b + j, "idx": 0} for j in range(k)]
-        return [{"epoch": e, "block": b, "idx": i + j} for j in range(k)]
+            return e, range(b, b + k), itertools.repeat(0, k)
+        return e, itertools.repeat(b, k), range(i, i + k)
 
     def _span(self, block: int) -> tuple[int, int]:
         """Block ``block``'s rows. Partition ``p``'s first block is shorter by ``p * B // K`` rows, so
@@ -450,8 +451,6 @@ class Partition:
         self.docs, self.skip, self.count = int(st["docs"]), int(st["offset"]), int(st["count"])
         self.errors = np.zeros(len(ERROR_KINDS), dtype=np.int64)
         self.last_good = [c.epoch - 1 for c in self.cursors]
-        # a single source has no other sources' states: a placeholder its Doc's own state replaces
-        self._alone = ((0, 0, 0),)
 
     def read(self, n: int = 1) -> list[Doc]:
         """The next ``n`` rows (fewer at the end of a single pass)."""
@@ -467,18 +466,14 @@ class Partition:
             k = len(rows)
             if not k:
                 break
-            e, b, i = cur.took
-            if cur.size == 1:  # one-row blocks: a row's block is its place in the partition
-                blocks, idxs = range(b, b + k), itertools.repeat(0)
-            else:
-                blocks, idxs = itertools.repeat(b), range(i, i + k)
+            e, blocks, idxs = cur.before(k)
             fields = (
                 range(self.docs, self.docs + k),
                 itertools.repeat(src),
                 itertools.repeat(e),
                 blocks,
                 idxs,
-                itertools.repeat(self._alone if single else tuple(c.state() for c in self.cursors)),
+                itertools.repeat(tuple(c.state() for c in self.cursors)),
                 map(rows.manifest.paths.__getitem__, rows.fids),
                 rows.indexes,
                 rows.values,

@@ -151,13 +151,8 @@ class Rows:
     __slots__ = ("manifest", "fids", "indexes", "values", "errors")
 
     def __init__(self, manifest: Manifest, fids: list[int], indexes: list[int], values: list, errors=None):
-        self.manifest, self.fids, self.indexes, self.values, self.errors = (
-            manifest,
-            fids,
-            indexes,
-            values,
-            errors,
-        )
+        self.manifest, self.fids, self.indexes = manifest, fids, indexes
+        self.values, self.errors = values, errors
 
     def __len__(self) -> int:
         return len(self.values)
