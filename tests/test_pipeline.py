@@ -389,6 +389,49 @@ def test_vision_transforms_follow_the_config(in_workdir):
     torch.testing.assert_close(wide[0]["images"][0], want)
 
 
+def test_augmentation_is_torchvisions_crop_seeded_per_row_and_leaves_torchs_generator_alone(in_workdir):
+    """A training image is torchvision's resized crop (and flip) of the row's image, with a box drawn
+    from the row's own seed: the same row gives the same image in any process, other rows others,
+    and decoding draws nothing from torch's generator (the training thread's dropout stream)."""
+    import random
+
+    from torchvision.transforms import v2
+
+    from distrain.data.plan import Doc
+    from distrain.data.vision import DecodeImages, crop_box
+
+    cfg = load_config(CONFIGS / "resnet-cpu-tiny.yaml", ["data.hflip=true", "model.image_size=24"])
+    decode = DecodeImages(cfg, True, "imagefolder")
+    path = sorted((in_workdir / "data" / "digits" / "train" / "3").iterdir())[0]
+
+    def doc(epoch: int, index: int) -> Doc:
+        return Doc(0, 0, epoch, 0, 0, (), str(path), index, {"path": str(path), "label": 3}, None, 7)
+
+    before = torch.random.get_rng_state()
+    image, label = decode(doc(0, 5)).units[0]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert image.dtype == torch.uint8 and image.shape == (3, 24, 24) and label == 3
+    # the same row again gives the same pixels; other epochs and rows other crops
+    assert torch.equal(decode(doc(0, 5)).units[0][0], image)
+    others = [decode(doc(e, i)).units[0][0] for e, i in ((1, 5), (0, 6), (2, 9))]
+    assert not any(torch.equal(o, image) for o in others)
+    # what torchvision's own resized crop and flip give on the PIL image for the drawn box
+    rng = random.Random(hash((cfg.run.seed, 0, 7, 5)))
+    with Image.open(path) as im:
+        pil = im.convert("RGB")
+    left, top, w, h = crop_box(pil.width, pil.height, tuple(cfg.data.crop_scale), rng)
+    want = v2.functional.resized_crop(pil, top, left, h, w, [24, 24], antialias=True)
+    if rng.random() < 0.5:
+        want = v2.functional.horizontal_flip(want)
+    assert torch.equal(image, v2.functional.pil_to_tensor(want))
+    # the boxes follow torchvision's sampling: an area fraction in data.crop_scale, aspect in [3/4, 4/3]
+    rng = random.Random(0)
+    for _ in range(500):
+        left, top, w, h = crop_box(320, 240, (0.25, 0.5), rng)
+        assert 0 <= left <= 320 - w and 0 <= top <= 240 - h
+        assert 0.24 <= w * h / (320 * 240) <= 0.51 and 0.7 <= w / h <= 1.4
+
+
 def _small_corpus(tmp_path, model: str) -> str:
     """A corpus that a few hundred samples go through several times (epoch ends on the way)."""
     rng = np.random.default_rng(1)

@@ -164,24 +164,6 @@ class _Failed:
         self.exc = exc
 
 
-class _Sync:
-    """Batches made on the caller's thread (images decoded in-process: their augmentation seeds the
-    CPU generator, whose state is saved and restored around each batch)."""
-
-    def __init__(self, batches: Iterator):
-        self.batches = batches
-
-    def __next__(self):
-        state = torch.random.get_rng_state()
-        try:
-            return next(self.batches)
-        finally:
-            torch.random.set_rng_state(state)
-
-    def close(self) -> None:
-        pass
-
-
 class Stream:
     """The endless training stream of one rank; remembers the position of the last batch it gave."""
 
@@ -292,9 +274,9 @@ class DataPipeline:
             from distrain.data.text import collate_text
 
             return collate_text
-        from distrain.data.vision import collate_images
+        from distrain.data.vision import CollateImages
 
-        return collate_images
+        return CollateImages(self.cfg)
 
     # ---------------------------------------------------------------- streams
     def train_batches(self) -> Iterator[dict[str, Any]]:
@@ -339,8 +321,6 @@ class DataPipeline:
                     asm.push(i, s)
 
             asm.fill = fill_inline
-            if self.kind == "images":
-                return _Sync(batches())
             return Prefetch(batches(), depth, self.pin)
         rounds = WorkerRounds(
             make, [(i, p, start["positions"].get(p)) for i, p in enumerate(ids)], self.kind == "images"
@@ -483,15 +463,11 @@ class DataPipeline:
             part = self._maker(plan, train=False, loop=False)(self.rank, None)
             mb, collate, n = self.cfg.train.micro_batch_size, self._collate(), self.cfg.train.eval_batches
             batches, samples = [], []
-            state = torch.random.get_rng_state()
-            try:
-                while len(batches) < n and (got := part.step()) is not None:
-                    samples += got
-                    while len(samples) >= mb and len(batches) < n:
-                        batches.append(collate(samples[:mb]))
-                        samples = samples[mb:]
-            finally:
-                torch.random.set_rng_state(state)
+            while len(batches) < n and (got := part.step()) is not None:
+                samples += got
+                while len(samples) >= mb and len(batches) < n:
+                    batches.append(collate(samples[:mb]))
+                    samples = samples[mb:]
             self._eval_cache = batches
         return self._eval_cache
 
