@@ -31,7 +31,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def norm_stats(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel: data.mean / data.std, else ImageNet's for RGB and 0.5 for greyscale."""
     d = cfg.data
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.model.in_channels == 3 else ((0.5,), (0.5,))
+    default_mean, default_std = (
+        (IMAGENET_MEAN, IMAGENET_STD) if cfg.model.in_channels == 3 else ((0.5,), (0.5,))
+    )
     return tuple(d.mean or default_mean), tuple(d.std or default_std)
 
 
@@ -68,7 +70,10 @@ class DecodeImages:
         self.size, self.augment = m.image_size, train and d.augment
         self.scale, self.hflip = tuple(d.crop_scale), d.hflip
         self.resize = v2.Compose(
-            [v2.Resize(round(m.image_size * d.eval_resize_ratio), antialias=True), v2.CenterCrop(m.image_size)]
+            [
+                v2.Resize(round(m.image_size * d.eval_resize_ratio), antialias=True),
+                v2.CenterCrop(m.image_size),
+            ]
         )
         self.to_tensor = v2.functional.pil_to_tensor
         self.mode = "RGB" if m.in_channels == 3 else "L"
@@ -101,7 +106,9 @@ class DecodeImages:
             return Prepared([(self.resize(self.to_tensor(img)), label)])
         rng = random.Random(hash((self.seed, row.epoch, row.file_id, row.index)))
         left, top, w, h = crop_box(img.width, img.height, self.scale, rng)
-        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        img = img.crop((left, top, left + w, top + h)).resize(
+            (self.size, self.size), Image.Resampling.BILINEAR
+        )
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return Prepared([(self.to_tensor(img), label)])
