@@ -7,28 +7,27 @@ a rank streaming 10k to 1M parquet images at 64 and at 8 partitions.
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files;
 at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M rows,
-10 for each of the 64 partitions, so they all end together and the last tenth is read by all of
-them). A pass is what one rank of world size 1 reads in an epoch's worth of its stream: its 64
-partitions, 32 rows of each in turn (the plan's sample order, a micro-batch at a time), with the
-default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is the first round, in which every
-partition opens its file and reads its first block; the pass goes on for as many rows as the epoch
-has, each partition into its next epoch as in training (see plan_pass), and the rates per tenth are
-over the rows after the start-up. The bytes per rank are over a single pass that reads every row of
-the epoch once. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of file
-ids, indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads it, as
-``Doc``s from ``Partition.read`` (each row with its partition's position). The baseline reads the
-same files front to back with plain Python / pyarrow: jsonl lines parsed with json.loads, parquet
-``iter_batches().to_pylist()``, in a fresh process like the pass, which has imported distrain and so
-has the same Arrow memory pool as the pass; parquet also single-threaded (``use_threads=False``, as
-distrain reads its files). The plain read and the pass run --repeat times, alternating, so that a
-slow spell of the machine falls on both; the tables give the best and the median of the runs, and
-each tenth's rate (the plain read's too) at its best over the runs. Partitions per rank: rank 0 of
-world size 1, 8 and 64 (64, 8 and 1 partitions read in turn) against the plain read's rate. Bytes
-per rank: each rank of 1, 2 and 4 reads its partitions in a process of its own; the bytes are the
-process's ``rchar`` (/proc/self/io) during the pass. Images: parquet files of 32x32 PNGs (row groups
-of 100), resnet-cpu-tiny's pipeline (one DataLoader worker) at 64 and at 8 partitions streaming 300
-batches of 32 in a fresh process; the figures are the peak RSS (VmHWM) of that process and of its
-worker.
+10 for each of the 64 partitions). A pass is an epoch of one rank of world size 1, every row once:
+its 64 partitions, 32 rows of each in turn (the plan's sample order, a micro-batch at a time), with
+the default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is its first round, in which
+every partition opens its file and reads its first block; the rates per tenth are over the rows
+after it. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of file ids,
+indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads it, as
+``Doc``s from ``Partition.read`` (each row with its partition's position). The baselines read the
+same files front to back with plain Python / pyarrow, in a fresh process like the pass, which has
+imported distrain and so has the same Arrow memory pool: jsonl lines parsed with json.loads, parquet
+``iter_batches().to_pylist()`` single-threaded (``use_threads=False``, as distrain reads its files)
+and with pyarrow's default threads. Every pass and read is timed by the wall clock and by its CPU
+time (the pass's thread; every thread of the baseline's process): this machine's speed moves by tens
+of per cent between identical runs and within one, and CPU time is the steadier of the two. The
+baselines and the pass run --repeat times, alternating, so that a slow spell falls on all of them;
+the tables give the best and the median of the runs, and every run's tenths with their last / first
+ratio. Partitions per rank: rank 0 of world size 1, 8 and 64 (64, 8 and 1 partitions read in turn)
+against the plain read's rate. Bytes per rank: each rank of 1, 2 and 4 reads its partitions in a
+process of its own; the bytes are the process's ``rchar`` (/proc/self/io) during the pass. Images:
+parquet files of 32x32 PNGs (row groups of 100), resnet-cpu-tiny's pipeline (one DataLoader worker)
+at 64 and at 8 partitions streaming 300 batches of 32 in a fresh process; the figures are the peak
+RSS (VmHWM) of that process and of its worker.
 """
 
 from __future__ import annotations
@@ -106,24 +105,13 @@ def _rchar() -> int:
 
 
 def plan_pass(
-    path: str,
-    fmt: str,
-    rank: int,
-    world: int,
-    partitions: int = 64,
-    take: int = 32,
-    stream: bool = False,
-    docs: bool = False,
+    path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32, docs: bool = False
 ) -> dict:
-    """One epoch's worth of rank ``rank``'s partitions, ``take`` rows of each in turn: the start-up
-    (the first round, in which every partition opens its file and reads its first block) and the
-    rates over each tenth of the rest. Without ``stream`` each partition stops at its epoch's end and
-    every row is read once; the last tenth then has less left to read than the others (a partition
-    reads a block when it starts handing it out, and the start-up read the first). ``stream``: the
-    partitions go on into their next epoch, as in training, and the pass is an epoch's worth of rows
-    after the start-up, so its last tenth reads the next epoch's first blocks as the start-up read
-    this one's. ``docs``: each partition's rows as the pipeline reads them, ``Doc``s with the
-    partition's position before each (``Partition.read``), instead of the reader's ``Rows``."""
+    """An epoch of rank ``rank``'s partitions, every row once, ``take`` rows of each partition in turn
+    (the plan's sample order, a micro-batch at a time): its time, the start-up's (the first round, in
+    which every partition opens its file and reads its first block) and the rates over each tenth of
+    the rows after the start-up. ``docs``: each partition's rows as the pipeline reads them, ``Doc``s
+    with the partition's position before each (``Partition.read``), instead of the reader's ``Rows``."""
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401
 
@@ -137,47 +125,51 @@ def plan_pass(
     plan = Plan([man], [1.0], 0, partitions, 1024, True, block_mb=1.0)
     mine = owned(partitions, rank, world)
     if docs:
-        parts = [Partition(plan, p, None, ItemPacker(), None, "skip", stream, ["text"]) for p in mine]
+        parts = [Partition(plan, p, None, ItemPacker(), None, "skip", False, ["text"]) for p in mine]
         cursors = [part.read for part in parts]
         expect = sum(part.cursors[0].hi - part.cursors[0].lo for part in parts)
     else:
-        rows = [PartitionRows(plan, 0, p, loop=stream, columns=["text"]) for p in mine]
+        rows = [PartitionRows(plan, 0, p, loop=False, columns=["text"]) for p in mine]
         cursors = [c.rows for c in rows]
         expect = sum(c.hi - c.lo for c in rows)
-    t0, r0 = time.perf_counter(), _rchar()
+    clock = time.thread_time  # the pass's own CPU time: what it costs, whatever else the machine runs
+    t0, c0, r0 = time.perf_counter(), clock(), _rchar()
     n = sum(len(c(take)) for c in cursors)  # the start-up: every partition opens its file
-    t1, n0 = time.perf_counter(), n
-    if stream:
-        expect += n0
-    marks, tenth = [], max(1, (expect - n0) // 10)
+    t1, c1, n0 = time.perf_counter(), clock(), n
+    marks, tenth = [(n0, t1, c1)], max(1, (expect - n0) // 10)
     live = list(cursors)
-    while live and n < expect:
+    while live:
         keep = []
         for c in live:
-            rows = c(min(take, expect - n))
+            rows = c(take)
             if not rows:
                 continue
             keep.append(c)
             before, n = n, n + len(rows)
             if (n - n0) // tenth > (before - n0) // tenth:
-                marks.append((n, time.perf_counter()))
-            if n >= expect:
-                break
+                marks.append((n, time.perf_counter(), clock()))
         live = keep
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, clock() - c0
     bytes_read = _rchar() - r0
     assert n == expect, (n, expect)
-    steps = [(n0, t1), *marks]
-    rates = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(steps, steps[1:], strict=False)][:10]
     return {
         "rows": n,
         "seconds": dt,
+        "cpu_seconds": cpu,
         "startup_s": t1 - t0,
         "startup_rows": n0,
         "bytes": bytes_read,
-        "first": rates[0],
-        "last": rates[-1],
-        "tenths": rates,
+        **_tenths(marks),
+    }
+
+
+def _tenths(marks: list[tuple[int, float, float]]) -> dict:
+    """Rows/s over each tenth of a pass, by the wall clock and by the process's CPU time, from the
+    (rows, wall, CPU) marks at (or just past) each tenth."""
+    pairs = list(zip(marks, marks[1:], strict=False))[:10]
+    return {
+        "tenths": [(b[0] - a[0]) / (b[1] - a[1]) for a, b in pairs],
+        "cpu_tenths": [(b[0] - a[0]) / max(b[2] - a[2], 1e-9) for a, b in pairs],
     }
 
 
@@ -191,8 +183,9 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
 
     pa.table({"a": [0]})  # pyarrow's first table imports pandas: before the clock, as in plan_pass
     files = sorted(glob.glob(f"{path}/*.{fmt}"))
-    t0, n, at = time.perf_counter(), 0, 4096
-    marks = [(0, t0)]
+    clock = time.process_time  # every thread's CPU time: pyarrow's default read uses several
+    t0, c0, n, at = time.perf_counter(), clock(), 0, 4096
+    marks = [(0, t0, c0)]
     if fmt == "jsonl":
         for f in files:
             with open(f, "rb") as fh:
@@ -200,7 +193,7 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
                     json.loads(line)
                     n += 1
                     if n >= at:
-                        marks.append((n, time.perf_counter()))
+                        marks.append((n, time.perf_counter(), clock()))
                         at += 4096
     else:
         for f in files:
@@ -210,14 +203,24 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
             for b in batches:
                 n += len(b.to_pylist())
                 if n >= at:
-                    marks.append((n, time.perf_counter()))
+                    marks.append((n, time.perf_counter(), clock()))
                     at += 4096
-    dt = time.perf_counter() - t0
-    marks.append((n, t0 + dt))
+    dt, cpu = time.perf_counter() - t0, clock() - c0
+    marks.append((n, t0 + dt, c0 + cpu))
     # the first mark at or past each tenth of the rows
     cuts = [next(m for m in marks if m[0] >= k * n // 10) for k in range(11)]
-    tenths = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(cuts, cuts[1:], strict=False)]
-    return {"rows": n, "seconds": dt, "tenths": tenths}
+    return {"rows": n, "seconds": dt, "cpu_seconds": cpu, **_tenths(cuts)}
+
+
+def _best_median(runs: list[dict], key: str) -> str:
+    xs = [r[key] for r in runs]
+    return f"{min(xs):.2f} ({median(xs):.2f})"
+
+
+def _ratio(runs: list[dict], base: list[dict], key: str) -> str:
+    """best / best (median / median)"""
+    a, b = [r[key] for r in runs], [r[key] for r in base]
+    return f"{min(a) / min(b):.2f}x ({median(a) / median(b):.2f}x)"
 
 
 def _child(args: list[str]) -> dict:
@@ -293,9 +296,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind in ("pass", "stream", "docs"):
+        if kind in ("pass", "docs"):
             path, fmt, rank, world = rest
-            res = plan_pass(path, fmt, int(rank), int(world), stream=kind != "pass", docs=kind == "docs")
+            res = plan_pass(path, fmt, int(rank), int(world), docs=kind == "docs")
         elif kind == "plain":
             res = plain_pass(*rest)
         else:
@@ -326,11 +329,11 @@ def text_tables(root: Path, args) -> None:
     from distrain.data.sources import build_manifest
 
     print(
-        "| format | manifest, cold | manifest, cached | plain read, best (median) | distrain pass, best (median) "
-        "| pass / plain, best (median) | start-up | rows/s first 10% | rows/s last 10% | last / first |"
+        "| format | baseline | manifest, cold / cached | baseline, wall s | distrain pass, wall s | pass / baseline, wall "
+        "| baseline, CPU s | pass, CPU s | pass / baseline, CPU | start-up |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    tenths, single, passes, plains, docs = [], [], {}, {}, {}
+    runs: dict[str, dict[str, list[dict]]] = {}
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
         t = time.perf_counter()
@@ -339,64 +342,64 @@ def text_tables(root: Path, args) -> None:
         t = time.perf_counter()
         build_manifest(f"{path}/*.{fmt}", fmt, "k")
         warm = time.perf_counter() - t
-        plain, ours = [], []
-        for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits both
-            plain.append(_child(["plain", path, fmt]))
-            ours.append(_child(["stream", f"{path}/*.{fmt}", fmt, "0", "1"]))
-            docs.setdefault(fmt, []).append(_child(["docs", f"{path}/*.{fmt}", fmt, "0", "1"]))
+        got = runs[fmt] = {"plain": [], "pass": [], "docs": [], "single": []}
+        for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits all of them
+            got["plain"].append(_child(["plain", path, fmt]))
+            got["pass"].append(_child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"]))
+            got["docs"].append(_child(["docs", f"{path}/*.{fmt}", fmt, "0", "1"]))
             if fmt == "parquet":
-                single.append(_child(["plain", path, fmt, "0"]))
-        ps, os_ = [p["seconds"] for p in plain], [o["seconds"] for o in ours]
-        passes[fmt], plains[fmt] = os_, ps
-        # each tenth at its best over the runs: the pass's own cost, without the machine's slow spells
-        best = [max(o["tenths"][i] for o in ours) for i in range(len(ours[0]["tenths"]))]
-        plain_best = [max(p["tenths"][i] for p in plain) for i in range(10)]
-        tenths.append((fmt, best, [o["tenths"] for o in ours], plain_best, [p["tenths"] for p in plain]))
-        rows = plain[0]["rows"]
-        print(
-            f"| {fmt} | {cold:.2f} s | {warm * 1e3:.0f} ms | {min(ps):.1f} s ({median(ps):.1f} s; {rows / min(ps):,.0f} rows/s) "
-            f"| {min(os_):.1f} s ({median(os_):.1f} s) | {min(os_) / min(ps):.2f}x ({median(os_) / median(ps):.2f}x) "
-            f"| {min(o['startup_s'] for o in ours):.2f} s ({ours[0]['startup_rows']:,} rows) | {best[0]:,.0f} | {best[-1]:,.0f} "
-            f"| {best[-1] / best[0]:.2f} |"
-        )
-    ss, os_ = [s["seconds"] for s in single], passes["parquet"]
-    print(
-        f"\nparquet, plain read single-threaded (use_threads=False, as distrain reads): {min(ss):.1f} s "
-        f"({median(ss):.1f} s; {single[0]['rows'] / min(ss):,.0f} rows/s); pass / it {min(os_) / min(ss):.2f}x "
-        f"({median(os_) / median(ss):.2f}x)"
-    )
+                got["single"].append(_child(["plain", path, fmt, "0"]))
+        bases = [("plain", "line read + json.loads")]
+        if fmt == "parquet":
+            bases = [("single", "pyarrow, single-threaded"), ("plain", "pyarrow, default (threaded)")]
+        for base, name in bases:
+            print(
+                f"| {fmt} | {name} | {cold:.2f} s / {warm * 1e3:.0f} ms | {_best_median(got[base], 'seconds')} "
+                f"| {_best_median(got['pass'], 'seconds')} | {_ratio(got['pass'], got[base], 'seconds')} "
+                f"| {_best_median(got[base], 'cpu_seconds')} | {_best_median(got['pass'], 'cpu_seconds')} "
+                f"| {_ratio(got['pass'], got[base], 'cpu_seconds')} | {min(o['startup_s'] for o in got['pass']):.2f} s "
+                f"({got['pass'][0]['startup_rows']:,} rows) |"
+            )
     print()
-    for fmt, runs in docs.items():
-        ds, ps = [d["seconds"] for d in runs], plains[fmt]
+    for fmt, got in runs.items():
+        base = "single" if fmt == "parquet" else "plain"
         print(
             f"{fmt}, the same pass as Docs (Partition.read: each row with its partition's position): "
-            f"{min(ds):.1f} s ({median(ds):.1f} s); / the plain read {min(ds) / min(ps):.2f}x ({median(ds) / median(ps):.2f}x)"
+            f"wall {_best_median(got['docs'], 'seconds')}, {_ratio(got['docs'], got[base], 'seconds')} the baseline; "
+            f"CPU {_best_median(got['docs'], 'cpu_seconds')}, {_ratio(got['docs'], got[base], 'cpu_seconds')}"
         )
-    for fmt, best, runs, plain_best, plain_runs in tenths:
-        for what, b, rs in (
-            ("the pass after the start-up", best, runs),
-            ("the plain read", plain_best, plain_runs),
+    for fmt, got in runs.items():
+        for what, key in (
+            ("the pass", "pass"),
+            ("the plain read", "single" if fmt == "parquet" else "plain"),
         ):
-            print(
-                f"\n{fmt}, rows/s in each tenth of {what}, best of the runs (last / first {b[-1] / b[0]:.2f}): "
-                + ", ".join(f"{r:,.0f}" for r in b)
-            )
-            for i, rates in enumerate(rs):
-                print(f"  run {i + 1}: " + ", ".join(f"{r:,.0f}" for r in rates))
+            for clock, field in (("CPU", "cpu_tenths"), ("wall", "tenths")):
+                ratios = [r[field][-1] / r[field][0] for r in got[key]]
+                print(
+                    f"\n{fmt}, rows/s in each tenth of {what} ({clock}); last / first: median {median(ratios):.2f} "
+                    f"(runs {', '.join(f'{x:.2f}' for x in ratios)})"
+                )
+                for i, r in enumerate(got[key]):
+                    print(f"  run {i + 1}: " + ", ".join(f"{x:,.0f}" for x in r[field]))
     print(
-        "\n| format | world size | partitions per rank | rank 0's rows | plain read, rows/s | rank 0's pass, rows/s | plain / pass, best (median) |"
+        "\n| format | world size | partitions per rank | rank 0's rows | baseline, rows/s (wall / CPU) "
+        "| rank 0's pass, rows/s (wall / CPU) | pass / baseline, wall, best (median) | pass / baseline, CPU, best (median) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
-        plain = [_child(["plain", path, fmt]) for _ in range(args.repeat)]
-        plain_rates = [p["rows"] / p["seconds"] for p in plain]
+        single = ["0"] if fmt == "parquet" else []  # parquet: the single-threaded read, as distrain reads
+        plain = [_child(["plain", path, fmt, *single]) for _ in range(args.repeat)]
         for world in (1, 8, 64):
-            runs = [_child(["stream", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
-            rates = [r["rows"] / r["seconds"] for r in runs]
+            runs = [_child(["pass", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
+            per = [{k: r[k] / r["rows"] for k in ("seconds", "cpu_seconds")} for r in runs]  # s a row
+            base = [{k: r[k] / r["rows"] for k in ("seconds", "cpu_seconds")} for r in plain]
+            rate = lambda xs, k: 1 / min(x[k] for x in xs)  # noqa: E731
             print(
-                f"| {fmt} | {world} | {64 // world} | {runs[0]['rows']:,} | {max(plain_rates):,.0f} | {max(rates):,.0f} "
-                f"| {max(plain_rates) / max(rates):.2f}x ({median(plain_rates) / median(rates):.2f}x) |"
+                f"| {fmt} | {world} | {64 // world} | {runs[0]['rows']:,} "
+                f"| {rate(base, 'seconds'):,.0f} / {rate(base, 'cpu_seconds'):,.0f} "
+                f"| {rate(per, 'seconds'):,.0f} / {rate(per, 'cpu_seconds'):,.0f} "
+                f"| {_ratio(per, base, 'seconds')} | {_ratio(per, base, 'cpu_seconds')} |"
             )
     print(
         "\n| format | world size | bytes read per rank (min - max) | total / corpus | per rank / (corpus / N) |"
