@@ -99,9 +99,12 @@ def build_images(path: Path, n: int) -> None:
         )
 
 
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+def _rchar(_io: list = []) -> int:  # noqa: B006 - the open /proc/self/io, kept between calls
+    """Bytes this process has read so far (``rchar`` of /proc/self/io)."""
+    if not _io:
+        _io.append(open("/proc/self/io", "rb", buffering=0))  # noqa: SIM115
+    _io[0].seek(0)
+    return int(_io[0].read(4096).split(b"rchar:", 1)[1].split(b"\n", 1)[0])
 
 
 def plan_pass(
@@ -136,7 +139,7 @@ def plan_pass(
     t0, c0, r0 = time.perf_counter(), clock(), _rchar()
     n = sum(len(c(take)) for c in cursors)  # the start-up: every partition opens its file
     t1, c1, n0 = time.perf_counter(), clock(), n
-    marks, tenth = [(n0, t1, c1)], max(1, (expect - n0) // 10)
+    marks, tenth = [(n0, t1, c1, _rchar())], max(1, (expect - n0) // 10)
     live = list(cursors)
     while live:
         keep = []
@@ -147,7 +150,7 @@ def plan_pass(
             keep.append(c)
             before, n = n, n + len(rows)
             if (n - n0) // tenth > (before - n0) // tenth:
-                marks.append((n, time.perf_counter(), clock()))
+                marks.append((n, time.perf_counter(), clock(), _rchar()))
         live = keep
     dt, cpu = time.perf_counter() - t0, clock() - c0
     bytes_read = _rchar() - r0
@@ -163,13 +166,15 @@ def plan_pass(
     }
 
 
-def _tenths(marks: list[tuple[int, float, float]]) -> dict:
-    """Rows/s over each tenth of a pass, by the wall clock and by the process's CPU time, from the
-    (rows, wall, CPU) marks at (or just past) each tenth."""
+def _tenths(marks: list[tuple[int, float, float, int]]) -> dict:
+    """Rows/s over each tenth of a pass, by the wall clock and by the process's CPU time, and the
+    bytes read from the files a row in each tenth, from the (rows, wall, CPU, bytes read) marks at
+    (or just past) each tenth."""
     pairs = list(zip(marks, marks[1:], strict=False))[:10]
     return {
         "tenths": [(b[0] - a[0]) / (b[1] - a[1]) for a, b in pairs],
         "cpu_tenths": [(b[0] - a[0]) / max(b[2] - a[2], 1e-9) for a, b in pairs],
+        "bytes_tenths": [(b[3] - a[3]) / (b[0] - a[0]) for a, b in pairs],
     }
 
 
@@ -185,7 +190,7 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
     files = sorted(glob.glob(f"{path}/*.{fmt}"))
     clock = time.process_time  # every thread's CPU time: pyarrow's default read uses several
     t0, c0, n, at = time.perf_counter(), clock(), 0, 4096
-    marks = [(0, t0, c0)]
+    marks = [(0, t0, c0, _rchar())]
     if fmt == "jsonl":
         for f in files:
             with open(f, "rb") as fh:
@@ -193,7 +198,7 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
                     json.loads(line)
                     n += 1
                     if n >= at:
-                        marks.append((n, time.perf_counter(), clock()))
+                        marks.append((n, time.perf_counter(), clock(), _rchar()))
                         at += 4096
     else:
         for f in files:
@@ -203,10 +208,10 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
             for b in batches:
                 n += len(b.to_pylist())
                 if n >= at:
-                    marks.append((n, time.perf_counter(), clock()))
+                    marks.append((n, time.perf_counter(), clock(), _rchar()))
                     at += 4096
     dt, cpu = time.perf_counter() - t0, clock() - c0
-    marks.append((n, t0 + dt, c0 + cpu))
+    marks.append((n, t0 + dt, c0 + cpu, _rchar()))
     # the first mark at or past each tenth of the rows
     cuts = [next(m for m in marks if m[0] >= k * n // 10) for k in range(11)]
     return {"rows": n, "seconds": dt, "cpu_seconds": cpu, **_tenths(cuts)}
@@ -381,6 +386,8 @@ def text_tables(root: Path, args) -> None:
                 )
                 for i, r in enumerate(got[key]):
                     print(f"  run {i + 1}: " + ", ".join(f"{x:,.0f}" for x in r[field]))
+            b = got[key][0]["bytes_tenths"]
+            print(f"{fmt}, bytes read a row in each tenth of {what}: " + ", ".join(f"{x:,.0f}" for x in b))
     print(
         "\n| format | world size | partitions per rank | rank 0's rows | baseline, rows/s (wall / CPU) "
         "| rank 0's pass, rows/s (wall / CPU) | pass / baseline, wall, best (median) | pass / baseline, CPU, best (median) |"
