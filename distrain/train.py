@@ -145,7 +145,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
     data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=pin)
     model = build_model(cfg)  # seeded by run.seed: identical on every rank
-    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and augmentation differ per rank
+    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout differs per rank
     n_params = sum(p.numel() for p in model.parameters())
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None

@@ -59,7 +59,7 @@ class RunConfig(Section):
     seed: int = Field(
         0,
         ge=0,
-        description="Seed for model init (the same on every rank), data order, and dropout/augmentation (seed + rank).",
+        description="Seed for model init (the same on every rank), data order, image augmentation (per sample, from seed, epoch, file and row) and dropout (seed + rank).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level of rank 0 (other ranks log warnings and errors only)."
