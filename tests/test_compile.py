@@ -16,10 +16,14 @@ from tests.conftest import CONFIGS, read_jsonl
 CASES = {  # model: (config, overrides keeping a step short and the first steps smooth, export format)
     "gpt": ("gpt-cpu-tiny.yaml", [], "hf"),
     "lstm": ("lstm-cpu-tiny.yaml", ["model.d_hidden=128", "model.d_embed=64"], "safetensors"),
-    "resnet": ("resnet-cpu-tiny.yaml", ["train.micro_batch_size=16", "optim.lr=3e-4"], "torchvision"),
+    "resnet": ("resnet-cpu-tiny.yaml", ["train.micro_batch_size=16", "optim.lr=1e-4"], "torchvision"),
 }
 
 DRIFT = {"resnet": 5e-2}  # the relative loss gap allowed after 4 steps
+# ResNet's compiled and eager gradients agree to about 1e-5, but most are below 1e-7, near Adam's
+# eps, and Adam's first updates (nearly sign(g)) then differ by about 0.2%; BatchNorm's batch
+# statistics amplify that by an amount that depends on the batches and grows with the learning
+# rate: a small one keeps the comparison about compilation, not about that amplification.
 
 
 def _cfg(tmp_path, model: str, name: str, *over: str):
