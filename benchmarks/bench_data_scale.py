@@ -3,7 +3,7 @@ against a plain read of the same files, bytes read per rank at 1, 2 and 4 ranks,
 a rank streaming 10k to 1M parquet images at 64 and at 8 partitions.
 
     python benchmarks/bench_data_scale.py [--rows 3200000] [--row-bytes 400] [--images 10000,100000,300000,1000000]
-        [--repeat 3]   (--rows 0: the images only; --images '': the text only)
+        [--repeat 3] [--instructions]   (--rows 0: the images only; --images '': the text only)
 
 Text: a generated corpus of --rows jsonl rows of about --row-bytes bytes of random words (8 files;
 at the defaults 3.2M rows, 1.4 GB), and the same rows as parquet (row groups of 5,000: at 3.2M rows,
@@ -28,6 +28,13 @@ process of its own; the bytes are the process's ``rchar`` (/proc/self/io) during
 parquet files of 32x32 PNGs (row groups of 100), resnet-cpu-tiny's pipeline (one DataLoader worker)
 at 64 and at 8 partitions streaming 300 batches of 32 in a fresh process; the figures are the peak
 RSS (VmHWM) of that process and of its worker.
+
+--instructions: instead of the timed text tables, the instructions a row in each tenth of the pass
+(world size 1) and of the plain read, one run of each under valgrind's callgrind, which counts the
+instructions the process executes (not its waits on memory): the same count for the same run,
+whatever else the machine is doing. The run marks each tenth through a callgrind client request (a
+small C library compiled beside the corpus). Needs valgrind, its headers and a C compiler; a run
+takes about 100 times as long as without it.
 """
 
 from __future__ import annotations
@@ -107,6 +114,24 @@ def _rchar(_io: list = []) -> int:  # noqa: B006 - the open /proc/self/io, kept 
     return int(_io[0].read(4096).split(b"rchar:", 1)[1].split(b"\n", 1)[0])
 
 
+_CALLGRIND_C = """#include <valgrind/callgrind.h>
+void mark(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+
+
+def _mark(label: str, _lib: list = []) -> None:  # noqa: B006 - the loaded library, kept between calls
+    """Under ``--instructions`` (the process runs under valgrind's callgrind): write out the
+    instructions executed since the last mark, named ``label``; otherwise nothing."""
+    path = os.environ.get("BENCH_CALLGRIND_LIB")
+    if not path:
+        return
+    if not _lib:
+        import ctypes
+
+        _lib.append(ctypes.CDLL(path))
+    _lib[0].mark(label.encode())
+
+
 def plan_pass(
     path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32, docs: bool = False
 ) -> dict:
@@ -136,9 +161,11 @@ def plan_pass(
         cursors = [c.rows for c in rows]
         expect = sum(c.hi - c.lo for c in rows)
     clock = time.thread_time  # the pass's own CPU time: what it costs, whatever else the machine runs
+    _mark("start")
     t0, c0, r0 = time.perf_counter(), clock(), _rchar()
     n = sum(len(c(take)) for c in cursors)  # the start-up: every partition opens its file
     t1, c1, n0 = time.perf_counter(), clock(), n
+    _mark("mark 0")
     marks, tenth = [(n0, t1, c1, _rchar())], max(1, (expect - n0) // 10)
     live = list(cursors)
     while live:
@@ -151,6 +178,7 @@ def plan_pass(
             before, n = n, n + len(rows)
             if (n - n0) // tenth > (before - n0) // tenth:
                 marks.append((n, time.perf_counter(), clock(), _rchar()))
+                _mark(f"mark {len(marks) - 1}")
         live = keep
     dt, cpu = time.perf_counter() - t0, clock() - c0
     bytes_read = _rchar() - r0
@@ -162,6 +190,7 @@ def plan_pass(
         "startup_s": t1 - t0,
         "startup_rows": n0,
         "bytes": bytes_read,
+        "mark_rows": [m[0] for m in marks],
         **_tenths(marks),
     }
 
@@ -178,9 +207,10 @@ def _tenths(marks: list[tuple[int, float, float, int]]) -> dict:
     }
 
 
-def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
+def plain_pass(path: str, fmt: str, threads: str = "1", total: str = "0") -> dict:
     """The files front to back with plain Python / pyarrow, and the rates over each tenth of the rows.
-    ``threads`` "0": parquet read single-threaded (``use_threads=False``, as distrain reads it)."""
+    ``threads`` "0": parquet read single-threaded (``use_threads=False``, as distrain reads it).
+    ``total``: the files' rows, known beforehand, to count the instructions of each tenth (``_mark``)."""
     import glob
 
     import pyarrow as pa
@@ -191,6 +221,17 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
     clock = time.process_time  # every thread's CPU time: pyarrow's default read uses several
     t0, c0, n, at = time.perf_counter(), clock(), 0, 4096
     marks = [(0, t0, c0, _rchar())]
+    rows, tenth = int(total), 1  # the instruction counts: the next tenth to mark
+
+    def mark(n: int) -> None:
+        nonlocal at, tenth
+        marks.append((n, time.perf_counter(), clock(), _rchar()))
+        at += 4096
+        if rows and tenth < 10 and n >= tenth * rows // 10:  # the first mark at or past a tenth, as ``cuts``
+            _mark(f"mark {tenth}")
+            tenth += 1
+
+    _mark("mark 0")
     if fmt == "jsonl":
         for f in files:
             with open(f, "rb") as fh:
@@ -198,8 +239,7 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
                     json.loads(line)
                     n += 1
                     if n >= at:
-                        marks.append((n, time.perf_counter(), clock(), _rchar()))
-                        at += 4096
+                        mark(n)
     else:
         for f in files:
             batches = pq.ParquetFile(f).iter_batches(
@@ -208,13 +248,13 @@ def plain_pass(path: str, fmt: str, threads: str = "1") -> dict:
             for b in batches:
                 n += len(b.to_pylist())
                 if n >= at:
-                    marks.append((n, time.perf_counter(), clock(), _rchar()))
-                    at += 4096
+                    mark(n)
     dt, cpu = time.perf_counter() - t0, clock() - c0
+    _mark("mark 10")
     marks.append((n, t0 + dt, c0 + cpu, _rchar()))
     # the first mark at or past each tenth of the rows
     cuts = [next(m for m in marks if m[0] >= k * n // 10) for k in range(11)]
-    return {"rows": n, "seconds": dt, "cpu_seconds": cpu, **_tenths(cuts)}
+    return {"rows": n, "seconds": dt, "cpu_seconds": cpu, "mark_rows": [m[0] for m in cuts], **_tenths(cuts)}
 
 
 def _best_median(runs: list[dict], key: str) -> str:
@@ -237,6 +277,41 @@ def _child(args: list[str]) -> dict:
         env=os.environ,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def instructions(root: Path, args: list[str]) -> tuple[list[float], float]:
+    """The instructions a row in each tenth of a ``--child`` run (a pass, or a plain read given its
+    row count) and over the ten tenths, counted by valgrind's callgrind: the same count for the same run, whatever else the
+    machine does. A small C library (compiled here, beside the corpus) lets the run mark each tenth."""
+    import re
+    import shutil
+
+    lib = root / "libmark.so"
+    if not lib.exists():
+        (root / "mark.c").write_text(_CALLGRIND_C)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(root / "mark.c")], check=True)
+    out = root / "callgrind"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p", "--dump-line=no"]
+    res = subprocess.run(
+        [*cmd, sys.executable, __file__, "--child", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_CALLGRIND_LIB": str(lib), "PYTHONHASHSEED": "0"},
+    )
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = {}
+    for f in out.iterdir():
+        text = f.read_text()
+        label = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
+        if label:
+            counts[label.group(1)] = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
+    rows = got["mark_rows"]
+    shutil.rmtree(out)
+    per = [counts[f"mark {k}"] / (rows[k] - rows[k - 1]) for k in range(1, 11)]
+    return per, sum(counts[f"mark {k}"] for k in range(1, 11)) / (rows[10] - rows[0])
 
 
 def image_rss(path: Path, partitions: int, batches: int = 300) -> dict:
@@ -297,6 +372,12 @@ def main() -> None:
     ap.add_argument("--images", default="10000,100000,300000,1000000")
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs of the plain read and the pass")
     ap.add_argument("--dir", default=None, help="where to write the corpus (default: a temporary directory)")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead of the timed tables: the instructions a row in each tenth of the pass and of the plain "
+        "read, counted by valgrind's callgrind (needs valgrind and a C compiler; about 100x slower)",
+    )
     ap.add_argument("--child", nargs="*")
     args = ap.parse_args()
     if args.child:
@@ -316,10 +397,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         os.environ["DISTRAIN_CACHE_DIR"] = str(root / "cache")
-        if args.rows:
+        if args.rows and args.instructions:
+            instruction_table(root, args)
+        elif args.rows:
             text_tables(root, args)
         if args.images:
             images_table(root, args)
+
+
+def instruction_table(root: Path, args) -> None:
+    """The instructions a row in each tenth of the pass (world size 1) and of the plain read, by
+    format: the work a row costs along the pass, free of this machine's changing speed."""
+    t = time.perf_counter()
+    build_text(root, args.rows, args.row_bytes)
+    rows = (args.rows // 8) * 8
+    print(f"corpus: {rows:,} rows (8 files of each format; written in {time.perf_counter() - t:.0f} s)\n")
+    print(
+        "| format | run | instructions a row, tenths 1-10 | last / first | tenths 2-10: max / min "
+        "| instructions a row, whole | pass / plain read |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for fmt in ("jsonl", "parquet"):
+        path = str(root / fmt)
+        single = ["0"] if fmt == "parquet" else ["1"]  # parquet: single-threaded, as distrain reads
+        plain, whole_plain = instructions(root, ["plain", path, fmt, *single, str(rows)])
+        got, whole_pass = instructions(root, ["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
+        whole = {"plain": whole_plain, "pass": whole_pass}
+        for name, key, per in (
+            ("plain read" if fmt == "jsonl" else "pyarrow, single-threaded", "plain", plain),
+            ("pass", "pass", got),
+        ):
+            print(
+                f"| {fmt} | {name} | {', '.join(f'{x:,.0f}' for x in per)} | {per[-1] / per[0]:.3f} "
+                f"| {max(per[1:]) / min(per[1:]):.3f} | {whole[key]:,.0f} "
+                f"| {whole['pass'] / whole['plain']:.2f}x |"
+            )
 
 
 def text_tables(root: Path, args) -> None:
