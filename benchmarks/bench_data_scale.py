@@ -13,7 +13,9 @@ the default shuffle blocks (1,024 rows, at most 1 MiB). The start-up is its firs
 every partition opens its file and reads its first block; the rates per tenth are over the rows
 after it. The rows of a pass are the reader's (``PartitionRows.rows``: a column each of file ids,
 indexes and the parsed rows as dicts); the same pass is also timed as the pipeline reads it, as
-``Doc``s from ``Partition.read`` (each row with its partition's position). The baselines read the
+``Doc``s from ``Partition.read`` (each row with its partition's position), and with its partitions
+read one after another after the start-up instead of in turn (the same rows and work, without 64
+readers' buffers and blocks taking turns in the caches). The baselines read the
 same files front to back with plain Python / pyarrow, in a fresh process like the pass, which has
 imported distrain and so has the same Arrow memory pool: jsonl lines parsed with json.loads, parquet
 ``iter_batches().to_pylist()`` single-threaded (``use_threads=False``, as distrain reads its files)
@@ -133,13 +135,22 @@ def _mark(label: str, _lib: list = []) -> None:  # noqa: B006 - the loaded libra
 
 
 def plan_pass(
-    path: str, fmt: str, rank: int, world: int, partitions: int = 64, take: int = 32, docs: bool = False
+    path: str,
+    fmt: str,
+    rank: int,
+    world: int,
+    partitions: int = 64,
+    take: int = 32,
+    docs: bool = False,
+    in_turn: bool = True,
 ) -> dict:
     """An epoch of rank ``rank``'s partitions, every row once, ``take`` rows of each partition in turn
     (the plan's sample order, a micro-batch at a time): its time, the start-up's (the first round, in
     which every partition opens its file and reads its first block) and the rates over each tenth of
     the rows after the start-up. ``docs``: each partition's rows as the pipeline reads them, ``Doc``s
-    with the partition's position before each (``Partition.read``), instead of the reader's ``Rows``."""
+    with the partition's position before each (``Partition.read``), instead of the reader's ``Rows``.
+    ``in_turn=False``: after the start-up, the partitions one after another, each to its end (the
+    same rows and work, without 64 readers' buffers and blocks taking turns in the caches)."""
     import pyarrow as pa
     import pyarrow.parquet  # noqa: F401
 
@@ -167,19 +178,19 @@ def plan_pass(
     t1, c1, n0 = time.perf_counter(), clock(), n
     _mark("mark 0")
     marks, tenth = [(n0, t1, c1, _rchar())], max(1, (expect - n0) // 10)
-    live = list(cursors)
-    while live:
-        keep = []
-        for c in live:
-            rows = c(take)
-            if not rows:
-                continue
-            keep.append(c)
-            before, n = n, n + len(rows)
-            if (n - n0) // tenth > (before - n0) // tenth:
-                marks.append((n, time.perf_counter(), clock(), _rchar()))
-                _mark(f"mark {len(marks) - 1}")
-        live = keep
+    for live in [list(cursors)] if in_turn else [[c] for c in cursors]:
+        while live:
+            keep = []
+            for c in live:
+                rows = c(take)
+                if not rows:
+                    continue
+                keep.append(c)
+                before, n = n, n + len(rows)
+                if (n - n0) // tenth > (before - n0) // tenth:
+                    marks.append((n, time.perf_counter(), clock(), _rchar()))
+                    _mark(f"mark {len(marks) - 1}")
+            live = keep
     dt, cpu = time.perf_counter() - t0, clock() - c0
     bytes_read = _rchar() - r0
     assert n == expect, (n, expect)
@@ -382,9 +393,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind in ("pass", "docs"):
+        if kind in ("pass", "docs", "seq"):
             path, fmt, rank, world = rest
-            res = plan_pass(path, fmt, int(rank), int(world), docs=kind == "docs")
+            res = plan_pass(path, fmt, int(rank), int(world), docs=kind == "docs", in_turn=kind != "seq")
         elif kind == "plain":
             res = plain_pass(*rest)
         else:
@@ -459,11 +470,12 @@ def text_tables(root: Path, args) -> None:
         t = time.perf_counter()
         build_manifest(f"{path}/*.{fmt}", fmt, "k")
         warm = time.perf_counter() - t
-        got = runs[fmt] = {"plain": [], "pass": [], "docs": [], "single": []}
+        got = runs[fmt] = {"plain": [], "pass": [], "docs": [], "seq": [], "single": []}
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits all of them
             got["plain"].append(_child(["plain", path, fmt]))
             got["pass"].append(_child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"]))
             got["docs"].append(_child(["docs", f"{path}/*.{fmt}", fmt, "0", "1"]))
+            got["seq"].append(_child(["seq", f"{path}/*.{fmt}", fmt, "0", "1"]))
             if fmt == "parquet":
                 got["single"].append(_child(["plain", path, fmt, "0"]))
         bases = [("plain", "line read + json.loads")]
@@ -484,6 +496,13 @@ def text_tables(root: Path, args) -> None:
             f"{fmt}, the same pass as Docs (Partition.read: each row with its partition's position): "
             f"wall {_best_median(got['docs'], 'seconds')}, {_ratio(got['docs'], got[base], 'seconds')} the baseline; "
             f"CPU {_best_median(got['docs'], 'cpu_seconds')}, {_ratio(got['docs'], got[base], 'cpu_seconds')}"
+        )
+    for fmt, got in runs.items():
+        base = "single" if fmt == "parquet" else "plain"
+        print(
+            f"{fmt}, the same pass with its partitions one after another instead of in turn: "
+            f"wall {_best_median(got['seq'], 'seconds')}, {_ratio(got['seq'], got[base], 'seconds')} the baseline; "
+            f"CPU {_best_median(got['seq'], 'cpu_seconds')}, {_ratio(got['seq'], got[base], 'cpu_seconds')}"
         )
     for fmt, got in runs.items():
         for what, key in (
