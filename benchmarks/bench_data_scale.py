@@ -33,8 +33,8 @@ RSS (VmHWM) of that process and of its worker.
 
 --instructions: instead of the timed text tables, the instructions a row in each tenth of the pass
 (world size 1) and of the plain read, one run of each under valgrind's callgrind, which counts the
-instructions the process executes (not its waits on memory): the same count for the same run,
-whatever else the machine is doing. The run marks each tenth through a callgrind client request (a
+instructions the process executes (not its waits on memory): nearly the same count for the same
+run (within about 1.5% a tenth), whatever else the machine is doing. The run marks each tenth through a callgrind client request (a
 small C library compiled beside the corpus). Needs valgrind, its headers and a C compiler; a run
 takes about 100 times as long as without it.
 """
@@ -292,8 +292,9 @@ def _child(args: list[str]) -> dict:
 
 def instructions(root: Path, args: list[str]) -> tuple[list[float], float]:
     """The instructions a row in each tenth of a ``--child`` run (a pass, or a plain read given its
-    row count) and over the ten tenths, counted by valgrind's callgrind: the same count for the same run, whatever else the
-    machine does. A small C library (compiled here, beside the corpus) lets the run mark each tenth."""
+    row count) and over the ten tenths, counted by valgrind's callgrind: nearly the same count for the
+    same run, whatever else the machine does. A small C library (compiled here, beside the corpus)
+    lets the run mark each tenth."""
     import re
     import shutil
 
