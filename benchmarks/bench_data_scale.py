@@ -34,9 +34,9 @@ RSS (VmHWM) of that process and of its worker.
 --instructions: instead of the timed text tables, the instructions a row in each tenth of the pass
 (world size 1) and of the plain read, one run of each under valgrind's callgrind, which counts the
 instructions the process executes (not its waits on memory): nearly the same count for the same
-run (within about 1.5% a tenth), whatever else the machine is doing. The run marks each tenth through a callgrind client request (a
-small C library compiled beside the corpus). Needs valgrind, its headers and a C compiler; a run
-takes about 100 times as long as without it.
+run (within about 1.5% a tenth), whatever else the machine is doing. The run marks each tenth
+through a callgrind client request (a small C library compiled beside the corpus). Needs valgrind,
+its headers and a C compiler; a run takes about 100 times as long as without it.
 """
 
 from __future__ import annotations
@@ -432,17 +432,15 @@ def instruction_table(root: Path, args) -> None:
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
         single = ["0"] if fmt == "parquet" else ["1"]  # parquet: single-threaded, as distrain reads
-        plain, whole_plain = instructions(root, ["plain", path, fmt, *single, str(rows)])
-        got, whole_pass = instructions(root, ["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
-        whole = {"plain": whole_plain, "pass": whole_pass}
-        for name, key, per in (
-            ("plain read" if fmt == "jsonl" else "pyarrow, single-threaded", "plain", plain),
-            ("pass", "pass", got),
+        plain = instructions(root, ["plain", path, fmt, *single, str(rows)])
+        ours = instructions(root, ["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
+        for name, (per, whole) in (
+            ("plain read" if fmt == "jsonl" else "pyarrow, single-threaded", plain),
+            ("pass", ours),
         ):
             print(
                 f"| {fmt} | {name} | {', '.join(f'{x:,.0f}' for x in per)} | {per[-1] / per[0]:.3f} "
-                f"| {max(per[1:]) / min(per[1:]):.3f} | {whole[key]:,.0f} "
-                f"| {whole['pass'] / whole['plain']:.2f}x |"
+                f"| {max(per[1:]) / min(per[1:]):.3f} | {whole:,.0f} | {ours[1] / plain[1]:.2f}x |"
             )
 
 
@@ -491,20 +489,17 @@ def text_tables(root: Path, args) -> None:
                 f"({got['pass'][0]['startup_rows']:,} rows) |"
             )
     print()
-    for fmt, got in runs.items():
-        base = "single" if fmt == "parquet" else "plain"
-        print(
-            f"{fmt}, the same pass as Docs (Partition.read: each row with its partition's position): "
-            f"wall {_best_median(got['docs'], 'seconds')}, {_ratio(got['docs'], got[base], 'seconds')} the baseline; "
-            f"CPU {_best_median(got['docs'], 'cpu_seconds')}, {_ratio(got['docs'], got[base], 'cpu_seconds')}"
-        )
-    for fmt, got in runs.items():
-        base = "single" if fmt == "parquet" else "plain"
-        print(
-            f"{fmt}, the same pass with its partitions one after another instead of in turn: "
-            f"wall {_best_median(got['seq'], 'seconds')}, {_ratio(got['seq'], got[base], 'seconds')} the baseline; "
-            f"CPU {_best_median(got['seq'], 'cpu_seconds')}, {_ratio(got['seq'], got[base], 'cpu_seconds')}"
-        )
+    for kind, what in (
+        ("docs", "as Docs (Partition.read: each row with its partition's position)"),
+        ("seq", "with its partitions one after another instead of in turn"),
+    ):
+        for fmt, got in runs.items():
+            base = "single" if fmt == "parquet" else "plain"
+            print(
+                f"{fmt}, the same pass {what}: "
+                f"wall {_best_median(got[kind], 'seconds')}, {_ratio(got[kind], got[base], 'seconds')} the baseline; "
+                f"CPU {_best_median(got[kind], 'cpu_seconds')}, {_ratio(got[kind], got[base], 'cpu_seconds')}"
+            )
     for fmt, got in runs.items():
         for what, key in (
             ("the pass", "pass"),
