@@ -417,6 +417,12 @@ def main() -> None:
             images_table(root, args)
 
 
+# the read each pass's ratios and tenths are set against: parquet's single-threaded read, as distrain reads
+_BASELINE = {"jsonl": "plain", "parquet": "single"}
+# each read's ``threads`` argument of ``plain_pass``
+_THREADS = {"plain": "1", "single": "0"}
+
+
 def instruction_table(root: Path, args) -> None:
     """The instructions a row in each tenth of the pass (world size 1) and of the plain read, by
     format: the work a row costs along the pass, free of this machine's changing speed."""
@@ -431,8 +437,7 @@ def instruction_table(root: Path, args) -> None:
     print("|---|---|---|---|---|---|---|")
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
-        single = ["0"] if fmt == "parquet" else ["1"]  # parquet: single-threaded, as distrain reads
-        plain = instructions(root, ["plain", path, fmt, *single, str(rows)])
+        plain = instructions(root, ["plain", path, fmt, _THREADS[_BASELINE[fmt]], str(rows)])
         ours = instructions(root, ["pass", f"{path}/*.{fmt}", fmt, "0", "1"])
         for name, (per, whole) in (
             ("plain read" if fmt == "jsonl" else "pyarrow, single-threaded", plain),
@@ -442,10 +447,6 @@ def instruction_table(root: Path, args) -> None:
                 f"| {fmt} | {name} | {', '.join(f'{x:,.0f}' for x in per)} | {per[-1] / per[0]:.3f} "
                 f"| {max(per[1:]) / min(per[1:]):.3f} | {whole:,.0f} | {ours[1] / plain[1]:.2f}x |"
             )
-
-
-# the read each pass's ratios and tenths are set against: parquet's single-threaded read, as distrain reads
-_BASELINE = {"jsonl": "plain", "parquet": "single"}
 
 
 def text_tables(root: Path, args) -> None:
@@ -475,12 +476,12 @@ def text_tables(root: Path, args) -> None:
         warm = time.perf_counter() - t
         got = runs[fmt] = {"plain": [], "pass": [], "docs": [], "seq": [], "single": []}
         for _ in range(args.repeat):  # alternating, so a slow spell of the machine hits all of them
-            got["plain"].append(_child(["plain", path, fmt]))
+            got["plain"].append(_child(["plain", path, fmt, _THREADS["plain"]]))
             got["pass"].append(_child(["pass", f"{path}/*.{fmt}", fmt, "0", "1"]))
             got["docs"].append(_child(["docs", f"{path}/*.{fmt}", fmt, "0", "1"]))
             got["seq"].append(_child(["seq", f"{path}/*.{fmt}", fmt, "0", "1"]))
             if fmt == "parquet":
-                got["single"].append(_child(["plain", path, fmt, "0"]))
+                got["single"].append(_child(["plain", path, fmt, _THREADS["single"]]))
         bases = [("plain", "line read + json.loads")]
         if fmt == "parquet":
             bases = [("single", "pyarrow, single-threaded"), ("plain", "pyarrow, default (threaded)")]
@@ -526,8 +527,7 @@ def text_tables(root: Path, args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for fmt in ("jsonl", "parquet"):
         path = str(root / fmt)
-        single = ["0"] if fmt == "parquet" else []  # parquet: the single-threaded read, as distrain reads
-        plain = [_child(["plain", path, fmt, *single]) for _ in range(args.repeat)]
+        plain = [_child(["plain", path, fmt, _THREADS[_BASELINE[fmt]]]) for _ in range(args.repeat)]
         for world in (1, 8, 64):
             runs = [_child(["pass", f"{path}/*.{fmt}", fmt, "0", str(world)]) for _ in range(args.repeat)]
             per = [{k: r[k] / r["rows"] for k in ("seconds", "cpu_seconds")} for r in runs]  # s a row
