@@ -343,13 +343,26 @@ def _refuse_changes(ckpt: Path, changes: list[str]) -> None:
         )
 
 
-def check_launch(run_dir: Path, cfg) -> None:
+def check_launch(run_dir: Path, cfg):
     """A launcher's check before any worker starts (or anything is written): a new run may not
-    reuse a directory with checkpoints, and a resume may not change what the newest one holds."""
+    reuse a directory with checkpoints, and a resume may not change what the newest one holds.
+    Returns ``cfg``, with a resume's ``data.partitions`` (when unset) the one the run recorded."""
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     found = newest_valid(run_dir / "checkpoints") if cfg.checkpoint.resume else None
-    if found is not None:
-        _refuse_changes(found[0], _changes(found[0], cfg))
+    if found is None:
+        return cfg
+    saved = torch.load(found[0] / STATE, map_location="cpu", weights_only=True).get("config")
+    if not saved:
+        return cfg
+    import yaml
+
+    from distrain.config import resume_changes
+
+    recorded = (yaml.safe_load(saved).get("data") or {}).get("partitions")
+    if cfg.data.partitions is None and recorded is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"partitions": recorded})})
+    _refuse_changes(found[0], resume_changes(saved, cfg))
+    return cfg
 
 
 def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:

@@ -181,6 +181,14 @@ def _train(args) -> int:
         cfg = load_config(config, [*args.overrides, f"run.dir={args.run_dir}", "checkpoint.resume=true"])
     else:
         cfg = load_config(args.config, args.overrides)
+    from distrain.layout import preflight, process_sizes
+
+    try:
+        cfg, _ = preflight(cfg, *process_sizes())  # every rank under torchrun, before the group forms
+    except UserError:
+        if int(os.environ.get("RANK", "0")) != 0:  # the same refusal on every rank: rank 0 prints it
+            sys.exit(EXIT_ERROR)
+        raise
     from distrain.train import run
 
     summary = run(cfg)
@@ -200,10 +208,11 @@ def _launch(args) -> int:
 
     setup_logging(0, cfg.run.log_level)
     if args.dry_run:
-        from distrain.cluster.ray import check_run
+        from distrain.layout import launch_sizes, preflight
         from distrain.plan import format_plan, plan
 
-        for line in check_run(cfg):
+        cfg, lines = preflight(cfg, *launch_sizes(cfg))
+        for line in lines:
             print(line)
         print(format_plan(plan(cfg, cfg.cluster.max_workers)))
         print("--dry-run: nothing written, nothing started")
@@ -268,23 +277,31 @@ def _submit(args) -> int:
 
     out = submit(cfg, dry_run=args.dry_run)
     s = cfg.cluster.slurm
-    checks = (
-        f"checks passed: {s.nodes} node(s) x {max(1, s.gpus_per_node)} worker(s) = {out['workers']} rank(s), "
-        f"launcher {out['launcher']}, batch layout and data partitions fit; run dir {out['run_dir']}"
-    )
+    checks = f"{s.nodes} node(s) x {max(1, s.gpus_per_node)} worker(s) = {out['workers']} rank(s), launcher {out['launcher']}"
     if args.dry_run:
         from distrain.plan import format_plan, plan
 
         sys.stdout.write(out["script"])
         print(f"# {checks}")
-        print("\n".join(f"# {ln}" for ln in format_plan(plan(cfg, out["workers"])).splitlines()))
+        print("\n".join(f"# {ln}" for ln in out["checks"]))
+        print("\n".join(f"# {ln}" for ln in format_plan(plan(out["config"], out["workers"])).splitlines()))
         print("# --dry-run: nothing written, nothing submitted")
         return EXIT_OK
-    print(checks)
+    print(f"{checks}; " + "; ".join(out["checks"][1:]))
     print(
         f"submitted job {out['job_id']}; log {out['log']}; follow it with `distrain status {out['run_dir']}`"
     )
     return EXIT_OK
+
+
+def _layout_line(cfg, gpus: int) -> str:
+    """The data layout at ``gpus`` ranks, or why the data cannot be laid out there."""
+    from distrain.layout import decide
+
+    try:
+        return decide(cfg, [gpus], f"--gpus {gpus}", run_dir=False)[1].line()
+    except UserError as exc:
+        return f"data: cannot be laid out on {gpus} ranks: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.mfu is not None and not 0 < args.mfu <= 1:
                 raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. 0.4")
             out = plan(cfg, args.gpus, args.gpu, args.mfu)
+            out["data_layout"] = _layout_line(cfg, out["gpus"])
             print(json.dumps(out, indent=2) if args.json else format_plan(out))
             return EXIT_OK
         if args.command == "export":
@@ -341,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             import json
             from pathlib import Path
 
-            from distrain.cluster.slurm import print_status, status
+            from distrain.status import print_status, status
 
             info = status(Path(args.run_dir))
             if args.json:

@@ -350,4 +350,6 @@ def format_plan(p: dict) -> str:
     energy = f"{p['energy_kwh']:,.1f} kWh, {p['co2e_kg']:,.1f} kg CO2e" if p["energy_kwh"] else "n/a"
     lines.append(f"{p['steps']:,} steps: {_dur(p['run_seconds'])}; energy {energy}")
     lines.append(f"checkpoint: {_gib(p['checkpoint_bytes'])}")
+    if p.get("data_layout"):
+        lines.append(p["data_layout"])
     return "\n".join(lines)

@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from distrain import status
+
 log = logging.getLogger(__name__)
 
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -362,6 +364,7 @@ class Tracker:
             self.jsonl.write(record)
         self.console.record(record)
         self.wandb.log(record)
+        status.beat(self.run_dir, record["step"], self.cfg.train.steps)  # the run is alive
 
     def log_checkpoint(self, step: int, path: Path) -> None:
         if self.enabled and self.wandb is not None:

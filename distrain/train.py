@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -137,7 +136,12 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     from distrain.trainer import Progress, Trainer
 
     os.environ.setdefault("DS_ACCELERATOR", check_device(cfg))  # before anything imports DeepSpeed
-    cfg = sized_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # an elastic job: grad_accum for this size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = sized_for(cfg, world)  # an elastic job: grad_accum for this size
+    if cfg.data.partitions is None:  # not launched by the CLI, which decides it in the driver
+        from distrain.layout import decide
+
+        cfg, _ = decide(cfg, [world], f"world size {world}")
     setup_logging(int(os.environ.get("RANK", "0")), cfg.run.log_level)  # the launcher's rank, as torchrun's
     dist_info = init_distributed(cfg)
     run_dir = cfg.run.run_dir.resolve()
@@ -169,8 +173,11 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     if plan:
         checkpointer.load(plan)
     if dist_info.is_main:  # the launch is accepted: from here on the run directory is written
+        from distrain import status
+
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        status.begin(run_dir, progress.step, cfg.train.steps)
     meters.start(workers)  # collective: the peak FLOP/s probe, each node's energy reader
     tracker.start(progress.step)
     callbacks = [*([tracker.log_checkpoint] if cfg.tracking.wandb.log_checkpoints else []), *on_checkpoint]
@@ -190,12 +197,21 @@ def _check_replicas(s: Session) -> dict[str, Any]:
     return {"replicas_identical": True, "params_sha256": digest}
 
 
-def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
+def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple = ()) -> dict[str, Any]:
     """Train per ``cfg`` in this process (one rank of the job); returns the run summary, which rank 0
-    also writes to RUN_DIR/summary.json (a run's success is that record, not the exit path)."""
-    s = session or setup(cfg)
-    s.trainer.install_signal_handlers()
+    also writes to RUN_DIR/summary.json (a run's success is that record, not the exit path). Any
+    exception, here or while the parts are built, is recorded there as a failure before it goes on.
+    ``on_checkpoint``: as for ``setup``."""
+    from distrain import status
+
     run_dir = cfg.run.run_dir.resolve()
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        s = session or setup(cfg, on_checkpoint)
+    except BaseException as exc:
+        status.record_failure(run_dir, exc, rank, None, cfg.train.steps)
+        raise
+    s.trainer.install_signal_handlers()
     summary: dict[str, Any] = {}
     try:
         summary = s.trainer.train()
@@ -210,9 +226,9 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
         if cfg.train.check_replicas:
             summary.update(_check_replicas(s))
     except BaseException as exc:
-        if summary and s.dist.is_main:  # training ended and a check after it failed: the record says so
-            summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # training ended and a check after it failed: the record keeps what the run did
+        done = {k: v for k, v in summary.items() if k not in ("status", "step", "steps")}
+        status.record_failure(run_dir, exc, s.dist.rank, s.trainer.step, cfg.train.steps, **done)
         s.tracker.abort()  # the W&B run ends marked failed; metrics.jsonl keeps what was logged
         raise
     finally:
@@ -227,7 +243,7 @@ def run(cfg: Config, session: Session | None = None) -> dict[str, Any]:
             summary["steps"],
         )
     elif s.dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        status.write_summary(run_dir, summary)
         s.tracker.summary(summary)
         log.info(
             "run %s: %s at step %d/%d in %.1fs",

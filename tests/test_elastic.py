@@ -71,22 +71,23 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     run_dir = tmp_path / "run"
     out = _cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
     assert out.returncode == 0, out.stderr
-    assert "workers: 1, 2; elastic: global batch 16 at every size" in out.stdout
+    assert "ranks: 1, 2 (cluster.workers={min: 1, max: 2}); elastic: global batch 16 at every size" in out.stdout
     assert "nothing written, nothing started" in out.stdout
     assert "plan: 0.1M parameters on 2 x H100" in out.stdout  # the plan at the range's max
-    # every size keeps a global batch of 96, but the data's own partitions (data.partitions unset: 4
-    # for this small corpus) do not split over 3 ranks
+    # data.partitions unset: derived for every size of the range. 2-4 needs a multiple of 12, and
+    # this small corpus (72 rows, a chunk each) gets 12 rather than 192
+    args = ["--dry-run", f"run.dir={run_dir}", "data.num_workers=0"]
+    out = _cli("launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", *args)
+    assert out.returncode == 0, out.stderr
+    assert "data: 12 partitions (derived for cluster.workers={min: 2, max: 4}) of 72 chunks" in out.stdout
+    # 5-8 needs a multiple of 840: more partitions than the corpus has chunks
+    out = _cli("launch", "local", str(TINY), "--workers", "5-8", "train.global_batch_size=6720", *args)
+    assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert "needs a multiple of 840, but data.train_path has 72 rows in 72 chunks" in out.stderr
+    # a fixed partition count that a size does not divide is refused naming the sizes that work
     out = _cli(
-        "launch",
-        "local",
-        str(TINY),
-        "--workers",
-        "2-4",
-        "--dry-run",
-        f"run.dir={run_dir}",
-        "train.global_batch_size=96",
-        "data.num_workers=0",
-    )
+        "launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", "data.partitions=4", *args
+    )  # fmt: skip
     assert out.returncode == 1
     assert "3 workers cannot keep the global batch (data.partitions=4 is not divisible by 3)" in out.stderr
     assert "Sizes that work: 2, 4;" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr

@@ -115,7 +115,8 @@ def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
         "LAUNCHER=ray", "WORKERS=2", "scontrol requeue", "srun --overlap", "ray}\" get-auth-token",
     ):  # fmt: skip
         assert line in script, line
-    assert "{{" not in script and "checks passed: 2 node(s)" in script and not run_dir.exists()
+    assert "{{" not in script and "# 2 node(s) x 1 worker(s) = 2 rank(s)" in script and not run_dir.exists()
+    assert "# checks passed:" in script and "# data: 4 partitions" in script  # derived for 2 ranks
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
     # a batch layout that does not fit the allocation is refused before anything is rendered

@@ -88,7 +88,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the config from the driver, resume if Ray holds a checkpoint pointer."""
     import ray.train
 
-    from distrain.train import run, setup
+    from distrain.train import run
 
     ctx = ray.train.get_context()
     cwd = config["cwd"]
@@ -126,7 +126,7 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report({"step": step})
 
-    summary = run(cfg, setup(cfg, on_checkpoint=[report]))
+    summary = run(cfg, on_checkpoint=[report])
     if summary["status"] == RESIZE:  # an error, not a return: Ray would take a return as the job done
         raise Resized(f"checkpointed at step {summary['step']} for Ray's resize of the worker group")
     if summary["status"] not in ("completed", "preempted"):  # preempted: checkpointed, the driver exits 75
@@ -205,15 +205,16 @@ def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> N
 def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip: str = "127.0.0.2") -> dict:
     """Run ``cfg`` with ``cfg.cluster.workers`` Ray Train workers; returns the run's summary.json.
     ``local``: start a one-node Ray on this machine (bound to ``node_ip``); else join ``address``
-    (or ``cluster.address``, or RAY_ADDRESS)."""
+    (or ``cluster.address``, or RAY_ADDRESS). Every check that can refuse the launch runs first
+    (``distrain.layout.preflight``), before any Ray process starts or RUN_DIR/ray is written."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distrain.checkpoint import check_launch
+    from distrain.layout import launch_sizes, preflight
 
     run_dir = cfg.run.run_dir.resolve()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
-    check_launch(run_dir, cfg)  # before any Ray process starts or RUN_DIR/ray is written
+    cfg, _ = preflight(cfg, *launch_sizes(cfg))
     if not os.environ.get(LAUNCH_ID):
         new_launch()
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -232,8 +233,6 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
     if gpu:
         resources["GPU"] = c.gpus_per_worker
     workers = (c.min_workers, c.max_workers) if c.elastic else c.workers
-    if c.elastic:
-        check_elastic(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": _launch_dir()},
@@ -265,51 +264,19 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
         backend,
         c.failures,
     )
-    trainer.fit()
+    since = time.time()
+    try:
+        trainer.fit()
+    except Exception as exc:  # every rank died, or Ray gave up: the record says failed
+        from distrain.status import record_driver_failure
+
+        first = (worker_failures(exc) or [f"{type(exc).__name__}: {exc}"])[0].splitlines()[0]
+        base = next(iter((getattr(exc, "worker_failures", None) or {}).values()), exc)
+        kind = type(getattr(base, "_base_exc", base)).__name__
+        record_driver_failure(run_dir, first, kind, since, cfg.train.steps)
+        raise
     summary_path = run_dir / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "unknown"}
-
-
-def check_elastic(cfg: Config) -> list[int]:
-    """An elastic launch's check against its data (the partitions it really has): the sizes of the
-    range that keep the global batch, refused with the reason if any does not. Returns them."""
-    from distrain.config import check_sizes
-    from distrain.data import DataPipeline
-
-    pipe = DataPipeline(cfg, 0, 1)  # the partitions of its data
-    try:
-        return check_sizes(cfg, pipe.plan.partitions)
-    finally:
-        pipe.close()
-
-
-def check_run(cfg: Config) -> list[str]:
-    """A launch's checks before anything starts (``--dry-run``): the run directory, a resume's
-    config, the batch layout at every size against the data. Returns what they found."""
-    from distrain.checkpoint import check_launch
-    from distrain.config import check_sizes, elastic_layouts, global_batch
-    from distrain.data import DataPipeline
-
-    run_dir = cfg.run.run_dir.resolve()
-    check_launch(run_dir, cfg)
-    c = cfg.cluster
-    if c.elastic:
-        pipe = DataPipeline(cfg, 0, 1)  # the partitions of its data
-        pipe.close()
-        sizes = check_sizes(cfg, pipe.plan.partitions)
-        layout = elastic_layouts(cfg, pipe.plan.partitions)
-    else:
-        DataPipeline(cfg, 0, c.workers).close()  # the data's partitions among the ranks
-        sizes = [c.workers]
-        layout = (
-            f"global batch {global_batch(cfg, c.workers)}: {c.workers} workers x micro batch "
-            f"{cfg.train.micro_batch_size} x grad_accum {cfg.parallel.grad_accum}"
-        )
-    return [
-        f"run dir {run_dir} ({'resume' if cfg.checkpoint.resume else 'new run'})",
-        f"workers: {', '.join(map(str, sizes))}; {layout}",
-        "checks passed: config, run directory, batch layout and data partitions at every size",
-    ]
 
 
 def _launch_dir() -> str | None:

@@ -1,5 +1,5 @@
 """Slurm: ``distrain submit slurm`` renders ``slurm/job.sbatch`` for a config and submits it;
-``distrain cluster wait-ray`` is the job's readiness wait; ``distrain status`` reads a run directory.
+``distrain cluster wait-ray`` is the job's readiness wait (``distrain status`` is ``distrain.status``).
 
 The job script runs Ray on the allocation (a head on the first node, a worker on every other node,
 each ``ray start --block`` in its own ``srun --overlap`` step) and ``distrain launch ray`` from the
@@ -9,18 +9,16 @@ run checkpoint on every rank and exit 75, and the job requeues itself (``cluster
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from distrain.config import Config, check_topology, to_yaml
-from distrain.errors import EXIT_PREEMPTED, ConfigError, UserError
+from distrain.errors import ConfigError, UserError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
 DEFAULT_NODE_IP = "$(hostname -I | cut -d' ' -f1)"
@@ -117,16 +115,25 @@ def render(cfg: Config, launcher: str, workdir: Path, config_path: Path, templat
 def submit(cfg: Config, dry_run: bool = False, workdir: Path | None = None) -> dict[str, Any]:
     """Check ``cfg``, render its job script and submit it; returns {script, job_id, ...}. With
     ``dry_run`` nothing is written or submitted."""
-    from distrain.checkpoint import check_launch
+    from distrain.layout import preflight
 
     cfg, launcher = job_config(cfg)
     run_dir = cfg.run.run_dir
-    check_launch(run_dir, cfg)
+    s = cfg.cluster.slurm
+    origin = f"cluster.slurm.nodes={s.nodes} x {max(1, s.gpus_per_node)} rank(s) a node"
+    cfg, checks = preflight(cfg, [cfg.cluster.workers], origin)
     workdir = (workdir or Path.cwd()).resolve()
     slurm_dir = run_dir / "slurm"
     config_path = slurm_dir / "config.yaml"
     script = render(cfg, launcher, workdir, config_path)
-    out = {"script": script, "launcher": launcher, "workers": cfg.cluster.workers, "run_dir": str(run_dir)}
+    out = {
+        "script": script,
+        "launcher": launcher,
+        "workers": cfg.cluster.workers,
+        "run_dir": str(run_dir),
+        "checks": checks,
+        "config": cfg,
+    }
     if dry_run:
         return out
     sbatch = shutil.which("sbatch")
@@ -196,114 +203,3 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-# --------------------------------------------------------------------------------------- status
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _slurm_state(job_id: str) -> str | None:
-    for cmd in (
-        ["squeue", "-h", "-j", job_id, "-o", "%T"],
-        ["sacct", "-n", "-X", "-j", job_id, "-o", "State"],
-    ):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        state = proc.stdout.strip().split()
-        if proc.returncode == 0 and state:
-            return state[0]
-    return None
-
-
-def status(run_dir: Path) -> dict[str, Any]:
-    """What a run directory says about its run: state, step, newest checkpoint, restarts, the Slurm
-    job and its state, the W&B run."""
-    from distrain.checkpoint import list_checkpoints
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() and not (run_dir / "slurm").is_dir():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml, no slurm/)")
-    out: dict[str, Any] = {"run_dir": str(run_dir)}
-    summary = (
-        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
-    )
-    records = _jsonl(run_dir / "metrics.jsonl")
-    steps = None
-    if summary:
-        steps = summary.get("steps")
-    elif (run_dir / "config.yaml").is_file():
-        import yaml
-
-        steps = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("train") or {}).get("steps")
-    step = summary["step"] if summary else max((r.get("step", 0) for r in records), default=0)
-    ckpts = list_checkpoints(run_dir / "checkpoints")
-    out.update(step=step, steps=steps, checkpoint=ckpts[0].name if ckpts else None)
-    jobs = _jsonl(run_dir / "slurm" / "jobs.jsonl")
-    starts = [j for j in jobs if "start" in j]
-    ends = [j for j in jobs if "exit" in j]
-    job = starts[-1]["job_id"] if starts else None
-    out.update(slurm_job=job, restarts=max((j.get("restart", 0) for j in starts), default=0))
-    slurm_state = _slurm_state(job) if job else None
-    out["slurm_state"] = slurm_state
-    last_exit = ends[-1] if ends else None
-    if slurm_state in ("RUNNING", "COMPLETING", "CONFIGURING"):
-        state = "running"
-    elif slurm_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") and starts:
-        state = "preempted" if last_exit and last_exit.get("exit") == EXIT_PREEMPTED else "pending"
-    elif slurm_state == "PENDING":
-        state = "pending"
-    elif summary and summary.get("status") == "completed":
-        state = "completed"
-    elif summary and summary.get("status") == "preempted":
-        state = "preempted"
-    elif (summary and summary.get("status") == "failed") or (
-        last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED)
-    ):
-        state = "failed"
-    elif summary:
-        state = summary.get("status", "stopped")
-    else:
-        state = "running" if records else "unknown"
-    out["state"] = state
-    error = (summary or {}).get("error")
-    if state == "failed" and not error and job:
-        log = run_dir / "slurm" / f"slurm-{job}.out"
-        if log.is_file():
-            lines = log.read_text(errors="replace").splitlines()
-            ours = [ln for ln in lines if "distrain: error:" in ln] or [ln for ln in lines if "error:" in ln]
-            error = ours[-1].strip() if ours else None
-    out["error"] = error
-    wandb_dirs = sorted((run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
-    out["wandb"] = str(wandb_dirs[-1]) if wandb_dirs else None
-    return out
-
-
-def print_status(info: dict[str, Any], stream=sys.stdout) -> None:
-    rows = [
-        ("state", info["state"]),
-        ("step", f"{info['step']} of {info['steps']}" if info["steps"] else str(info["step"])),
-        ("checkpoint", info["checkpoint"] or "none"),
-        ("restarts", str(info["restarts"])),
-    ]
-    if info["slurm_job"]:
-        rows.append(("slurm job", f"{info['slurm_job']} ({info['slurm_state'] or 'not in squeue/sacct'})"))
-    rows.append(("wandb", info["wandb"] or "none"))
-    if info.get("error"):
-        rows.append(("error", info["error"]))
-    width = max(len(k) for k, _ in rows)
-    stream.write(f"{info['run_dir']}\n")
-    for k, v in rows:
-        stream.write(f"  {k:<{width}}  {v}\n")

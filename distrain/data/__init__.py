@@ -182,6 +182,57 @@ class Stream:
         self.source.close()
 
 
+def image_manifest(cfg: Config, path: str, key: str, split: str) -> Manifest:
+    """An image source's manifest, its classes checked against model.num_classes."""
+    d, m = cfg.data, cfg.model
+    fmt = detect_format(path, d.format, key)
+    if fmt not in ("imagefolder", "parquet", "hf"):
+        raise DataError(
+            f"{key}: data.format={fmt} holds no images; model.name={m.name} needs imagefolder, parquet or hf"
+        )
+    man = build_manifest(path, fmt, key, split)
+    if fmt == "imagefolder":
+        top = len(man.classes)
+    else:
+        from distrain.data.vision import max_label
+
+        top = max_label(man, d.label_field) + 1
+    if top > m.num_classes:
+        raise DataError(
+            f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}"
+        )
+    return man
+
+
+def train_manifests(cfg: Config) -> tuple[list[Manifest], list[float]]:
+    """The training sources' manifests (built once and cached, see ``distrain data index``) and
+    their mixing weights; a missing path, a format that does not fit the model or more classes
+    than model.num_classes is refused naming the key."""
+    d = cfg.data
+    if cfg.model.batch_kind != "tokens":
+        return [image_manifest(cfg, d.train_path, "data.train_path", d.split)], [1.0]
+    paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
+    manifests, weights = [], []
+    for i, (path, weight) in enumerate(paths):
+        key = f"data.sources[{i}].path" if d.sources else "data.train_path"
+        fmt = detect_format(path, d.format, key)
+        if fmt == "imagefolder":
+            raise DataError(f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text")
+        manifests.append(build_manifest(path, fmt, key, d.split))
+        weights.append(weight)
+    return manifests, weights
+
+
+def eval_manifest(cfg: Config) -> Manifest | None:
+    """data.eval_path's manifest (None without one)."""
+    d, key = cfg.data, "data.eval_path"
+    if not d.eval_path:
+        return None
+    if cfg.model.batch_kind != "tokens":
+        return image_manifest(cfg, d.eval_path, key, d.eval_split)
+    return build_manifest(d.eval_path, detect_format(d.eval_path, d.format, key), key, d.eval_split)
+
+
 class DataPipeline:
     """Builds the train stream and eval batches for one rank of ``world``."""
 
@@ -189,18 +240,8 @@ class DataPipeline:
         self.cfg, self.rank, self.world, self.pin = cfg, rank, world, pin_memory
         self.kind = cfg.model.batch_kind
         d = cfg.data
+        self.manifests, weights = train_manifests(cfg)
         if self.kind == "tokens":
-            paths = [(s.path, s.weight) for s in d.sources] if d.sources else [(d.train_path, 1.0)]
-            self.manifests, weights = [], []
-            for i, (path, weight) in enumerate(paths):
-                key = f"data.sources[{i}].path" if d.sources else "data.train_path"
-                fmt = detect_format(path, d.format, key)
-                if fmt == "imagefolder":
-                    raise DataError(
-                        f"{key} {path} is an image folder but model.name={cfg.model.name} trains on text"
-                    )
-                self.manifests.append(build_manifest(path, fmt, key, d.split))
-                weights.append(weight)
             self.tokenizer = load_tokenizer(d.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ConfigError(
@@ -209,10 +250,9 @@ class DataPipeline:
                 )
             self.tokens_per_sample: int | None = d.seq_len
         else:
-            self.tokenizer, self.tokens_per_sample, weights = None, None, [1.0]
-            self.manifests = [self._image_manifest(d.train_path, "data.train_path", d.split)]
+            self.tokenizer, self.tokens_per_sample = None, None
         self.corpus = Corpus(self.manifests)
-        k = d.partitions or default_partitions(self.manifests)
+        k = d.partitions or default_partitions(self.manifests, [world])
         self.plan = Plan(
             self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle, block_mb=d.shuffle_block_mb
         )
@@ -222,26 +262,6 @@ class DataPipeline:
         self._stream: Stream | None = None
 
     # ------------------------------------------------------------------ parts
-    def _image_manifest(self, path: str, key: str, split: str) -> Manifest:
-        d, m = self.cfg.data, self.cfg.model
-        fmt = detect_format(path, d.format, key)
-        if fmt not in ("imagefolder", "parquet", "hf"):
-            raise DataError(
-                f"{key}: data.format={fmt} holds no images; model.name={m.name} needs imagefolder, parquet or hf"
-            )
-        man = build_manifest(path, fmt, key, split)
-        if fmt == "imagefolder":
-            top = len(man.classes)
-        else:
-            from distrain.data.vision import max_label
-
-            top = max_label(man, d.label_field) + 1
-        if top > m.num_classes:
-            raise DataError(
-                f"{key}: {path} has {top} classes but model.num_classes={m.num_classes}; set model.num_classes >= {top}"
-            )
-        return man
-
     def _check_layout(self) -> None:
         k, w, m = self.plan.partitions, self.world, self.cfg.data.num_workers
         if k % w:
@@ -452,13 +472,7 @@ class DataPipeline:
         if not d.eval_path:
             return None
         if not hasattr(self, "_eval_cache"):
-            key = "data.eval_path"
-            if self.kind == "tokens":
-                man = build_manifest(
-                    d.eval_path, detect_format(d.eval_path, d.format, key), key, d.eval_split
-                )
-            else:
-                man = self._image_manifest(d.eval_path, key, d.eval_split)
+            man = eval_manifest(self.cfg)
             plan = Plan([man], [1.0], 0, self.world, 1, False, check_rows=False)
             part = self._maker(plan, train=False, loop=False)(self.rank, None)
             mb, collate, n = self.cfg.train.micro_batch_size, self._collate(), self.cfg.train.eval_batches

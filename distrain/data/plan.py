@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -46,20 +47,38 @@ from distrain.errors import DataError
 log = logging.getLogger(__name__)
 
 ERROR_KINDS = ("malformed", "missing_field", "empty", "undecodable")
-DEFAULT_PARTITIONS = 64
-
-
+PARTITION_UNIT = 64
 MIN_PARTITION_ROWS = 16
+CHUNKS = "a chunk is a row of a small file, 1024 lines of a large jsonl file or a row group of a parquet file"
 
 
-def default_partitions(manifests: list[Manifest]) -> int:
-    """64, or for a small source the largest power of two that leaves every partition a chunk and
-    at least 16 rows (one bad row then cannot empty a partition)."""
-    rows = min(m.total for m in manifests)
-    chunks = min(int(m.chunks.sum()) for m in manifests)
-    k = DEFAULT_PARTITIONS
-    while k > 1 and (k * MIN_PARTITION_ROWS > rows or k > chunks):
-        k //= 2
+def default_partitions(manifests: list[Manifest], sizes: list[int], origin: str = "the world size") -> int:
+    """``data.partitions`` for a run that may train on any of ``sizes`` ranks: the smallest multiple
+    of 64 that every size divides. A source too small for that (every partition needs a chunk, and
+    should keep 16 rows so that one bad row cannot empty it) gets the largest ``lcm(sizes) x 2**j``
+    that fits; one with fewer chunks than ``lcm(sizes)`` is refused, naming both counts."""
+    need = math.lcm(*sizes)
+    src = min(manifests, key=lambda m: int(m.chunks.sum()))
+    chunks = int(src.chunks.sum())
+    room = min(chunks, min(m.total for m in manifests) // MIN_PARTITION_ROWS)
+    best = math.lcm(PARTITION_UNIT, need)
+    if best <= room:
+        return best
+    if need > chunks:
+        shown = (
+            ""
+            if len(sizes) == 1
+            else ": " + ", ".join(map(str, sizes[:6])) + (", ..." if len(sizes) > 6 else "")
+        )
+        raise DataError(
+            f"data.partitions: every world size the run may use ({origin}{shown}) must divide the data's partitions, "
+            f"so it needs a multiple of {need}, but {src.key} has {src.total:,} rows in {chunks:,} chunks ({CHUNKS}) "
+            f"and every partition needs one; give it more files or smaller ones (parquet: smaller row groups), "
+            f"or train on a number of ranks that divides a count of at most {chunks:,}"
+        )
+    k = need
+    while 2 * k <= room:
+        k *= 2
     return k
 
 
