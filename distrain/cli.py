@@ -170,21 +170,8 @@ def _fail(msg: str) -> int:
 
 
 def _train(args) -> int:
-    if args.command == "resume":
-        from pathlib import Path
-
-        config = Path(args.run_dir) / "config.yaml"
-        if not config.is_file():
-            raise ConfigError(
-                f"{args.run_dir} has no config.yaml: is it a run directory written by `distrain train`?"
-            )
-        cfg = load_config(config, [*args.overrides, f"run.dir={args.run_dir}", "checkpoint.resume=true"])
-    else:
-        cfg = load_config(args.config, args.overrides)
-    from distrain.layout import preflight, process_sizes
-
-    try:
-        cfg, _ = preflight(cfg, *process_sizes())  # every rank under torchrun, before the group forms
+    try:  # every rank under torchrun, before the process group forms
+        cfg = _train_config(args)
     except UserError:
         if int(os.environ.get("RANK", "0")) != 0:  # the same refusal on every rank: rank 0 prints it
             sys.exit(EXIT_ERROR)
@@ -197,6 +184,24 @@ def _train(args) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"completed": EXIT_OK, "preempted": EXIT_PREEMPTED}.get(summary["status"], EXIT_INTERRUPTED)
+
+
+def _train_config(args):
+    """``train``/``resume``: the config, and every check that can refuse the launch."""
+    from distrain.layout import preflight, process_sizes
+
+    if args.command == "resume":
+        from pathlib import Path
+
+        config = Path(args.run_dir) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(
+                f"{args.run_dir} has no config.yaml: is it a run directory written by `distrain train`?"
+            )
+        cfg = load_config(config, [*args.overrides, f"run.dir={args.run_dir}", "checkpoint.resume=true"])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    return preflight(cfg, *process_sizes())[0]
 
 
 def _launch(args) -> int:

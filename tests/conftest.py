@@ -4,6 +4,8 @@ tiny data sets written once per session into a temporary working directory."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -118,3 +120,52 @@ def wandb_history(path: Path) -> list[dict]:
                 {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
             )
     return rows
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``distrain ARGS`` as a user runs it, in this test's working directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "distrain.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def write_corpus(root: Path, files: int = 4, rows: int = 16, bad: tuple[int, int] | None = None) -> str:
+    """A jsonl corpus of ``files`` small files of ``rows`` documents (about two 128-token samples
+    each); ``bad`` = (file, row): that row is malformed JSON. Returns its glob."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        with open(root / f"train-{f:05d}.jsonl", "w") as fh:
+            for r in range(rows):
+                if bad == (f, r):
+                    fh.write("{not json\n")
+                else:
+                    fh.write(json.dumps({"text": f"file {f} row {r}: " * 16}) + "\n")
+    return str(root / "train-*.jsonl")
+
+
+@pytest.fixture
+def ray_env(tmp_path) -> dict[str, str]:
+    """A subprocess environment that keeps Ray on loopback with its files in a temp dir of the test
+    (a short path: Ray's unix sockets live there and may not exceed 107 bytes)."""
+    import shutil
+
+    from distrain.cluster.ray import loopback_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="dr-", dir="/tmp"))
+    env = {
+        **os.environ,
+        **loopback_env("127.0.0.2"),  # proxies at a closed port: cloud-metadata probes fail at once
+        "RAY_TMPDIR": str(tmp),
+        "TMPDIR": str(tmp),
+        "RAY_STATE_DIR": str(tmp_path / "nodes"),
+        "RAY_DEDUP_LOGS": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    yield env
+    shutil.rmtree(tmp, ignore_errors=True)

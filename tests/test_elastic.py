@@ -71,7 +71,9 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     run_dir = tmp_path / "run"
     out = _cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
     assert out.returncode == 0, out.stderr
-    assert "ranks: 1, 2 (cluster.workers={min: 1, max: 2}); elastic: global batch 16 at every size" in out.stdout
+    assert (
+        "ranks: 1, 2 (cluster.workers={min: 1, max: 2}); elastic: global batch 16 at every size" in out.stdout
+    )
     assert "nothing written, nothing started" in out.stdout
     assert "plan: 0.1M parameters on 2 x H100" in out.stdout  # the plan at the range's max
     # data.partitions unset: derived for every size of the range. 2-4 needs a multiple of 12, and

@@ -18,29 +18,6 @@ from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_r
 pytestmark = [pytest.mark.ray, pytest.mark.world_size]
 
 
-@pytest.fixture
-def ray_env(tmp_path) -> dict[str, str]:
-    """A subprocess environment that keeps Ray on loopback with its files in a temp dir of the test
-    (a short path: Ray's unix sockets live there and may not exceed 107 bytes)."""
-    import shutil
-    import tempfile
-
-    from distrain.cluster.ray import loopback_env
-
-    tmp = Path(tempfile.mkdtemp(prefix="dr-", dir="/tmp"))
-    env = {
-        **os.environ,
-        **loopback_env("127.0.0.2"),  # proxies at a closed port: cloud-metadata probes fail at once
-        "RAY_TMPDIR": str(tmp),
-        "TMPDIR": str(tmp),
-        "RAY_STATE_DIR": str(tmp_path / "nodes"),
-        "RAY_DEDUP_LOGS": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    yield env
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _distrain(env, *args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "distrain.cli", *args],

@@ -70,6 +70,8 @@ def _format_errors(err: ValidationError, data: dict, source: str, overridden: se
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"key '{key}' = {e.get('input')!r} in {where}: {msg}")
+    if len(lines) == 1:  # one line: the key, where it came from and the fix
+        return lines[0]
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
