@@ -61,7 +61,9 @@ def test_cluster_sizes_are_accepted_by_default(corpus, in_workdir, tmp_path, wor
     assert "nothing written, nothing started" in out.stdout and not run_dir.exists()
     if workers == 1024:  # the plan prints the data layout too
         plan = cli("plan", TINY, "--gpus", workers, f"data.train_path={corpus}")
-        assert plan.returncode == 0 and f"data: {parts} partitions (derived for --gpus {workers})" in plan.stdout
+        assert (
+            plan.returncode == 0 and f"data: {parts} partitions (derived for --gpus {workers})" in plan.stdout
+        )
 
 
 def test_refusals_come_from_the_driver_in_one_line_before_anything_starts(in_workdir, tmp_path):

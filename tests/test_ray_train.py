@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_records
+from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_records, write_corpus
+from tests.test_status import kill_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.world_size]
 
 
 def _distrain(env, *args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *args],
+        [sys.executable, "-m", "distrain.cli", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -77,25 +78,38 @@ def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir
     assert out.count("step 20/20 |") == 1  # one rank logs, once
 
 
-def test_errors_name_the_rank_that_failed(in_workdir, tmp_path, ray_env):
+def test_errors_name_the_rank_that_failed_and_the_run_records_it(in_workdir, tmp_path, ray_env):
+    """A malformed row in a partition of rank 1 (data.on_error=fail) fails the run at a step: the
+    driver names rank 1 and its row in one line, summary.json and `distrain status` say failed
+    with rank 1's error, its type and the step reached. A missing path is refused by the driver in
+    one line before Ray starts."""
+    run_dir = tmp_path / "r"
+    corpus = write_corpus(tmp_path / "bad", bad=(3, 15))  # partition 3 of 4: rank 1's
+    args = [f"data.train_path={corpus}", "data.on_error=fail", "data.shuffle=false", "data.eval_path=null"]
     p = _distrain(
-        ray_env,
-        "launch",
-        "local",
-        str(CONFIGS / "gpt-cpu-tiny.yaml"),
-        "--workers",
-        "2",
-        f"run.dir={tmp_path / 'r'}",
-        "data.train_path=nowhere/*.jsonl",
-        *COMMON,
-    )
+        ray_env, "launch", "local", CONFIGS / "gpt-cpu-tiny.yaml", "--workers", "2", f"run.dir={run_dir}",
+        *args, *COMMON,
+    )  # fmt: skip
     assert p.returncode == 1
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("distrain: error:")]
-    # every rank that failed before Ray stopped the group is named, with the config key at fault
     assert errors and all(
-        re.fullmatch(r"distrain: error: rank [01]: data.train_path: no data files at 'nowhere/\*.jsonl'.*", e)
+        re.fullmatch(
+            r"distrain: error: rank 1: .*train-00003.jsonl line 16: malformed JSON.*data.on_error=skip", e
+        )
         for e in errors
-    ), errors
+    ), p.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rank"] == 1 and summary["error_type"] == "DataError"
+    assert 0 < summary["step"] < 20 and "train-00003.jsonl line 16" in summary["error"]
+    st = json.loads(_distrain(ray_env, "status", run_dir, "--json").stdout)
+    assert (st["state"], st["step"], st["error"]) == ("failed", summary["step"], summary["error"])
+    missing = tmp_path / "m"
+    p = _distrain(
+        ray_env, "launch", "local", CONFIGS / "gpt-cpu-tiny.yaml", "--workers", "2", f"run.dir={missing}",
+        "data.train_path=nowhere/*.jsonl",
+    )  # fmt: skip
+    assert p.returncode == 1 and not missing.exists()
+    assert p.stderr.splitlines() == ["distrain: error: data.train_path: no data files at 'nowhere/*.jsonl'"]
 
 
 def _ray_descendants(pid: int, marker: str) -> list:
@@ -209,6 +223,22 @@ def test_a_notice_to_the_driver_checkpoints_every_worker_at_one_step_and_exits_7
     status = _distrain(ray_env, "status", str(run_dir), "--json")  # a run of any launcher
     st = json.loads(status.stdout)
     assert (st["state"], st["step"], st["checkpoint"], st["slurm_job"]) == ("preempted", stop, ckpts[0], None)
+    # launched again it resumes and is running; kill -9 of the whole job (driver, Ray, workers): stopped
+    proc = subprocess.Popen(
+        [*cmd, *args, "train.steps=400"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ray_env,
+    )
+    try:
+        wait_for_records(run_dir / "metrics.jsonl", len(read_jsonl(run_dir / "metrics.jsonl")) + 2, proc)
+        st = json.loads(_distrain(ray_env, "status", str(run_dir), "--json").stdout)
+        assert st["state"] == "running" and st["step"] > stop
+    finally:
+        kill_job(proc)
+    st = json.loads(_distrain(ray_env, "status", str(run_dir), "--json").stdout)
+    assert st["state"] == "stopped" and st["step"] > stop and st["heartbeat"] is not None
 
 
 def _free_port() -> int:
