@@ -234,8 +234,8 @@ def status(run_dir: Path) -> dict[str, Any]:
         state = "preempted" if starts and last_exit and last_exit.get("exit") == EXIT_PREEMPTED else "pending"
     elif current:
         state = _ENDED[ended]
-    elif last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED):
-        state = "failed"
+    elif last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED) and last_exit.get("exit", 0) < 128:
+        state = "failed"  # (128 + N: killed by signal N, which no failure record follows)
     elif hb:
         state = "running" if _alive(hb) and not sstate else "stopped"
     else:

@@ -277,10 +277,10 @@ class WandbSink:
         if self.run is None:
             return
         data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for k, v in record.items():
-            if isinstance(v, (str, bool)):
-                self.run.summary[k] = v
-        try:
+        try:  # a W&B that fails (its service gone, a full disk) never fails the run
+            for k, v in record.items():
+                if isinstance(v, (str, bool)):
+                    self.run.summary[k] = v
             self.run.log(data)
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B logging failed (%s); local logging continues", _redact(str(exc)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, read_jsonl
+from tests.conftest import CONFIGS, REPO, read_jsonl, write_corpus
 
 VENV_BIN = Path(sys.executable).parent
 HAVE_SLURM = shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()
@@ -169,7 +170,16 @@ def test_submit_without_sbatch_is_a_clear_error(in_workdir, tmp_path):
 def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in_workdir, tmp_path, slurm):
     good, bad = tmp_path / "good", tmp_path / "bad"
     j1 = submit(good, "train.steps=12", "--time", "5")
-    j2 = submit(bad, "train.steps=12", "data.train_path=data/missing/*.jsonl")
+    corpus = write_corpus(tmp_path / "corpus", bad=(3, 15))  # a malformed row, met at a step
+    fail = ["data.on_error=fail", "data.shuffle=false", "data.eval_path=null", "train.log_every=1"]
+    j2 = submit(bad, "train.steps=30", f"data.train_path={corpus}", *fail)
+    # a missing path is refused at submission, before sbatch: no job, nothing written
+    out = distrain(
+        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'missing'}", *JOB,
+        "data.train_path=data/missing/*.jsonl", check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and "data.train_path: no data files at 'data/missing/*.jsonl'" in out.stderr
+    assert not (tmp_path / "missing").exists()
     end = wait_done(good, j1)
     assert end["exit"] == 0, (good / "slurm" / f"slurm-{j1}.out").read_text()[-3000:]
     summary = json.loads((good / "summary.json").read_text())
@@ -178,9 +188,11 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     end = wait_done(bad, j2)
     assert end["exit"] == 1 and len([j for j in jobs(bad) if "start" in j]) == 1  # not requeued
     log = (bad / "slurm" / f"slurm-{j2}.out").read_text()
-    assert "distrain: error:" in log and "data/missing" in log
+    assert "distrain: error:" in log and "train-00003.jsonl line 16: malformed JSON" in log
+    summary = json.loads((bad / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error_type"] == "DataError" and 0 < summary["step"] < 30
     st = json.loads(distrain("status", str(bad), "--json").stdout)
-    assert st["state"] == "failed" and "data/missing" in st["error"] and st["slurm_job"] == j2
+    assert (st["state"], st["error"], st["slurm_job"]) == ("failed", summary["error"], j2)
     st = json.loads(distrain("status", str(good), "--json").stdout)
     assert (st["state"], st["step"], st["steps"], st["checkpoint"]) == ("completed", 12, 12, "step00000012")
     # sbatch's own refusal is shown as it is, and the new run directory is not left behind
@@ -199,6 +211,18 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
         out.returncode == 1 and "sbatch refused the job" in out.stderr and "invalid partition" in out.stderr
     )
     assert not nope.exists()
+    # running, then killed without warning (kill -9 of the training process, as a lost node): stopped
+    killed = tmp_path / "killed"
+    j3 = submit(killed, "train.steps=100000", "train.log_every=1", "train.eval_every=0")
+    wait_step(killed, 3)
+    st = json.loads(distrain("status", str(killed), "--json").stdout)
+    assert (st["state"], st["slurm_job"]) == ("running", j3) and st["step"] >= 3
+    os.kill(json.loads((killed / "heartbeat.json").read_text())["pid"], signal.SIGKILL)
+    t0 = time.time()
+    while (state := json.loads(distrain("status", str(killed), "--json").stdout))["state"] == "running":
+        assert time.time() - t0 < 120, state
+        time.sleep(1)
+    assert state["state"] == "stopped" and state["heartbeat"] is not None and state["step"] >= 3, state
 
 
 @pytest.mark.slurm

@@ -175,3 +175,30 @@ def test_api_key_is_never_written(in_workdir, tmp_path):
     assert _offline_runs(run_dir) and list(run_dir.glob("checkpoints/step*/*.pt"))
     assert PLANTED not in p.stdout + p.stderr
     _assert_key_absent(run_dir)  # config.yaml, metrics, summary, checkpoints, the W&B run and its logs
+
+
+def test_a_wandb_service_that_dies_mid_run_does_not_fail_the_run(in_workdir, tmp_path):
+    """W&B's service process lost during training (killed with the job step by a scheduler, out of
+    memory): the run goes on, logging locally, and completes."""
+    import psutil
+
+    from distrain.config import load_config
+    from distrain.train import run, setup
+
+    cfg = load_config(
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        [f"run.dir={tmp_path / 'r'}", "train.steps=6", "train.log_every=1", "tracking.wandb.mode=offline"],
+    )
+    session = setup(cfg)
+    services = [
+        p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline()).lower()
+    ]
+    assert services, "no W&B service process under this one"
+    for p in services:  # the service this test's run started
+        p.kill()
+    psutil.wait_procs(services, timeout=30)
+    summary = run(cfg, session)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r] == list(
+        range(1, 7)
+    )
