@@ -160,13 +160,26 @@ def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
         )
 
 
+_verified: dict[str, tuple] = {}  # checkpoint -> the files' (name, size, mtime) when they last verified
+
+
 def verify(ckpt: Path) -> dict[str, Any]:
-    """Check every file of ``ckpt`` against its manifest; returns the manifest or raises CheckpointError."""
+    """Check every file of ``ckpt`` against its manifest; returns the manifest or raises CheckpointError.
+    A checkpoint this process verified before is hashed again only if a file's size or time changed
+    (a launcher's check and the load that follows it in one process read it once)."""
     mpath = ckpt / MANIFEST
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from None
+    try:
+        seen = tuple(
+            (rel, (ckpt / rel).stat().st_size, (ckpt / rel).stat().st_mtime_ns) for rel in manifest["files"]
+        )
+    except OSError:
+        seen = None
+    if seen is not None and _verified.get(str(ckpt)) == seen:
+        return manifest
     for rel, meta in manifest["files"].items():
         f = ckpt / rel
         if not f.is_file():
@@ -178,6 +191,8 @@ def verify(ckpt: Path) -> dict[str, Any]:
             )
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from the manifest (altered or corrupt)")
+    if seen is not None:
+        _verified[str(ckpt)] = seen
     return manifest
 
 
@@ -343,17 +358,19 @@ def _refuse_changes(ckpt: Path, changes: list[str]) -> None:
         )
 
 
-def check_launch(run_dir: Path, cfg):
+def check_launch(run_dir: Path, cfg) -> tuple[Any, dict[str, Any] | None]:
     """A launcher's check before any worker starts (or anything is written): a new run may not
     reuse a directory with checkpoints, and a resume may not change what the newest one holds.
-    Returns ``cfg``, with a resume's ``data.partitions`` (when unset) the one the run recorded."""
+    Returns ``cfg``, with a resume's ``data.partitions`` (when unset) the one the run recorded, and
+    the job-wide state of the checkpoint it resumes from (None for a new run)."""
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     found = newest_valid(run_dir / "checkpoints") if cfg.checkpoint.resume else None
     if found is None:
-        return cfg
-    saved = torch.load(found[0] / STATE, map_location="cpu", weights_only=True).get("config")
+        return cfg, None
+    state = torch.load(found[0] / STATE, map_location="cpu", weights_only=True)
+    saved = state.get("config")
     if not saved:
-        return cfg
+        return cfg, state
     import yaml
 
     from distrain.config import resume_changes
@@ -362,7 +379,7 @@ def check_launch(run_dir: Path, cfg):
     if cfg.data.partitions is None and recorded is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"partitions": recorded})})
     _refuse_changes(found[0], resume_changes(saved, cfg))
-    return cfg
+    return cfg, state
 
 
 def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:

@@ -82,9 +82,9 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
     from distrain.data import DataPipeline
     from distrain.data.plan import default_partitions
 
-    given = cfg.data.partitions
-    if run_dir:
-        cfg = check_launch(cfg.run.run_dir.resolve(), cfg)  # a resume takes the partitions the run recorded
+    given, saved = cfg.data.partitions, None
+    if run_dir:  # a resume takes the partitions the run recorded
+        cfg, saved = check_launch(cfg.run.run_dir.resolve(), cfg)
     recorded = given is None and cfg.data.partitions is not None
     pipe = DataPipeline(cfg, 0, 1) if cfg.data.partitions else None
     if pipe is None:
@@ -94,6 +94,8 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
         cfg = with_partitions(cfg, k)
         pipe = DataPipeline(cfg, 0, 1)  # the tokenizer and the chunks, with the count it will use
     pipe.close()
+    if saved is not None and "corpus" in saved:  # a resume on changed data is refused naming the file
+        pipe.corpus.load_state_dict(saved["corpus"])
     k = cfg.data.partitions
     bad = [n for n in sizes if k % n]
     if bad and recorded:

@@ -33,6 +33,7 @@ from distrain.errors import EXIT_PREEMPTED, ConfigError, UserError
 SUMMARY, HEARTBEAT = "summary.json", "heartbeat.json"
 STALE_BEATS, STALE_MIN_S = 5, 300.0  # a remote heartbeat older than both is a stopped run
 _written: dict[str, int] = {}  # summaries this process wrote (path -> mtime_ns): an earlier run's
+_begun: set[str] = set()  # run directories whose launch this process (rank 0) accepted
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -78,7 +79,18 @@ def begin(run_dir: Path, step: int, steps: int) -> None:
     path = Path(run_dir) / SUMMARY
     if path.exists() and _earlier(path):
         path.unlink(missing_ok=True)
+    _begun.add(str(Path(run_dir).resolve()))
     beat(run_dir, step, steps)
+
+
+def starting(run_dir: Path) -> None:
+    """A run (an attempt) starts in this process: not accepted until ``begin``."""
+    _begun.discard(str(Path(run_dir).resolve()))
+
+
+def begun(run_dir: Path) -> bool:
+    """Whether this process accepted a launch in ``run_dir`` (and may write its records)."""
+    return str(Path(run_dir).resolve()) in _begun
 
 
 def beat(run_dir: Path, step: int, steps: int) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distrain.config import Config, to_yaml
+from distrain.errors import UserError
 
 if TYPE_CHECKING:
     from distrain.checkpoint import Checkpointer
@@ -206,16 +207,21 @@ def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple
 
     run_dir = cfg.run.run_dir.resolve()
     rank = int(os.environ.get("RANK", "0"))
+    if session is None:
+        status.starting(run_dir)
     try:
         s = session or setup(cfg, on_checkpoint)
-    except BaseException as exc:
-        status.record_failure(run_dir, exc, rank, None, cfg.train.steps)
+    except BaseException as exc:  # a refusal before the launch was accepted writes nothing
+        if not isinstance(exc, UserError) or status.begun(run_dir):
+            status.record_failure(run_dir, exc, rank, None, cfg.train.steps)
         raise
     s.trainer.install_signal_handlers()
     summary: dict[str, Any] = {}
     try:
         summary = s.trainer.train()
         summary.update(slurm_job())
+        if s.data.restarts:  # data.restart_order: a resume restarted the data order
+            summary["data_restarts"] = s.data.restarts
         summary.update(
             run_dir=str(run_dir),
             world_size=s.dist.world_size,

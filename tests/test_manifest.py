@@ -161,6 +161,52 @@ def test_a_changed_corpus_is_refused_on_resume_with_the_file_named(in_workdir, t
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 8
 
 
+def test_a_position_this_code_cannot_continue_refuses_the_resume_or_restarts_the_order(
+    in_workdir, tmp_path, monkeypatch
+):
+    """Never a silent restart: a data position saved by another data-state version (or for changed
+    data) refuses the resume, naming why; data.restart_order=true restarts the data order at the
+    start of the epoch it had reached, and summary.json and the next checkpoint record it."""
+    import distrain.data
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i in range(3):
+        _jsonl(data / f"part-{i}.jsonl", 40, start=100 * i)
+    run_dir = tmp_path / "run"
+    over = [f"data.train_path={data}/*.jsonl", "data.eval_path=null", f"run.dir={run_dir}", "data.seq_len=32"]
+    run(load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "train.steps=4"]))
+    monkeypatch.setattr(distrain.data, "STATE_VERSION", distrain.data.STATE_VERSION + 1)  # a later distrain
+    longer = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "train.steps=8"])
+    with pytest.raises(
+        DataError,
+        match=r"cannot be continued: it was saved by data-state version 2, this distrain reads 3.*data.restart_order=true",
+    ):
+        run(longer)
+    assert not (run_dir / "checkpoints" / "step00000008").exists()
+    summary = run(
+        load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "train.steps=8", "data.restart_order=true"])
+    )
+    assert summary["status"] == "completed"
+    assert summary["data_restarts"] == [
+        {"epoch": 0, "why": "it was saved by data-state version 2, this distrain reads 3"}
+    ]
+    saved = torch.load(run_dir / "checkpoints" / "step00000008" / "rank-00000.pt", weights_only=True)["data"]
+    assert (
+        saved["restarts"] == summary["data_restarts"] and saved["cursor"] == 4 * 8
+    )  # 4 steps since the restart
+    assert json.loads((run_dir / "summary.json").read_text())["data_restarts"] == summary["data_restarts"]
+    # (this code still reads the later version) changed data: refused naming the file and the key
+    # that would restart the order
+    _jsonl(data / "part-3.jsonl", 5)
+    evenlonger = [*over, "train.steps=10"]
+    with pytest.raises(DataError, match=r"part-3.jsonl is new since the checkpoint.*data.restart_order=true"):
+        run(load_config(CONFIGS / "gpt-cpu-tiny.yaml", evenlonger))
+    summary = run(load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*evenlonger, "data.restart_order=true"]))
+    assert summary["status"] == "completed" and len(summary["data_restarts"]) == 2
+    assert summary["data_restarts"][1]["why"].startswith("the training data changed")
+
+
 def _png(value: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), value, dtype=np.uint8), mode="L").save(buf, format="PNG")

@@ -553,7 +553,7 @@ def test_resume_refuses_a_world_size_the_cursor_does_not_divide_and_a_changed_pl
     del own["plan"]["block_mb"], own["plan"]["blocks"]  # as an earlier version saved it
     with pytest.raises(
         DataError,
-        match=r"saved with data.shuffle_block_mb=null, this run has 1.0: resume with data.shuffle_block_mb=null",
+        match=r"saved with data.shuffle_block_mb=null, this run has 1.0 \(resume with data.shuffle_block_mb=null\)",
     ):
         DataPipeline(cfg, 0, 2).load_state_dict(own)
     uncapped = DataPipeline(

@@ -186,6 +186,7 @@ RESUMABLE_KEYS = (
     "data.ray_actors",
     "data.prefetch_factor",
     "data.pin_memory",
+    "data.restart_order",
     "parallel.grad_accum",
     "parallel.backend",
     "parallel.tf32",

@@ -101,6 +101,10 @@ class DataConfig(Section):
         ge=1,
         description="Canonical partitions of the data order (each rank reads partitions / world size of them, front to back). Fixed for a run: it must divide by every world size the run is resumed on (48 fits 1, 2, 3, 4, 6, 8, 12, 16, 24, 48). Unset: 64, or for a small source the largest power of two leaving 16 rows per partition.",
     )
+    restart_order: bool = Field(
+        False,
+        description="Resume from a checkpoint whose data position this run cannot continue (saved by another data-state version, or for other data, partitions, shuffle or seed) by restarting the data order at the start of the epoch it had reached, instead of refusing; the run records it (summary.json data_restarts, a warning).",
+    )
     text_field: str = Field("text", description="Text column of jsonl/parquet rows.")
     image_field: str = Field(
         "image", description="Encoded-image column of parquet rows (bytes, or a {'bytes': ...} struct)."

@@ -40,23 +40,29 @@ STATE_VERSION = 2
 
 class Corpus:
     """The training sources' manifests as a job-wide checkpoint part: saved with every checkpoint,
-    and a resume on changed data is refused with the file named."""
+    and a resume on changed data is refused with the file named (with ``data.restart_order`` it
+    is let through: the data position then restarts, see ``DataPipeline.load_state_dict``)."""
 
-    def __init__(self, manifests: list[Manifest]):
-        self.manifests = manifests
+    def __init__(self, manifests: list[Manifest], restart_order: bool = False):
+        self.manifests, self.restart_order = manifests, restart_order
 
     def state_dict(self) -> dict[str, Any]:
         return {"sources": [m.summary() for m in self.manifests]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["sources"]
-        if len(saved) != len(self.manifests):
-            raise DataError(
-                f"the checkpoint's data had {len(saved)} sources, this run has {len(self.manifests)}: "
-                "resume with the same data.sources"
-            )
-        for m, s in zip(self.manifests, saved, strict=True):
-            m.check_same(s)
+        try:
+            if len(saved) != len(self.manifests):
+                raise DataError(
+                    f"the checkpoint's data had {len(saved)} sources, this run has {len(self.manifests)}: "
+                    "resume with the same data.sources"
+                )
+            for m, s in zip(self.manifests, saved, strict=True):
+                m.check_same(s)
+        except DataError as exc:
+            if not self.restart_order:
+                raise DataError(f"{exc} (or set data.restart_order=true to restart the data order)") from None
+            log.warning("data: %s; data.restart_order=true: the data order restarts", exc)
 
 
 class PartitionMaker:
@@ -251,7 +257,8 @@ class DataPipeline:
             self.tokens_per_sample: int | None = d.seq_len
         else:
             self.tokenizer, self.tokens_per_sample = None, None
-        self.corpus = Corpus(self.manifests)
+        self.corpus = Corpus(self.manifests, d.restart_order)
+        self.restarts: list[dict[str, Any]] = []  # data.restart_order: the resumes that restarted it
         k = d.partitions or default_partitions(self.manifests, [world])
         self.plan = Plan(
             self.manifests, weights, cfg.run.seed, k, d.shuffle_block, d.shuffle, block_mb=d.shuffle_block_mb
@@ -384,6 +391,7 @@ class DataPipeline:
             "rank": self.rank,
             "plan": self.plan.key(),
             "partitions": {p: snap["positions"][p] for p in mine if p in snap["positions"]},
+            "restarts": self.restarts,
         }
 
     def load_state_dict(self, state) -> None:
@@ -397,12 +405,17 @@ class DataPipeline:
             states = [state.own()] if state.same_world else state.all()
         else:
             states = [state]
-        if any(s.get("version") != STATE_VERSION for s in states):
-            log.warning(
-                "the checkpoint's data position was saved by an earlier data pipeline; the data starts from the beginning"
-            )
+        self.restarts = list(states[0].get("restarts", []))
+        why = self._position_problem(states[0])
+        if why is not None:
+            if not self.cfg.data.restart_order:
+                raise DataError(
+                    f"the checkpoint's data position cannot be continued: {why}. Resume with what the run was "
+                    "started with, or set data.restart_order=true to restart the data order at the start of the "
+                    "epoch it had reached (the run records it)"
+                )
+            self._restart(states, why)
             return
-        self._check_plan(states[0]["plan"])
         cursors = {s["cursor"] for s in states}
         if len(cursors) != 1:
             raise CheckpointError(
@@ -436,8 +449,11 @@ class DataPipeline:
                 cursor,
             )
 
-    def _check_plan(self, saved: dict[str, Any]) -> None:
-        now = self.plan.key()
+    def _position_problem(self, saved: dict[str, Any]) -> str | None:
+        """Why this run cannot continue a saved position, naming the key, or None."""
+        if saved.get("version") != STATE_VERSION:
+            return f"it was saved by data-state version {saved.get('version')}, this distrain reads {STATE_VERSION}"
+        now, was_plan = self.plan.key(), saved["plan"]
         keys = {
             "partitions": "data.partitions",
             "block": "data.shuffle_block",
@@ -446,22 +462,41 @@ class DataPipeline:
             "seed": "run.seed",
         }
         for k, name in keys.items():
-            was = saved.get(k)  # None for positions saved before data.shuffle_block_mb
+            was = was_plan.get(k)  # None for positions saved before data.shuffle_block_mb
             if was != now[k]:
                 was, is_ = ("null" if v is None else v for v in (was, now[k]))
-                raise DataError(
-                    f"the data position was saved with {name}={was}, this run has {is_}: resume with {name}={was}"
-                )
-        if saved.get("blocks", now["blocks"]) != now["blocks"]:
-            raise DataError(
-                f"the data position was saved with shuffle blocks of {saved['blocks']} rows per source, this run "
-                f"derives {now['blocks']} from data.shuffle_block_mb and the rows' size; resume with the data "
-                "and the version of distrain and pyarrow the run was started with"
+                return f"it was saved with {name}={was}, this run has {is_} (resume with {name}={was})"
+        if was_plan.get("blocks", now["blocks"]) != now["blocks"]:
+            return (
+                f"it was saved with shuffle blocks of {was_plan['blocks']} rows per source, this run derives "
+                f"{now['blocks']} from data.shuffle_block_mb and the rows' size (resume with the data and the "
+                "versions of distrain and pyarrow the run was started with)"
             )
-        if saved["digests"] != now["digests"]:
-            raise DataError(
-                "the training data changed since the checkpoint; resume with the data the run was started on"
+        if was_plan["digests"] != now["digests"]:
+            return (
+                "the training data changed since the checkpoint (resume with the data the run was started on)"
             )
+        return None
+
+    def _restart(self, states: list[dict[str, Any]], why: str) -> None:
+        """data.restart_order: every partition at the start of the earliest epoch any had reached."""
+        try:
+            epoch = min(
+                src["epoch"]
+                for s in states
+                for pos in s["partitions"].values()
+                for src in pos["sources"]
+                if src
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):  # a layout this code does not know
+            epoch = 0
+        n = len(self.plan.manifests)
+        start = {"docs": 0, "sources": [{"epoch": epoch, "block": 0, "idx": 0}] * n, "offset": 0, "count": 0}
+        mine = owned(self.plan.partitions, self.rank, self.world)
+        self._start = {"count": 0, "positions": {p: dict(start) for p in mine}}
+        self.restarts.append({"epoch": epoch, "why": why})
+        if self.rank == 0:
+            log.warning("data: %s; data.restart_order=true: the data order restarts at epoch %d", why, epoch)
 
     # ------------------------------------------------------------------- eval
     def eval_batches(self) -> list[dict[str, Any]] | None:
