@@ -272,3 +272,37 @@ def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(
     t0 = time.time()
     slow.after_controller_state_update(states["RunningState"], states["ResizingState"])
     assert 0.5 <= time.time() - t0 < 5  # no save came: resized anyway, from the last checkpoint
+
+
+def test_ray_private_surface_is_read_from_the_installed_ray():
+    """Elastic saves stand on Ray Train internals (the controller callback's hook and the controller
+    states); they are read from the real Ray, and pyproject.toml bounds Ray to the tested minor."""
+    import inspect
+    import re
+
+    import ray
+    from packaging.specifiers import SpecifierSet
+    from ray.train.v2._internal.execution.controller.state import TrainControllerState
+
+    from distrain.cluster.ray import (
+        CALLBACK,
+        CONTROLLER_STATES,
+        STATES,
+        TESTED_RAY,
+        ControllerCallback,
+        RayVersionError,
+        ray_surface,
+    )
+
+    assert set(CONTROLLER_STATES) == set(STATES[1])
+    assert all(issubclass(c, TrainControllerState) for c in CONTROLLER_STATES.values())
+    hook = inspect.signature(getattr(ControllerCallback, CALLBACK[2]))
+    assert list(hook.parameters) == ["self", "previous_state", "current_state"]
+    (dep,) = re.findall(r'"ray\[[a-z,]+\]([^"]+)"', (REPO / "pyproject.toml").read_text())
+    bound = SpecifierSet(dep)
+    assert ray.__version__ in bound and f"{TESTED_RAY}.0" in bound and f"{TESTED_RAY}.99" in bound
+    assert "2.61.0" not in bound  # a minor that is not tested is not installed
+    with pytest.raises(
+        RayVersionError, match=r"lacks .*GoneState.* pip install 'ray\[train,data,default\]==2\.60\.\*'"
+    ):
+        ray_surface(states=(STATES[0], ("RunningState", "GoneState")))

@@ -30,11 +30,53 @@ from typing import Any
 
 from distrain.cluster.control import LAUNCH_ID, RESIZE, new_launch, write_notice
 from distrain.config import Config, config_from_yaml, to_yaml
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
 POINTER = "distrain-checkpoint.json"
+
+# Ray Train's private surface that elastic saves stand on (ray.train.v2._internal, no stable API):
+# the controller callback's hook and the controller states it tells apart. Checked at import
+# against the installed Ray; pyproject.toml bounds Ray to the minor version tested with them.
+TESTED_RAY = "2.60"
+CALLBACK = (
+    "ray.train.v2._internal.execution.callback",
+    "ControllerCallback",
+    "after_controller_state_update",
+)
+STATES = (
+    "ray.train.v2._internal.execution.controller.state",
+    ("RunningState", "ResizingState", "PreemptingState"),
+)
+
+
+class RayVersionError(UserError):
+    """The installed Ray lacks the part of Ray Train that distrain's elastic jobs use."""
+
+
+def ray_surface(callback: tuple[str, str, str] = CALLBACK, states: tuple[str, tuple[str, ...]] = STATES):
+    """(Ray Train's controller callback class, {state name: class}) from the installed Ray, or a
+    RayVersionError naming what is missing and the Ray to install."""
+    import importlib
+
+    import ray
+
+    module, name, hook = callback
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        getattr(cls, hook)
+        found = {n: getattr(importlib.import_module(states[0]), n) for n in states[1]}
+    except (ImportError, AttributeError) as exc:
+        raise RayVersionError(
+            f"the installed Ray {ray.__version__} lacks what distrain's elastic jobs use ({exc}): Ray Train's "
+            f"{module}.{name}.{hook} and the controller states {', '.join(states[1])} of {states[0]}; distrain is "
+            f"tested with Ray {TESTED_RAY}.x: pip install 'ray[train,data,default]=={TESTED_RAY}.*'"
+        ) from None
+    return cls, found
+
+
+ControllerCallback, CONTROLLER_STATES = ray_surface()
 
 # Ray Train's controller polls workers every 2 s by default; each report() waits for a poll
 HEALTH_CHECK_S = "0.2"
@@ -135,7 +177,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def _resize_callback(run_dir: Path, launch: str, timeout_s: float):
     """Ray Train's controller callback that has a running worker group save before Ray resizes it."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback
+    running, resizing, draining = (CONTROLLER_STATES[n] for n in STATES[1])
 
     class ResizeSaves(ControllerCallback):
         """Runs in Ray's controller. When a running group is about to be resized (``ResizingState``:
@@ -148,14 +190,13 @@ def _resize_callback(run_dir: Path, launch: str, timeout_s: float):
             self.run_dir, self.launch, self.timeout_s = run_dir, launch, timeout_s
 
         def after_controller_state_update(self, previous_state, current_state):
-            before, now = type(previous_state).__name__, type(current_state).__name__
-            if before != "RunningState" or now not in ("ResizingState", "PreemptingState"):
+            if not isinstance(previous_state, running) or not isinstance(current_state, resizing | draining):
                 return
             latest = self.run_dir / "checkpoints" / "latest"
             was = latest.read_text() if latest.exists() else None
             t0 = time.time()
             write_notice(self.run_dir, self.launch, RESIZE)
-            if now == "PreemptingState":
+            if isinstance(current_state, draining):
                 log.warning("Ray: a node of the job is being drained; the workers save before it goes")
                 return
             summary = self.run_dir / "summary.json"
