@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -204,3 +205,72 @@ def test_fused_optimizer_with_offload_is_refused_naming_both_keys():
         load_config(GPT, ["optim.fused=true", "parallel.zero_stage=2", "parallel.offload_optimizer=true"])
     cfg = load_config(GPT, ["parallel.zero_stage=2", "parallel.offload_optimizer=true"])  # unset: fine
     assert cfg.optim.fused is None
+
+
+DOTTED = re.compile(
+    r"(?<![\w/.-])((?:run|model|data|train|optim|parallel|checkpoint|metrics|tracking|cluster)(?:\.[A-Za-z_]\w*)+)"
+)
+FILES = {
+    "py",
+    "yaml",
+    "yml",
+    "jsonl",
+    "json",
+    "md",
+    "sh",
+    "pt",
+    "pth",
+    "txt",
+    "png",
+    "parquet",
+    "sbatch",
+    "out",
+}
+
+
+def test_every_dotted_key_in_the_readme_and_docs_is_a_real_key():
+    """A key the docs name loads (except the README's own example of an unknown key's error)."""
+    from distrain.config.loader import config_keys
+    from tests.conftest import REPO
+
+    keys = config_keys()
+    assert {"data.partitions", "checkpoint.async", "cluster.slurm.nodes", "model.arch"} <= keys
+    bad = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "unknown key" in line or "unknown key" in (lines[i + 1] if i + 1 < len(lines) else ""):
+                continue  # an example of the error for a key that does not exist
+            for key in DOTTED.findall(line):
+                if key.rsplit(".", 1)[-1] not in FILES and key not in keys:
+                    bad.append(f"{doc.name}:{i + 1}: {key}")
+    assert not bad, bad
+
+
+def test_errors_name_what_the_user_wrote_and_where(in_workdir, tmp_path):
+    tiny = GPT
+    # a preset of another architecture names the preset and the arch, not a key the user never set
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny, ["model.preset=1b"])
+    msg = str(err.value)
+    assert "model.preset=1b is a Llama shape" in msg and "model.arch=gpt2" in msg and "n_kv_head" not in msg
+    assert msg.endswith("(command-line argument 'model.preset=1b')")
+    assert load_config(tiny, ["model.preset=1b", "model.arch=llama"]).model.n_kv_head == 8
+    # the command line is named when an override caused the error, the file when the file did
+    with pytest.raises(
+        ConfigError,
+        match=r"data.partitions=3 is not divisible.*\(command-line argument 'data.partitions=3'\)$",
+    ):
+        load_config(tiny, ["data.partitions=3", "cluster.workers=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny.read_text() + "cluster:\n  workers: 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"data.partitions=3 is not divisible.*\(command-line argument 'data.partitions=3'\)$",
+    ):
+        load_config(bad, ["data.partitions=3"])
+    bad.write_text(
+        tiny.read_text().replace("seq_len: 128", "seq_len: 128\n  partitions: 3") + "cluster:\n  workers: 2\n"
+    )
+    with pytest.raises(ConfigError, match=rf"data.partitions=3 is not divisible.*\({re.escape(str(bad))}\)$"):
+        load_config(bad)

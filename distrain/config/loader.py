@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,18 @@ def _closest(key: str, options: list[str]) -> str:
     return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(options)}"
 
 
-def _format_errors(err: ValidationError, data: dict, source: str, overridden: set[str]) -> str:
+_KEY = re.compile(
+    r"\b((?:run|model|data|train|optim|parallel|checkpoint|metrics|tracking|cluster)(?:\.[a-z_]+)+)"
+)
+
+
+def _where(msg: str, source: str, overridden: dict[str, str]) -> str:
+    """Where the keys a message names were set: the command-line arguments among them, else the file."""
+    args = [overridden[k] for k in dict.fromkeys(_KEY.findall(msg)) if k in overridden]
+    return ", ".join(f"command-line argument '{a}'" for a in args) or source
+
+
+def _format_errors(err: ValidationError, data: dict, source: str, overridden: dict[str, str]) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
@@ -66,7 +78,8 @@ def _format_errors(err: ValidationError, data: dict, source: str, overridden: se
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}' in {source}")
         elif e["type"] == "value_error" and not e["loc"] or e["type"] == "value_error" and len(loc) <= 1:
-            lines.append(f"{e['msg'].removeprefix('Value error, ')} ({source})")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{msg} ({_where(msg, source, overridden)})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"key '{key}' = {e.get('input')!r} in {where}: {msg}")
@@ -135,11 +148,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
         data = loaded
-    overridden: set[str] = set()
+    overridden: dict[str, str] = {}
     for arg in overrides:
         parts, value = parse_override(arg)
         _set_override(data, parts, value, arg)
-        overridden.add(".".join(parts))
+        overridden[".".join(parts)] = arg
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -151,7 +164,7 @@ def config_from_yaml(text: str, source: str = "config") -> Config:
     try:
         return Config.model_validate(yaml.safe_load(text))
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, yaml.safe_load(text), source, set())) from None
+        raise ConfigError(_format_errors(err, yaml.safe_load(text), source, {})) from None
 
 
 def to_yaml(cfg: Config) -> str:
@@ -224,6 +237,32 @@ def resume_changes(saved_yaml: str, cfg: Config) -> list[str]:
         if a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
+
+
+def config_keys() -> set[str]:
+    """Every dotted key of the config tree as a YAML file or an override spells it (sections too),
+    over every registered model's section."""
+    keys: set[str] = set()
+
+    def walk(prefix: str, cls: type[BaseModel]) -> None:
+        for name, f in cls.model_fields.items():
+            key = f"{prefix}.{f.alias or name}"
+            keys.add(key)
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(key, ann)
+            for arg in getattr(ann, "__args__", ()):  # e.g. int | WorkerRange
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    walk(key, arg)
+
+    for name, field in Config.model_fields.items():
+        keys.add(name)
+        if name == "model":
+            for m in models.names():
+                walk("model", models.model_config_class(m))
+        else:
+            walk(name, field.annotation)
+    return keys
 
 
 def reference_markdown() -> str:

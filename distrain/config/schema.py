@@ -99,7 +99,7 @@ class DataConfig(Section):
     partitions: int | None = Field(
         None,
         ge=1,
-        description="Canonical partitions of the data order (each rank reads partitions / world size of them, front to back). Fixed for a run: it must divide by every world size the run is resumed on (48 fits 1, 2, 3, 4, 6, 8, 12, 16, 24, 48). Unset: 64, or for a small source the largest power of two leaving 16 rows per partition.",
+        description="Canonical partitions of the data order (each rank reads partitions / world size of them, front to back). Fixed for a run: it must divide by every world size the run is resumed on. Unset: derived at the first launch as the smallest multiple of 64 that every world size the launch may use divides (24 GPUs: 192, resumable on 8, 12, 24 or 48), fewer for a small source, and recorded with the run.",
     )
     restart_order: bool = Field(
         False,

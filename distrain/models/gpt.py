@@ -65,6 +65,12 @@ class GPTModelConfig(ModelSection):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, p[key])
         if self.n_kv_head is None:
+            if self.arch == "gpt2" and p["n_kv_head"]:
+                raise ValueError(
+                    f"model.preset={self.preset} is a Llama shape (grouped-query attention, {p['n_kv_head']} key/value "
+                    f"heads of {p['n_head']}) but model.arch=gpt2 has none; set model.arch=llama, or pick a gpt2 "
+                    f"preset ({', '.join(k for k, v in _GPT_PRESETS.items() if not v['n_kv_head'])})"
+                )
             object.__setattr__(self, "n_kv_head", p["n_kv_head"] or self.n_head)
         if self.d_model % self.n_head:
             raise ValueError(
