@@ -128,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--pids", type=int, nargs="*", default=[], help="the nodes' srun steps: fail at once if one ends"
     )
+    q = csub.add_parser("ports", help="print the base of the job's first block of free ports on this node")
+    q.add_argument("--job-id", required=True)
+    q.add_argument(
+        "--after", type=int, default=None, help="a block found taken on another node: the next one"
+    )
+    q.add_argument(
+        "--check", type=int, default=None, help="exit 1 unless the block at this base is free here"
+    )
     p = sub.add_parser(
         "plan", help="memory per GPU, step time, days, energy and CO2e of a config at any scale (no GPU)"
     )
@@ -371,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(info, indent=2))
             else:
                 print_status(info)
+            return EXIT_OK
+        if args.command == "cluster" and args.cluster_command == "ports":
+            from distrain.cluster.slurm import block_free, free_block
+
+            if args.check is not None:
+                return EXIT_OK if block_free(args.check) else EXIT_ERROR
+            print(free_block(args.job_id, args.after))
             return EXIT_OK
         if args.command == "cluster":
             from distrain.cluster.slurm import wait_ray

@@ -291,3 +291,26 @@ def test_a_time_limit_shorter_than_training_checkpoints_before_it_and_requeues(i
     assert "time limit is near" in log and "TIMEOUT" not in log and "DUE TO TIME LIMIT" not in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 1500
+
+
+def test_jobs_sharing_a_node_never_share_ports():
+    """Two job ids that agree modulo 100 get other port blocks, and a block in use on the node is
+    passed over before Ray starts."""
+    import socket
+
+    from distrain.cluster.slurm import PORT_BLOCK, block_free, free_block, port_blocks
+
+    a, b = port_blocks("1234"), port_blocks("1334")
+    assert a[0] != b[0] and sorted(a) == sorted(b) and len(set(a)) == 100
+    assert all(10000 <= base and base + PORT_BLOCK <= 30000 for base in a)
+    first = free_block("1234")
+    with socket.socket() as held:  # another job's Ray holds a port of the block
+        held.bind(("127.0.0.1", first + 41))
+        held.listen()
+        assert not block_free(first)
+        other = free_block("1234")
+        assert other != first and block_free(other)
+        out = distrain("cluster", "ports", "--job-id", "1234", "--check", str(first), check=False)
+        assert out.returncode == 1
+    assert distrain("cluster", "ports", "--job-id", "1234").stdout.strip() == str(first)
+    assert int(distrain("cluster", "ports", "--job-id", "1234", "--after", str(first)).stdout) != first

@@ -203,3 +203,43 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+# ------------------------------------------------------------------------------------ port blocks
+PORT_LOW, PORT_BLOCK, PORT_BLOCKS = 10000, 200, 100  # 10000-29999: below the ephemeral range
+
+
+def port_blocks(job_id: str) -> list[int]:
+    """The base ports of every block, in the order job ``job_id`` tries them: from a hash of the
+    whole job id (two ids that agree modulo 100 start apart), then the blocks after it."""
+    import hashlib
+
+    first = int(hashlib.sha256(str(job_id).encode()).hexdigest(), 16) % PORT_BLOCKS
+    return [PORT_LOW + ((first + i) % PORT_BLOCKS) * PORT_BLOCK for i in range(PORT_BLOCKS)]
+
+
+def block_free(base: int) -> bool:
+    """Whether every port of the block at ``base`` can be bound on this machine (any address)."""
+    import socket
+
+    for port in range(base, base + PORT_BLOCK):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_block(job_id: str, after: int | None = None) -> int:
+    """The first block of ``job_id``'s order (past ``after``) whose ports are all free here."""
+    order = port_blocks(job_id)
+    if after is not None:
+        order = order[order.index(after) + 1 :] if after in order else order
+    for base in order:
+        if block_free(base):
+            return base
+    raise SlurmError(
+        f"job {job_id}: no block of {PORT_BLOCK} free ports in {PORT_LOW}-{PORT_LOW + PORT_BLOCK * PORT_BLOCKS - 1} "
+        "on this node; other jobs hold them all"
+    )
