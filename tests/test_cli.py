@@ -37,6 +37,10 @@ def test_train_command_end_to_end(in_workdir, tmp_path):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [2, 4]
     assert "step 4/4" in p.stderr and "world size 1" in p.stderr
     assert (run_dir / "checkpoints" / "step00000004").is_dir()
+    st = json.loads(
+        subprocess.run([*DISTRAIN, "status", str(run_dir), "--json"], capture_output=True, text=True).stdout
+    )
+    assert (st["state"], st["step"], st["checkpoint"], st["error"]) == ("completed", 4, "step00000004", None)
     # no third-party noise on a normal run: torch's CUDA-home notice on a
     # CPU machine, DeepSpeed's "built successfully" print
     for noise in ("set_vital", "No CUDA runtime", "CUDA_HOME", "built successfully", "Setting accelerator"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
     assert out.count("step 30/30 |") == 1 and "world size 2" in out  # rank 0 logs, rank 1 does not
     assert "[rank 1]" not in out  # no warnings or errors from rank 1
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone created a W&B run
+    st = json.loads(_one("status", str(run_dir), "--json").stdout)
+    assert (st["state"], st["step"], st["steps"]) == ("completed", 30, 30)
 
 
 @pytest.mark.world_size
@@ -156,6 +159,8 @@ def test_a_notice_to_one_rank_checkpoints_every_rank_at_one_step(in_workdir, tmp
     assert manifest["step"] == summary["step"] and manifest["world_size"] == 2
     assert {"rank-00000.pt", "rank-00001.pt"} <= set(manifest["files"])  # both ranks wrote at that step
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == summary["step"]
+    st = json.loads(_one("status", str(run_dir), "--json").stdout)
+    assert (st["state"], st["step"], st["checkpoint"]) == ("preempted", summary["step"], ckpt.name)
 
 
 @pytest.mark.world_size
