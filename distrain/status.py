@@ -116,6 +116,8 @@ def record_failure(run_dir: Path, exc: BaseException, rank: int, step: int, step
     """Any rank whose run raised: ``summary.json`` says failed, with the step reached and the error,
     unless another rank of this attempt recorded its failure first. Returns whether it wrote."""
     path = Path(run_dir) / SUMMARY
+    if isinstance(exc, KeyboardInterrupt | SystemExit):  # aborted by hand: told as stopped
+        return False
     if not path.parent.is_dir():  # refused before the launch was accepted: nothing is written
         return False
     have = _read_json(path)

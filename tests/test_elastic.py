@@ -236,9 +236,10 @@ def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(
     import time
 
     from distrain.cluster import control
-    from distrain.cluster.ray import _resize_callback
+    from distrain.cluster.ray import CONTROLLER_STATES, _resize_callback
 
-    states = {n: type(n, (), {})() for n in ("RunningState", "ResizingState", "PreemptingState")}
+    # instances of the real Ray Train controller states (their fields are not read)
+    states = {n: cls.__new__(cls) for n, cls in CONTROLLER_STATES.items()}
     (tmp_path / "checkpoints").mkdir()
     latest = tmp_path / "checkpoints" / "latest"
     latest.write_text("step00000020")

@@ -13,20 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_records, write_corpus
+from tests.conftest import CONFIGS, REPO, cli, complete_steps, read_jsonl, wait_for_records, write_corpus
 from tests.test_status import kill_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.world_size]
 
 
 def _distrain(env, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    return cli(*args, env=env, timeout=timeout)
 
 
 def _losses(run_dir: Path) -> list[float]:
