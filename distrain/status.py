@@ -112,7 +112,9 @@ def beat(run_dir: Path, step: int, steps: int) -> None:
     )
 
 
-def record_failure(run_dir: Path, exc: BaseException, rank: int, step: int, steps: int, **extra) -> bool:
+def record_failure(
+    run_dir: Path, exc: BaseException, rank: int, step: int | None, steps: int, extra: dict | None = None
+) -> bool:
     """Any rank whose run raised: ``summary.json`` says failed, with the step reached and the error,
     unless another rank of this attempt recorded its failure first. Returns whether it wrote."""
     path = Path(run_dir) / SUMMARY
@@ -126,7 +128,7 @@ def record_failure(run_dir: Path, exc: BaseException, rank: int, step: int, step
     write_summary(
         run_dir,
         {
-            **extra,
+            **(extra or {}),
             "status": "failed",
             "step": step,
             "steps": steps,

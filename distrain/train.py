@@ -234,7 +234,7 @@ def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple
     except BaseException as exc:
         # training ended and a check after it failed: the record keeps what the run did
         done = {k: v for k, v in summary.items() if k not in ("status", "step", "steps")}
-        status.record_failure(run_dir, exc, s.dist.rank, s.trainer.step, cfg.train.steps, **done)
+        status.record_failure(run_dir, exc, s.dist.rank, s.trainer.step, cfg.train.steps, done)
         s.tracker.abort()  # the W&B run ends marked failed; metrics.jsonl keeps what was logged
         raise
     finally:
