@@ -3,7 +3,9 @@
 Layout under RUN_DIR/checkpoints/:
 
     stepNNNNNNNN/                 one checkpoint
-      mp_rank_*, zero_*           DeepSpeed's engine shards (model, optimizer, scheduler)
+      <part>/mp_rank_*, zero_*    DeepSpeed's shards of each part's engine (model, optimizer,
+                                  scheduler): model/ for most models, generator/ and
+                                  discriminator/ for a GAN
       distrain-state.pt           trainer state, resolved config (rank 0)
       rank-NNNNN.pt               each rank's data position and RNG states
       manifest.json               every file above with its size and sha256; written last
@@ -308,9 +310,18 @@ class _HostCopyEngine:
         return getattr(self._base, name)
 
 
-def to_universal(ckpt: Path) -> Path:
-    """Convert a verified ZeRO checkpoint into DeepSpeed's universal format (any world size), once;
-    written beside it as ``stepN-universal`` and marked complete last."""
+def engine_dir(ckpt: Path, part: str) -> tuple[Path, str]:
+    """(directory, tag) of one part's DeepSpeed shards in checkpoint ``ckpt``, as DeepSpeed's
+    save and load take them: ``ckpt/<part>``; a checkpoint written before parts had subdirectories
+    holds its one part (``model``) at its top."""
+    if (ckpt / part).is_dir() or part != "model" or not any(ckpt.glob("mp_rank_*")):
+        return ckpt, part
+    return ckpt.parent, ckpt.name
+
+
+def to_universal(ckpt: Path, parts: list[str] | tuple[str, ...] = ("model",)) -> Path:
+    """Convert a verified ZeRO checkpoint into DeepSpeed's universal format (any world size), once
+    for each part; written beside it as ``stepN-universal/<part>`` and marked complete last."""
     out = ckpt.parent / f"{ckpt.name}-universal"
     if (out / ".complete").exists():
         return out
@@ -321,17 +332,19 @@ def to_universal(ckpt: Path) -> Path:
     tmp = ckpt.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    ds_to_universal(
-        argparse.Namespace(
-            input_folder=str(ckpt),
-            output_folder=str(tmp),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,
+    for part in parts:
+        where, tag = engine_dir(ckpt, part)
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(where / tag),
+                output_folder=str(tmp / part),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
         )
-    )
     (tmp / ".complete").write_text(ckpt.name)
     os.rename(tmp, out)
     _fsync_dir(ckpt.parent)
@@ -393,7 +406,12 @@ def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
         found = newest_valid(root)
         if found is not None:
             ckpt, manifest = found
-            info = {"tag": ckpt.name, "world": manifest["world_size"], "zero_stage": manifest["zero_stage"]}
+            info = {
+                "tag": ckpt.name,
+                "world": manifest["world_size"],
+                "zero_stage": manifest["zero_stage"],
+                "parts": manifest.get("parts", ["model"]),
+            }
             if cfg is not None:
                 info["changes"] = _changes(ckpt, cfg)
     plan = comm.broadcast(info, src=0)
@@ -407,7 +425,7 @@ def resume_plan(root: Path, comm, cfg=None) -> dict[str, Any] | None:
                 plan["world"],
                 world,
             )
-            to_universal(root / plan["tag"])
+            to_universal(root / plan["tag"], plan["parts"])
         comm.barrier()
         plan["universal"] = f"{plan['tag']}-universal"
     return plan
@@ -421,9 +439,9 @@ class Checkpointer:
     by rank 0 (trainer progress, meters, tracker), and ``rank`` parts, one file per rank (data
     position, random streams), which are handed a ``SavedRanks`` on load."""
 
-    def __init__(self, cfg, engine, comm, run_dir: Path, job: dict[str, Any], rank: dict[str, Any]):
+    def __init__(self, cfg, engines: dict[str, Any], comm, run_dir: Path, job: dict[str, Any], rank: dict[str, Any]):
         self.full_cfg = cfg
-        self.cfg, self.engine, self.comm = cfg.checkpoint, engine, comm
+        self.cfg, self.engines, self.comm = cfg.checkpoint, dict(engines), comm
         self.job_parts, self.rank_parts = dict(job), dict(rank)
         self.root = run_dir / "checkpoints"
         self.rank, self.world = comm.rank, comm.world_size
@@ -468,12 +486,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
         self._barrier()
         t0 = time.perf_counter()
-        base = self.engine.checkpoint_engine
-        self.engine.checkpoint_engine = _HostCopyEngine(base, self.writer)
-        try:
-            self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        finally:
-            self.engine.checkpoint_engine = base
+        for part, engine in self.engines.items():  # each part's shards under <tag>/<part>
+            base = engine.checkpoint_engine
+            engine.checkpoint_engine = _HostCopyEngine(base, self.writer)
+            try:
+                engine.save_checkpoint(str(tmp), tag=part, save_latest=False)
+            finally:
+                engine.checkpoint_engine = base
         own = {key: part.state_dict() for key, part in self.rank_parts.items()}
         self.writer.submit(torch.save, _host_copy(own), tmp / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:
@@ -537,6 +556,7 @@ class Checkpointer:
             "step": step,
             "world_size": self.world,
             "zero_stage": self.full_cfg.parallel.zero_stage,
+            "parts": list(self.engines),
             "created": time.time(),
             "files": files,
         }
@@ -582,9 +602,14 @@ class Checkpointer:
             if key in state:  # a part added after the checkpoint was written keeps its fresh state
                 part.load_state_dict(state[key])
         tag = plan.get("universal", plan["tag"])
-        path, _ = self.engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {self.root / tag}")
+        saved = plan.get("parts", ["model"])
+        if sorted(saved) != sorted(self.engines):
+            raise CheckpointError(f"{ckpt} holds the parts {saved}; this model has {list(self.engines)}")
+        for part, engine in self.engines.items():
+            where, sub = engine_dir(self.root / tag, part)
+            path, _ = engine.load_checkpoint(str(where), tag=sub, load_module_strict=True)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {where / sub}")
         own = None
         if plan["world"] == self.world:
             own = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)

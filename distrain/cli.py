@@ -94,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
     )
 
+    p = sub.add_parser(
+        "sample", help="draw new samples from a checkpoint: an image grid (GAN, VAE) or text (--prompt, LMs)"
+    )
+    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
+    )
+    p.add_argument("--n", type=int, default=64, help="samples to draw (default 64; 8 per row of the grid)")
+    p.add_argument("--out", default=None, help="the PNG grid to write (images)")
+    p.add_argument("--prompt", default=None, help="a language model: print continuations of this text")
+    p.add_argument("--tokens", type=int, default=64, help="--prompt: tokens to generate (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents or of the sampling (default 0)")
+
     _add_launch(sub)
     p = sub.add_parser("submit", help="submit a run to a scheduler")
     ssub = p.add_subparsers(dest="submit_mode", required=True)
@@ -307,6 +320,21 @@ def _submit(args) -> int:
     return EXIT_OK
 
 
+def _sample(args) -> int:
+    from distrain.samples import continue_text, draw
+
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: at least 1")
+    if args.prompt is not None:
+        for text in continue_text(args.run_dir, args.prompt, args.step, args.tokens, args.n, args.seed):
+            print(text)
+        return EXIT_OK
+    if not args.out:
+        raise ConfigError("distrain sample: give --out FILE.png for an image grid (or --prompt TEXT for text)")
+    print(f"wrote {draw(args.run_dir, args.out, args.step, args.n, args.seed)}")
+    return EXIT_OK
+
+
 def _layout_line(cfg, gpus: int) -> str:
     """The data layout at ``gpus`` ranks, or why the data cannot be laid out there."""
     from distrain.layout import decide
@@ -364,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
             return EXIT_OK
+        if args.command == "sample":
+            return _sample(args)
         if args.command == "launch":
             return _launch(args)
         if args.command == "submit":

@@ -1,5 +1,6 @@
 """``distrain export``: consolidated fp32 weights from any ZeRO stage, as safetensors, a Hugging Face
-model directory (gpt) or a torchvision state dict (resnet).
+model directory (gpt) or a torchvision state dict (resnet). A generative model exports what makes
+images: the GAN's generator, the VAE's decoder.
 
 The checkpoint is verified against its manifest before any of DeepSpeed's files is unpickled."""
 
@@ -13,6 +14,7 @@ import torch
 from distrain.checkpoint import CheckpointError, newest_valid, verify
 from distrain.config import load_config
 from distrain.errors import ConfigError
+from distrain.models import get_spec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,28 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tens
     # ZeRO 0: DeepSpeed's model file holds the whole module
     states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def part_dir(ckpt: Path, cfg) -> Path:
+    """The DeepSpeed shards a model exports: a generative model's generator (or the part that holds
+    its decoder), else its one part."""
+    from distrain.checkpoint import engine_dir
+
+    spec = get_spec(cfg.model.name)
+    where, tag = engine_dir(ckpt, spec.generative.export_part if spec.generative else spec.parts[0])
+    return where / tag
+
+
+def export_module(cfg) -> torch.nn.Module:
+    """A fresh module of the kind ``distrain export`` writes for ``cfg`` (random init): what the
+    exported weights load into."""
+    from distrain.models import build_parts
+
+    spec = get_spec(cfg.model.name)
+    gen = spec.generative
+    if gen is not None and gen.export_module is not None:
+        return gen.export_module(cfg)
+    return build_parts(cfg)[gen.export_part if gen else spec.parts[0]]
 
 
 def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, dict]:
@@ -100,7 +124,10 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, step: int | None = No
         raise ConfigError(
             f"--format {fmt} exports {what} (model.name={need}); {cfg.model.name} exports as {other}"
         )
-    sd = consolidated_state_dict(ckpt, manifest["zero_stage"])
+    sd = consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"])
+    gen = get_spec(cfg.model.name).generative
+    if gen is not None and gen.export_prefix:  # the decoder of an autoencoder
+        sd = {k[len(gen.export_prefix) :]: v for k, v in sd.items() if k.startswith(gen.export_prefix)}
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         path = _save_safetensors(sd, out, manifest["step"])

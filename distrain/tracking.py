@@ -286,6 +286,16 @@ class WandbSink:
             log.warning("W&B logging failed (%s); local logging continues", _redact(str(exc)))
             self.run = None
 
+    def log_image(self, step: int, path: Path, key: str) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path), caption=f"step {step}"), "step": step})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B image logging failed (%s); local logging continues", _redact(str(exc)))
+
     def log_checkpoint(self, step: int, path: Path) -> None:
         if self.run is None:
             return
@@ -365,6 +375,11 @@ class Tracker:
         self.console.record(record)
         self.wandb.log(record)
         status.beat(self.run_dir, record["step"], self.cfg.train.steps)  # the run is alive
+
+    def log_image(self, step: int, path: Path, key: str = "samples") -> None:
+        """An image file (a sample grid) as a W&B image at ``step`` (rank 0)."""
+        if self.enabled and self.wandb is not None:
+            self.wandb.log_image(step, path, key)
 
     def log_checkpoint(self, step: int, path: Path) -> None:
         if self.enabled and self.wandb is not None:

@@ -28,13 +28,19 @@ class Session:
 
     cfg: Config
     dist: DistInfo
-    engine: Any  # deepspeed.DeepSpeedEngine
+    engines: dict[str, Any]  # part -> deepspeed.DeepSpeedEngine
     data: DataPipeline
     meters: Meters
     tracker: Tracker
     checkpointer: Checkpointer
     trainer: Trainer
     workers: list[dict[str, Any]]  # rank, host, node and GPU of every rank
+
+    @property
+    def engine(self):
+        """The engine of a one-part model."""
+        (engine,) = self.engines.values()
+        return engine
 
 
 def _workers(dist_info) -> list[dict[str, Any]]:
@@ -54,26 +60,29 @@ def _workers(dist_info) -> list[dict[str, Any]]:
     return dist_info.comm.gather(me)
 
 
-def params_digest(engine) -> str:
-    """sha256 of the model's parameters on this rank (gathered in full under ZeRO 3)."""
+def params_digest(engines: dict[str, Any] | Any) -> str:
+    """sha256 of the parameters of every part on this rank (gathered in full under ZeRO 3);
+    ``engines``: part -> engine, or one engine."""
     import contextlib
     import hashlib
 
     import deepspeed
     import torch
 
-    params = dict(engine.module.named_parameters())
-    gather = (
-        deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
-        if engine.zero_optimization_stage() == 3
-        else contextlib.nullcontext()
-    )
+    engines = engines if isinstance(engines, dict) else {"model": engines}
     h = hashlib.sha256()
-    with gather:
-        for name in sorted(params):
-            t = params[name].detach().cpu().contiguous()
-            h.update(name.encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    for part, engine in engines.items():
+        params = dict(engine.module.named_parameters())
+        gather = (
+            deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+            if engine.zero_optimization_stage() == 3
+            else contextlib.nullcontext()
+        )
+        with gather:
+            for name in sorted(params):
+                t = params[name].detach().cpu().contiguous()
+                h.update((name if len(engines) == 1 else f"{part}.{name}").encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -131,7 +140,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     from distrain.config import global_batch, sized_for
     from distrain.data import DataPipeline
     from distrain.metrics import Meters
-    from distrain.models import build_model, get_spec
+    from distrain.models import build_parts, get_spec
     from distrain.parallel import build_engine, check_device, init_distributed
     from distrain.tracking import Tracker, setup_logging
     from distrain.trainer import Progress, Trainer
@@ -149,26 +158,40 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     on_cuda = dist_info.device.type == "cuda"
     pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
     data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=pin)
-    model = build_model(cfg)  # seeded by run.seed: identical on every rank
-    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout differs per rank
-    n_params = sum(p.numel() for p in model.parameters())
+    spec = get_spec(cfg.model.name)
+    parts = build_parts(cfg)  # seeded by run.seed: identical on every rank
+    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and latents differ per rank
+    n_params = sum(p.numel() for m in parts.values() for p in m.parameters())
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
     universal = bool(plan and "universal" in plan)
-    engine = build_engine(cfg, model, dist_info.world_size, dist_info.device, load_universal=universal)
+    engines = {  # one engine per part, each with its own optimizer, schedule and clipping
+        name: build_engine(cfg.for_part(name), m, dist_info.world_size, dist_info.device, load_universal=universal)
+        for name, m in parts.items()
+    }
     workers = _workers(dist_info)
-    spec = get_spec(cfg.model.name)
     batch = global_batch(cfg, dist_info.world_size)
-    meters = Meters(cfg, dist_info, batch, data.tokens_per_sample, spec.flops_per_sample(cfg))
+    flops = spec.flops_by_part(cfg)
+    meters = Meters(cfg, dist_info, batch, data.tokens_per_sample, sum(flops.values()))
     topology = _topology(cfg, dist_info, workers, n_params)
+    if len(parts) > 1:
+        topology.update({f"params_{k}": sum(p.numel() for p in m.parameters()) for k, m in parts.items()})
+        topology.update({f"flops_per_sample_{k}": v for k, v in flops.items()})
     tracker = Tracker(cfg, run_dir, dist_info.is_main, topology)
     progress = Progress()
+    model_state = spec.state(cfg) if spec.state is not None else None
     checkpointer = Checkpointer(
         cfg,
-        engine,
+        engines,
         dist_info.comm,
         run_dir,
-        job={"corpus": data.corpus, "trainer": progress, "meters": meters, "tracker": tracker},
+        job={
+            "corpus": data.corpus,
+            "trainer": progress,
+            "meters": meters,
+            "tracker": tracker,
+            **({"model_state": model_state} if model_state is not None else {}),
+        },
         rank={"data": data, "rng": RandomState()},
     )
     if plan:
@@ -182,13 +205,20 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     meters.start(workers)  # collective: the peak FLOP/s probe, each node's energy reader
     tracker.start(progress.step)
     callbacks = [*([tracker.log_checkpoint] if cfg.tracking.wandb.log_checkpoints else []), *on_checkpoint]
-    trainer = Trainer(cfg, engine, data, dist_info, progress, meters, tracker, checkpointer, callbacks)
+    samples = None
+    if spec.generative is not None:
+        from distrain.samples import Samples
+
+        samples = Samples(cfg, spec, dist_info, run_dir, tracker, data)
+    trainer = Trainer(
+        cfg, engines, data, dist_info, progress, meters, tracker, checkpointer, callbacks, model_state, samples
+    )
     _announce(cfg, run_dir, dist_info, topology, tracker.wandb_where)
-    return Session(cfg, dist_info, engine, data, meters, tracker, checkpointer, trainer, workers)
+    return Session(cfg, dist_info, engines, data, meters, tracker, checkpointer, trainer, workers)
 
 
 def _check_replicas(s: Session) -> dict[str, Any]:
-    digest = params_digest(s.engine)
+    digest = params_digest(s.engines)
     digests = s.dist.comm.gather(digest)
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:

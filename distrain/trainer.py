@@ -3,6 +3,7 @@ handed to it already built."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -19,7 +20,7 @@ from distrain.errors import UserError
 from distrain.metrics import Meters
 from distrain.models import get_spec
 from distrain.parallel import DistInfo
-from distrain.parallel.engine import channels_last, plain_torch_optimizer
+from distrain.parallel.engine import Frozen, channels_last, plain_torch_optimizer
 from distrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -147,10 +148,14 @@ class NonFiniteGuard:
 
 
 class Trainer:
+    """The loop over a model's parts: each ``Update`` of the model's step trains one part through
+    its engine (optimizer, schedule, clipping, non-finite guard of its own) while the other parts
+    take no gradient. A one-part model has one engine and one update."""
+
     def __init__(
         self,
         cfg: Config,
-        engine,
+        engines: dict[str, Any],
         data: DataPipeline,
         dist_info: DistInfo,
         progress: Progress,
@@ -158,25 +163,62 @@ class Trainer:
         tracker: Tracker,
         checkpointer,
         on_checkpoint: list[Callable[[int, Any], None]] | tuple = (),
+        model_state: Any = None,
+        samples: Any = None,
     ):
-        self.cfg, self.engine, self.data, self.dist = cfg, engine, data, dist_info
+        self.cfg, self.engines, self.data, self.dist = cfg, dict(engines), data, dist_info
         self.progress, self.meters, self.tracker, self.checkpointer = progress, meters, tracker, checkpointer
         self.on_checkpoint = list(on_checkpoint)  # callables (step, path), run on every rank after each save
+        self.model_state, self.samples = model_state, samples  # the model's own state; sample grids
         self.comm = dist_info.comm
         # per step, every rank's stop request and rank 0's every_minutes clock, agreed in the background
         self.agreement = self.comm.agreement(2)
         self.spec = get_spec(cfg.model.name)
+        self.updates = self.spec.steps(cfg)
+        self.eval_figures = self.spec.eval_figures(cfg)
         self.stop_reason: str | None = None
         self.watch = StopWatch(cfg.run.run_dir) if dist_info.is_main else None
         self._eval_n: int | None = None  # eval micro-batches per rank, agreed at the first eval
+        first = next(iter(self.engines.values()))
         self.float_dtype = (
-            torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+            torch.bfloat16 if first.bfloat16_enabled() else torch.float16 if first.fp16_enabled() else None
         )
         self.channels_last = channels_last(cfg, dist_info.device)
         # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
         # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here
-        self._own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
-        self.guard = NonFiniteGuard(cfg, engine, self.comm, dist_info.device)
+        self._own_grad_norm = {k: not hasattr(e.optimizer, "_global_grad_norm") for k, e in self.engines.items()}
+        self.guards = {
+            k: NonFiniteGuard(cfg.for_part(k), e, self.comm, dist_info.device) for k, e in self.engines.items()
+        }
+        # what each update's loss calls: the part it updates through its engine, the others as
+        # their modules (``Frozen``: no other engine's backward runs inside this one's)
+        self._views = {
+            u.part: {k: e if k == u.part else Frozen(e) for k, e in self.engines.items()} for u in self.updates
+        }
+
+    @property
+    def engine(self):
+        """The engine of a one-part model."""
+        (engine,) = self.engines.values()
+        return engine
+
+    def key(self, name: str, part: str) -> str:
+        """A metrics key of one update: ``name`` for a one-update model, else ``name_<part>``."""
+        return name if len(self.updates) == 1 else f"{name}_{part}"
+
+    @contextlib.contextmanager
+    def _only(self, part: str):
+        """While one part's update runs, the other parts' parameters take no gradient."""
+        frozen = [
+            p for k, e in self.engines.items() if k != part for p in e.module.parameters() if p.requires_grad
+        ]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     @property
     def step(self) -> int:
@@ -245,7 +287,7 @@ class Trainer:
             batch["images"] = batch["images"].to(self.float_dtype)
         return batch
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float] | None:
         # evaluation draws nothing from the training run's random streams (an extra eval before a
         # preemption checkpoint must not change what a resumed run does)
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
@@ -267,72 +309,95 @@ class Trainer:
             self._eval_n = min(counts)
         return self._eval_n
 
-    def _evaluate(self) -> float | None:
+    def _evaluate(self) -> dict[str, float] | None:
+        """Collective: the model's eval figures (its loss, or its own), means over every rank."""
         batches = self.data.eval_batches()
         if batches is None:
             return None
         batches = batches[: self._eval_count(batches)]
-        self.engine.eval()
-        total = torch.zeros((), device=self.dist.device)
+        for e in self.engines.values():
+            e.eval()
+        totals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for b in batches:
-                total += self.spec.loss(self.engine, self._prepare(b)).detach().float()
-        self.engine.train()
-        return self.comm.mean(total.div(len(batches)).double().cpu())  # a host copy: eval only
+                for k, v in self.eval_figures(self.engines, self._prepare(b), self.model_state).items():
+                    totals[k] = totals.get(k, 0) + v.detach().float()
+        for e in self.engines.values():
+            e.train()
+        sums = self.comm.sum(torch.stack(list(totals.values())).div(len(batches)).double().cpu())  # eval only
+        return {k: float(v) / self.dist.world_size for k, v in zip(totals, sums.reshape(-1), strict=True)}
 
     # ----------------------------------------------------------------- loop
     def _step(self, it, window: dict[str, Any], log_step: bool) -> None:
-        """One optimizer step of ``parallel.grad_accum`` micro-batches; the loss, skipped rows and
-        (on log steps) the lr and grad norm accumulate in ``window``, on the device."""
-        engine, meters, accum = self.engine, self.meters, self.cfg.parallel.grad_accum
-        step_loss = torch.zeros((), device=self.dist.device)
+        """One optimizer step: each update of the model in turn, over the same
+        ``parallel.grad_accum`` micro-batches; the losses, skipped rows and (on log steps) the lr
+        and grad norm of each update accumulate in ``window``, on the device."""
+        meters, accum = self.meters, self.cfg.parallel.grad_accum
+        step_loss = torch.zeros(len(self.updates), device=self.dist.device)
+        raws: list[dict[str, Any]] = []  # the micro-batches, read during the first update
         meters.mark()
-        for micro in range(accum):
-            raw = next(it)
-            meters.lap("data")
-            errs = raw.get("data_errors")
-            if errs is not None:
-                window["skipped_rows"] += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
-            loss = self.spec.loss(engine, self._prepare(raw))
-            self.guard.watch_loss(loss)
-            engine.backward(loss)
-            if micro == accum - 1:
-                window["lr"] = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                norm = self.guard.before_step(grads, None) if self.guard.own else None
-                if log_step and self._own_grad_norm:
-                    if norm is None:
-                        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-                    window["grad_norm"] = norm
-            meters.lap("fwd_bwd")
-            engine.step()
-            meters.lap("optim")
-            step_loss = step_loss + loss.detach().float() / accum
+        for u, update in enumerate(self.updates):
+            engine, guard = self.engines[update.part], self.guards[update.part]
+            with self._only(update.part):
+                for micro in range(accum):
+                    if u == 0:
+                        raw = next(it)
+                        meters.lap("data")
+                        errs = raw.get("data_errors")
+                        if errs is not None:
+                            window["skipped_rows"] += errs.reshape(-1, len(ERROR_KINDS)).sum(0)
+                        if len(self.updates) > 1:
+                            raws.append(raw)
+                    else:
+                        raw = raws[micro]
+                    loss = update.loss(self._views[update.part], self._prepare(raw), self.model_state)
+                    guard.watch_loss(loss)
+                    engine.backward(loss)
+                    if micro == accum - 1:
+                        self._last_backward(update.part, window, log_step)
+                    meters.lap("fwd_bwd")
+                    engine.step()
+                    meters.lap("optim")
+                    step_loss[u] += loss.detach().float() / accum
+            guard.after_step()
         finite = torch.isfinite(step_loss)  # a step with a non-finite loss is not part of the mean
         window["loss"] += torch.where(finite, step_loss, 0.0)
         window["loss_steps"] += finite
-        self.guard.after_step()
+        if self.model_state is not None:
+            self.model_state.after_step()
         self.progress.step += 1
         meters.step_done()
 
+    def _last_backward(self, part: str, window: dict[str, Any], log_step: bool) -> None:
+        """After a part's last backward of the step: its lr, the guard's check (own path) and, on
+        log steps, its gradient norm."""
+        engine, guard = self.engines[part], self.guards[part]
+        window["lr"][part] = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = guard.before_step(grads, None) if guard.own else None
+        if log_step and self._own_grad_norm[part]:
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            window["grad_norm"][part] = norm
+
     def _record(self, window: dict[str, Any]) -> dict[str, Any]:
         """Collective: the metrics.jsonl record of the window that ends at this step."""
-        meters, p = self.meters, self.progress
-        p.nonfinite_steps += self.guard.window(p.step - meters.win_steps)
-        loss_sum, loss_steps = self.comm.sum(
-            torch.stack([window["loss"], window["loss_steps"]]).double().cpu()
+        meters, p, n = self.meters, self.progress, len(self.updates)
+        p.nonfinite_steps += sum(g.window(p.step - meters.win_steps) for g in self.guards.values())
+        sums = self.comm.sum(torch.cat([window["loss"], window["loss_steps"]]).double().cpu())
+        record: dict[str, Any] = {"step": p.step}
+        for u, update in enumerate(self.updates):
+            part, steps = update.part, sums[n + u]
+            gn = window["grad_norm"].get(part) if self._own_grad_norm[part] else self.engines[part].get_global_grad_norm()
+            record[self.key("loss", part)] = float(sums[u] / steps) if steps else None
+            record[self.key("lr", part)] = float(window["lr"].get(part, 0.0))
+            record[self.key("grad_norm", part)] = None if gn is None else float(gn)
+        record.update(
+            nonfinite_steps=p.nonfinite_steps,
+            world_size=self.dist.world_size,  # an elastic job's size changes between records
+            grad_accum=self.cfg.parallel.grad_accum,
+            time=time.time(),
         )
-        gn = window["grad_norm"] if self._own_grad_norm else self.engine.get_global_grad_norm()
-        record = {
-            "step": p.step,
-            "loss": float(loss_sum / loss_steps) if loss_steps else None,
-            "lr": float(window["lr"]),
-            "grad_norm": None if gn is None else float(gn),
-            "nonfinite_steps": p.nonfinite_steps,
-            "world_size": self.dist.world_size,  # an elastic job's size changes between records
-            "grad_accum": self.cfg.parallel.grad_accum,
-            "time": time.time(),
-        }
         record.update(self._loss_scale_keys())
         record.update(meters.record())
         p.data_skipped += self.comm.sum(window["skipped_rows"])
@@ -344,13 +409,16 @@ class Trainer:
         return record
 
     def _loss_scale_keys(self) -> dict[str, Any]:
-        """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow."""
+        """fp16's dynamic loss scaling: the scale now and the steps skipped on overflow, per part."""
         if self.cfg.parallel.precision != "fp16":
             return {}
-        e = self.engine
-        scaler = getattr(e, "torch_autocast_z0_gradscaler", None)  # autocast without ZeRO: torch's
-        scale = scaler.get_scale() if scaler is not None else e.optimizer.loss_scale
-        return {"loss_scale": float(scale), "skipped_steps": int(e.skipped_steps)}
+        out: dict[str, Any] = {}
+        for part, e in self.engines.items():
+            scaler = getattr(e, "torch_autocast_z0_gradscaler", None)  # autocast without ZeRO: torch's
+            scale = scaler.get_scale() if scaler is not None else e.optimizer.loss_scale
+            out[self.key("loss_scale", part)] = float(scale)
+            out[self.key("skipped_steps", part)] = int(e.skipped_steps)
+        return out
 
     def _checkpoint(self) -> None:
         meters = self.meters
@@ -368,29 +436,34 @@ class Trainer:
         cfg, meters, tracker = self.cfg, self.meters, self.tracker
         steps, log_every, eval_every = cfg.train.steps, cfg.train.log_every, cfg.train.eval_every
         it = iter(self.data.train_batches())
-        self.engine.train()
+        for e in self.engines.values():
+            e.train()
         meters.restart_clocks()
+        n = len(self.updates)
         window = {
-            "loss": torch.zeros((), device=self.dist.device),  # on the device: no copy per step
-            "loss_steps": torch.zeros((), device=self.dist.device),  # steps whose loss was finite
+            "loss": torch.zeros(n, device=self.dist.device),  # per update, on the device: no copy per step
+            "loss_steps": torch.zeros(n, device=self.dist.device),  # steps whose loss was finite
             "skipped_rows": torch.zeros(len(ERROR_KINDS), dtype=torch.long),
-            "lr": 0.0,
-            "grad_norm": None,
+            "lr": {},
+            "grad_norm": {},
         }
         last_eval = None
         while self.step < steps:
             self._step(it, window, log_step=(self.step + 1) % log_every == 0 or self.step + 1 == steps)
             stopping, clock = self._agree()
             last = self.step == steps or stopping
-            eval_loss = None
+            figures: dict[str, Any] = {}
             if (eval_every and self.step % eval_every == 0) or (last and self.stop_reason != "resize"):
                 meters.mark()
-                eval_loss = last_eval = self.evaluate()
+                figures = {f"eval_{k}": v for k, v in (self.evaluate() or {}).items()}
+                if self.samples is not None:  # collective: every rank decodes, rank 0 writes the grid
+                    figures.update(self.samples.write(self.engines, self.step))
+                last_eval = figures.get("eval_loss", last_eval)
                 meters.lap("eval")
             record = self._record(window) if self.step % log_every == 0 or last else None
-            if eval_loss is not None:
+            if figures:
                 record = record or {"step": self.step, "elapsed_s": meters.elapsed()}
-                record["eval_loss"] = eval_loss
+                record.update(figures)
             if record is not None:
                 tracker.log(record)
                 tracker.progress(self.step, record.get("loss"), record.get("tokens_per_s"))

@@ -18,12 +18,26 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distrain import models
-from distrain.config.schema import Config
+from distrain.config.schema import Config, OptimConfig, OptimPartConfig
 from distrain.errors import ConfigError
 
 
 def _valid_keys(cls: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in cls.model_fields.items()]
+
+
+def _model_parts(data: dict) -> tuple[str, ...]:
+    """The parts of the model ``data`` names, when it has several (each may have ``optim.<part>``)."""
+    name = (data.get("model") or {}).get("name") if isinstance(data.get("model"), dict) else None
+    if name not in models.names():
+        return ()
+    parts = models.model_config_class(name).parts
+    return parts if len(parts) > 1 else ()
+
+
+def _keys_at(cls: type[BaseModel], data: dict) -> list[str]:
+    """The keys a section takes: its fields, and under ``optim`` the model's parts."""
+    return _valid_keys(cls) + (list(_model_parts(data)) if cls is OptimConfig else [])
 
 
 def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
@@ -35,6 +49,9 @@ def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
             if name not in models.names():
                 return None  # the unknown model.name is reported instead
             cls = models.model_config_class(name)
+            continue
+        if cls is OptimConfig and part in _model_parts(data):
+            cls = OptimPartConfig
             continue
         field = cls.model_fields.get(part)
         ann = getattr(field, "annotation", None) if field else None
@@ -108,18 +125,18 @@ def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         cls = _section_class(tuple(parts[:i]), data)
-        if cls is not None and part not in _valid_keys(cls):
+        if cls is not None and part not in _keys_at(cls, data):
             raise ConfigError(
-                f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _valid_keys(cls))}"
+                f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _keys_at(cls, data))}"
             )
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise ConfigError(f"bad override '{arg}': '{'.'.join(parts[: i + 1])}' is not a section")
         node = nxt
     cls = _section_class(tuple(parts[:-1]), data)
-    if cls is not None and parts[-1] not in _valid_keys(cls):
+    if cls is not None and parts[-1] not in _keys_at(cls, data):
         prefix = ".".join(parts[:-1])
-        sugg = _closest(parts[-1], _valid_keys(cls))
+        sugg = _closest(parts[-1], _keys_at(cls, data))
         if sugg.startswith("did you mean"):
             sugg = f"did you mean '{prefix}.{sugg.split(chr(39))[1]}'?"
         raise ConfigError(f"bad override '{arg}': unknown key '{'.'.join(parts)}'; {sugg}")
@@ -260,6 +277,10 @@ def config_keys() -> set[str]:
         if name == "model":
             for m in models.names():
                 walk("model", models.model_config_class(m))
+                parts = models.model_config_class(m).parts
+                for part in parts if len(parts) > 1 else ():
+                    keys.add(f"optim.{part}")
+                    walk(f"optim.{part}", OptimPartConfig)
         else:
             walk(name, field.annotation)
     return keys
@@ -276,6 +297,9 @@ def reference_markdown() -> str:
             sections += [(f"model (name: {k})", models.model_config_class(k)) for k in shipped]
         else:
             sections.append((name, field.annotation))
+        if name == "optim":
+            multi = [k for k in models.names(shipped=True) if len(models.model_config_class(k).parts) > 1]
+            sections.append((f"optim.<part> (models of several parts: {', '.join(multi)})", OptimPartConfig))
     for title, cls in sections:
         out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
         sec = title.split(" ")[0]

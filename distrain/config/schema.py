@@ -32,6 +32,11 @@ class ModelSection(Section):
     batch_kind: ClassVar[Literal["tokens", "images"]] = "tokens"
     activation_checkpointing: ClassVar[bool] = False
     """Whether ``parallel.activation_checkpointing`` applies to this model."""
+    parts: ClassVar[tuple[str, ...]] = ("model",)
+    """The model's parts, each trained by an engine (and optimizer) of its own; ``optim.<part>``
+    overrides ``optim`` for one of several."""
+    zero3: ClassVar[str | None] = None
+    """Why ``parallel.zero_stage=3`` cannot train this model (None: it can)."""
 
     name: str = Field(..., description="Which registered model.")
     init_from: str | None = Field(
@@ -239,6 +244,46 @@ class OptimConfig(Section):
         None,
         description="torch's fused Adam(W) kernel as DeepSpeed's client optimizer (unset: on for CUDA, and at ZeRO 0 in fp32 or autocast on any device, where it skips non-finite steps on the device; never with parallel.offload_optimizer, which steps with DeepSpeed's CPU Adam).",
     )
+    model_config = ConfigDict(
+        extra="allow", validate_assignment=True, protected_namespaces=(), populate_by_name=True
+    )
+
+    @model_validator(mode="after")
+    def _part_overrides(self) -> OptimConfig:
+        """``optim.<part>``: a section of overrides for one part of a model of several (the part's
+        name is checked against the model in ``Config``); any other key is unknown."""
+        import difflib
+
+        for key, value in list((self.__pydantic_extra__ or {}).items()):
+            if isinstance(value, OptimPartConfig):
+                continue
+            if not isinstance(value, dict):
+                match = difflib.get_close_matches(key, list(OptimConfig.model_fields), n=1)
+                hint = f"did you mean 'optim.{match[0]}'?" if match else "see `distrain config reference`"
+                raise ValueError(
+                    f"unknown key 'optim.{key}'; {hint} (a section optim.<part> holds one part's overrides)"
+                )
+            self.__pydantic_extra__[key] = OptimPartConfig.model_validate(value)
+        return self
+
+    @property
+    def part_overrides(self) -> dict[str, OptimPartConfig]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class OptimPartConfig(Section):
+    """``optim.<part>``: one part's optimizer, schedule and clipping, over ``optim`` (and
+    ``parallel.grad_clip``); unset keys take those."""
+
+    name: Literal["adamw", "adam"] | None = Field(None, description="This part's optim.name.")
+    lr: float | None = Field(None, gt=0.0, description="This part's optim.lr.")
+    weight_decay: float | None = Field(None, ge=0.0, description="This part's optim.weight_decay.")
+    betas: tuple[float, float] | None = Field(None, description="This part's optim.betas.")
+    eps: float | None = Field(None, gt=0.0, description="This part's optim.eps.")
+    schedule: Literal["cosine", "constant"] | None = Field(None, description="This part's optim.schedule.")
+    warmup_steps: int | None = Field(None, ge=0, description="This part's optim.warmup_steps.")
+    min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0, description="This part's optim.min_lr_ratio.")
+    grad_clip: float | None = Field(None, ge=0.0, description="This part's parallel.grad_clip.")
 
 
 # ---------------------------------------------------------------------------------------- parallel
@@ -357,6 +402,10 @@ class MetricsConfig(Section):
         1.0,
         ge=1.0,
         description="Data-centre power usage effectiveness multiplying the measured energy (1.0 counts the machine only).",
+    )
+    sample_scorer: str | None = Field(
+        None,
+        description="Generative models: the run directory of an image classifier trained by distrain (model.name=resnet, on the same kind of images) that scores the generated samples at each eval: metrics.jsonl sample_confidence (its mean top-class probability) and sample_class_entropy (the entropy of its class histogram, nats).",
     )
 
 
@@ -584,12 +633,48 @@ class Config(Section):
             )
         if p.offload_optimizer and p.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
+        self._check_parts()
         self.model.check(self)
         if self.cluster.elastic:
             check_sizes(self)
         else:
             check_topology(self, self.cluster.workers)
         return self
+
+
+    def _check_parts(self) -> None:
+        import difflib
+
+        parts, m = self.model.parts, self.model
+        for key in self.optim.part_overrides:
+            if len(parts) == 1 or key not in parts:
+                match = difflib.get_close_matches(key, [*parts, *OptimConfig.model_fields], n=1)
+                hint = f"did you mean 'optim.{match[0]}'?" if match else ""
+                raise ValueError(
+                    f"unknown key 'optim.{key}': model.name={m.name} has "
+                    + (f"the parts {', '.join(parts)}" if len(parts) > 1 else "one part, set by optim.* itself")
+                    + (f"; {hint}" if hint else "")
+                )
+        if len(parts) > 1 and (m.init_from or m.freeze):
+            raise ValueError(
+                f"model.init_from and model.freeze apply to a one-part model; model.name={m.name} has the parts "
+                f"{', '.join(parts)}: drop them"
+            )
+        if self.parallel.zero_stage == 3 and m.zero3:
+            raise ValueError(f"parallel.zero_stage=3 cannot train model.name={m.name}: {m.zero3}; use 0, 1 or 2")
+
+    def for_part(self, part: str) -> Config:
+        """The config one part's engine is built from: ``optim`` with ``optim.<part>`` over it, and
+        its ``grad_clip`` as ``parallel.grad_clip`` (the config itself for a part without overrides)."""
+        over = self.optim.part_overrides.get(part)
+        if over is None:
+            return self
+        keys = over.model_dump(exclude_none=True)
+        clip = keys.pop("grad_clip", None)
+        base = {k: v for k, v in self.optim.model_dump().items() if k in OptimConfig.model_fields}
+        optim = OptimConfig.model_validate({**base, **keys})
+        parallel = self.parallel if clip is None else self.parallel.model_copy(update={"grad_clip": clip})
+        return self.model_copy(update={"optim": optim, "parallel": parallel})
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

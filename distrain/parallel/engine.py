@@ -185,3 +185,24 @@ def build_engine(
         # torch.compile wrapper made before deepspeed.initialize would prefix them with _orig_mod.)
         engine.compile(backend="inductor")
     return engine
+
+
+class Frozen:
+    """A part of a model of several, called inside another part's update: its module, with its
+    engine's autocast, but not through its engine. DeepSpeed hooks every engine forward's outputs
+    for that engine's backward (its ZeRO bookkeeping, and the gradient divided by its accumulation
+    steps), so a gradient that flows through another engine's outputs into the part being updated
+    would run that engine's backward on the way and arrive scaled; the module alone carries none
+    of that. Its parameters are frozen while the update runs (``Trainer``)."""
+
+    def __init__(self, engine):
+        self.engine, self.module = engine, engine.module
+
+    def __call__(self, *args, **kwargs):
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        with autocast_if_enabled(self.engine):
+            return self.module(*args, **kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
