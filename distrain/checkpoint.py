@@ -439,7 +439,9 @@ class Checkpointer:
     by rank 0 (trainer progress, meters, tracker), and ``rank`` parts, one file per rank (data
     position, random streams), which are handed a ``SavedRanks`` on load."""
 
-    def __init__(self, cfg, engines: dict[str, Any], comm, run_dir: Path, job: dict[str, Any], rank: dict[str, Any]):
+    def __init__(
+        self, cfg, engines: dict[str, Any], comm, run_dir: Path, job: dict[str, Any], rank: dict[str, Any]
+    ):
         self.full_cfg = cfg
         self.cfg, self.engines, self.comm = cfg.checkpoint, dict(engines), comm
         self.job_parts, self.rank_parts = dict(job), dict(rank)

@@ -330,7 +330,9 @@ def _sample(args) -> int:
             print(text)
         return EXIT_OK
     if not args.out:
-        raise ConfigError("distrain sample: give --out FILE.png for an image grid (or --prompt TEXT for text)")
+        raise ConfigError(
+            "distrain sample: give --out FILE.png for an image grid (or --prompt TEXT for text)"
+        )
     print(f"wrote {draw(args.run_dir, args.out, args.step, args.n, args.seed)}")
     return EXIT_OK
 

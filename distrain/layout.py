@@ -139,6 +139,9 @@ def preflight(cfg: Config, sizes: list[int], origin: str) -> tuple[Config, list[
             f"model.init_from={init}: no such file or directory; give a HF model directory, a .safetensors "
             "or a .pt/.pth file, or drop model.init_from"
         )
+    from distrain.samples import check_scorer
+
+    check_scorer(cfg)
     c, micro = cfg.cluster, cfg.train.micro_batch_size
     if c.elastic and len(sizes) > 1:
         batch = elastic_layouts(cfg, layout.partitions)

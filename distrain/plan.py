@@ -50,18 +50,30 @@ DEFAULT_MFU = 0.40  # assumed where no GPU run of distrain has been measured (be
 _BLOCK = {"gpt2": (8, 5, 1, 2), "llama": (10, 4, 0, 3)}
 
 
-def _params(cfg: Config) -> tuple[int, int, int]:
-    """(parameters, those below ZeRO 3's persistence threshold, the largest block's), counted on
-    the meta device."""
+def _part_params(cfg: Config) -> dict[str, tuple[int, int, int]]:
+    """Each part's (parameters, those below ZeRO 3's persistence threshold, the largest block's),
+    counted on the meta device."""
     import torch
 
     from distrain.models import get_spec
 
+    spec = get_spec(cfg.model.name)
     with torch.device("meta"):
-        model = get_spec(cfg.model.name).build(cfg)
-    sizes = [p.numel() for p in model.parameters()]
-    blocks = [sum(p.numel() for p in m.parameters()) for m in _blocks(model)] or [max(sizes)]
-    return sum(sizes), sum(n for n in sizes if n < PERSISTENCE_THRESHOLD), max(blocks)
+        built = spec.build(cfg)
+    parts = built if isinstance(built, dict) else {spec.parts[0]: built}
+    out = {}
+    for name, model in parts.items():
+        sizes = [p.numel() for p in model.parameters()]
+        blocks = [sum(p.numel() for p in m.parameters()) for m in _blocks(model)] or [max(sizes)]
+        out[name] = (sum(sizes), sum(n for n in sizes if n < PERSISTENCE_THRESHOLD), max(blocks))
+    return out
+
+
+def _params(cfg: Config) -> tuple[int, int, int]:
+    """(parameters, those below ZeRO 3's persistence threshold, the largest block's) of the whole
+    model: every part's summed, the largest block of any."""
+    counts = list(_part_params(cfg).values())
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts)
 
 
 def _blocks(model) -> list:
@@ -139,33 +151,41 @@ def block_elements(cfg: Config) -> tuple[int, int]:
 
 
 def _traced(cfg: Config, micro: int) -> float:
-    """Bytes of the tensors a forward and loss save for backward (fake tensors: nothing is run)."""
+    """Bytes of the tensors a forward and loss save for backward (fake tensors: nothing is run);
+    for a model of several updates, the largest update's (each one's backward frees them)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from distrain.models import get_spec
 
     spec = get_spec(cfg.model.name)
-    seen: dict[int, int] = {}
     cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision)
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen.setdefault(st._cdata, st.nbytes())  # one storage once (views share it)
-        return t
-
+    most = 0.0
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = spec.build(cfg)
+        built = spec.build(cfg)
+        parts = built if isinstance(built, dict) else {spec.parts[0]: built}
         if cast is not None and weight_bytes(cfg) == 2:
-            model = model.to(cast)
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-        batch = _fake_batch(cfg, micro)
-        if cast is not None and "images" in batch and weight_bytes(cfg) == 2:
-            batch["images"] = batch["images"].to(cast)
-        autocast = torch.autocast("cpu", dtype=cast, enabled=cast is not None and weight_bytes(cfg) == 4)
-        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            spec.loss(model, batch)
-    return float(sum(v for k, v in seen.items() if k not in params))
+            parts = {k: m.to(cast) for k, m in parts.items()}
+        params = {p.untyped_storage()._cdata for m in parts.values() for p in m.parameters()}
+        state = spec.state(cfg) if spec.state is not None else None
+        for update in spec.steps(cfg):
+            seen: dict[int, int] = {}
+
+            def pack(t, seen=seen):
+                st = t.untyped_storage()
+                seen.setdefault(st._cdata, st.nbytes())  # one storage once (views share it)
+                return t
+
+            for name, m in parts.items():
+                m.requires_grad_(name == update.part)
+            batch = _fake_batch(cfg, micro)
+            if cast is not None and "images" in batch and weight_bytes(cfg) == 2:
+                batch["images"] = batch["images"].to(cast)
+            autocast = torch.autocast("cpu", dtype=cast, enabled=cast is not None and weight_bytes(cfg) == 4)
+            with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                update.loss(parts, batch, state)
+            most = max(most, float(sum(v for k, v in seen.items() if k not in params)))
+    return most
 
 
 def _fake_batch(cfg: Config, micro: int) -> dict[str, Any]:
@@ -205,14 +225,14 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
                 f"grad_accum x {world} GPUs; pick --gpus dividing {want // cfg.train.micro_batch_size}"
             )
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": want // per})})
-    counts = _params(cfg)
-    params = counts[0]
+    counts = _part_params(cfg)
+    params = sum(c[0] for c in counts.values())
     gpu_terms, cpu, acts_how = _per_gpu(cfg, world, counts)
     total = sum(gpu_terms.values())
     memory = card.memory_gb * 1e9
     spec = get_spec(cfg.model.name)
     batch = global_batch(cfg, world)
-    flops = spec.flops_per_sample(cfg) * batch
+    flops = sum(spec.flops_by_part(cfg).values()) * batch
     dtype = (
         cfg.parallel.precision
         if cfg.parallel.precision != "fp32"
@@ -230,6 +250,7 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "gpu_memory_gb": card.memory_gb,
         "gpus": world,
         "params": params,
+        **({"part_params": {k: c[0] for k, c in counts.items()}} if len(counts) > 1 else {}),
         "zero_stage": cfg.parallel.zero_stage,
         "precision": cfg.parallel.precision,
         "micro_batch": cfg.train.micro_batch_size,
@@ -263,7 +284,7 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
     return out
 
 
-def _fix(cfg: Config, world: int, counts: tuple[int, int, int], memory: float) -> str | None:
+def _fix(cfg: Config, world: int, counts: dict[str, tuple[int, int, int]], memory: float) -> str | None:
     """The first change that makes the plan fit: a higher ZeRO stage, activation checkpointing, a
     smaller micro batch, offload."""
     p = cfg.parallel
@@ -290,18 +311,25 @@ def _fix(cfg: Config, world: int, counts: tuple[int, int, int], memory: float) -
     return None
 
 
-def _per_gpu(cfg: Config, world: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], float, str]:
+def _per_gpu(
+    cfg: Config, world: int, counts: dict[str, tuple[int, int, int]]
+) -> tuple[dict[str, float], float, str]:
     """(bytes per GPU by term, bytes offloaded to CPU memory, how the activations were found) for
-    parameter ``counts`` from ``_params``."""
-    params, small, block = counts
-    states = model_states(cfg, world, params, small)
+    each part's parameter ``counts`` from ``_part_params``. Every part's engine holds its model
+    states and its reduce bucket for the whole run; gradients and gathered parameters live while
+    one part's update runs, so the largest part's count."""
+    terms: dict[str, float] = {}
+    cpu = 0.0
+    for part, (params, small, block) in counts.items():
+        states = model_states(cfg.for_part(part), world, params, small)
+        cpu += states.pop("cpu")
+        for k, v in states.items():
+            terms[k] = terms.get(k, 0.0) + v
+        for k, v in working(cfg, world, params, block).items():
+            terms[k] = terms.get(k, 0.0) + v if k == "reduce_bucket" else max(terms.get(k, 0.0), v)
     acts, how = activation_bytes(cfg)
-    terms = {
-        **{k: v for k, v in states.items() if k != "cpu"},
-        **working(cfg, world, params, block),
-        "activations": acts,
-    }
-    return terms, states["cpu"], how
+    terms["activations"] = acts
+    return terms, cpu, how
 
 
 def _gib(b: float) -> str:
@@ -325,6 +353,9 @@ def format_plan(p: dict) -> str:
         f"ZeRO {p['zero_stage']}, {p['precision']}, micro batch {p['micro_batch']} x grad_accum {p['grad_accum']}",
         "per GPU:",
     ]
+    if p.get("part_params"):
+        each = ", ".join(f"{k} {v / 1e6:,.2f}M" for k, v in p["part_params"].items())
+        lines.insert(1, f"parts: {each} parameters, one engine (weights, optimizer, buckets) each")
     for k, v in p["per_gpu_bytes"].items():
         if v:
             lines.append(f"  {k:<22} {_gib(v):>14}")

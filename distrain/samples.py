@@ -50,6 +50,37 @@ def save_grid(pixels: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def check_scorer(cfg) -> None:
+    """``metrics.sample_scorer``, before a launch: a generative model, and a classifier run there
+    (config.yaml of a resnet and a checkpoint that verifies)."""
+    from distrain.checkpoint import newest_valid
+    from distrain.config import load_config
+    from distrain.models import get_spec
+
+    where = cfg.metrics.sample_scorer
+    if not where:
+        return
+    if get_spec(cfg.model.name).generative is None:
+        raise ConfigError(
+            f"metrics.sample_scorer scores generated images; model.name={cfg.model.name} generates none: drop it"
+        )
+    run_dir = Path(where)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"metrics.sample_scorer={where}: no config.yaml there; give the run directory of an image classifier "
+            "trained with distrain (model.name=resnet)"
+        )
+    scfg = load_config(run_dir / "config.yaml")
+    if scfg.model.name != "resnet":
+        raise ConfigError(
+            f"metrics.sample_scorer={where}: a model.name={scfg.model.name} run; the scorer is an image classifier (model.name=resnet)"
+        )
+    if newest_valid(run_dir / "checkpoints") is None:
+        raise ConfigError(
+            f"metrics.sample_scorer={where}: no complete, verified checkpoint in {run_dir / 'checkpoints'}; train it first"
+        )
+
+
 class Scorer:
     """A classifier trained by distrain (``model.name=resnet``), loaded from its run directory's
     newest verified checkpoint, that scores generated images."""
@@ -62,24 +93,21 @@ class Scorer:
         from distrain.models import build_parts
 
         run_dir = Path(run_dir)
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(
-                f"metrics.sample_scorer={run_dir}: no config.yaml there; give the run directory of a classifier trained with distrain"
-            )
-        cfg = load_config(cfg_path)
-        if cfg.model.name != "resnet":
-            raise ConfigError(
-                f"metrics.sample_scorer={run_dir}: a model.name={cfg.model.name} run; the scorer is an image classifier (model.name=resnet)"
-            )
+        cfg = load_config(run_dir / "config.yaml")  # checked before the launch (``check_scorer``)
         found = newest_valid(run_dir / "checkpoints")
-        if found is None:
-            raise ConfigError(f"metrics.sample_scorer={run_dir}: no complete, verified checkpoint in {run_dir / 'checkpoints'}")
+        if found is None or cfg.model.name != "resnet":
+            raise ConfigError(
+                f"metrics.sample_scorer={run_dir}: not a classifier run with a checkpoint that verifies"
+            )
         ckpt, manifest = found
         model = build_parts(cfg)["model"]
         model.load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]))
         self.model = model.to(device).eval()
-        self.size, self.channels, self.classes = cfg.model.image_size, cfg.model.in_channels, cfg.model.num_classes
+        self.size, self.channels, self.classes = (
+            cfg.model.image_size,
+            cfg.model.in_channels,
+            cfg.model.num_classes,
+        )
         self.mean, self.std = norm_stats(cfg)
 
     @torch.no_grad()
@@ -91,7 +119,9 @@ class Scorer:
         if x.shape[1] != self.channels:  # greyscale <-> RGB as the classifier's data was read
             x = x.repeat(1, self.channels, 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
         if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         m = torch.tensor(self.mean).view(1, -1, 1, 1)
         s = torch.tensor(self.std).view(1, -1, 1, 1)
         device = next(self.model.parameters()).device
@@ -121,7 +151,9 @@ class Samples:
         self.z = self.gen.latent(cfg, GRID, torch.Generator().manual_seed(cfg.run.seed)).to(device)
         self.scorer = None
         if cfg.metrics.sample_scorer:
-            self.z_scored = self.gen.latent(cfg, SCORED, torch.Generator().manual_seed(cfg.run.seed + 1)).to(device)
+            self.z_scored = self.gen.latent(cfg, SCORED, torch.Generator().manual_seed(cfg.run.seed + 1)).to(
+                device
+            )
             if dist_info.is_main:
                 self.scorer = Scorer(cfg.metrics.sample_scorer, device)
         self.originals = None
@@ -181,7 +213,9 @@ def draw(run_dir: str | Path, out: str | Path, step: int | None = None, n: int =
     cfg = load_config(run_dir / "config.yaml")
     spec = get_spec(cfg.model.name)
     if spec.generative is None:
-        raise ConfigError(f"{run_dir} trains model.name={cfg.model.name}, which draws no images; pass --prompt for text")
+        raise ConfigError(
+            f"{run_dir} trains model.name={cfg.model.name}, which draws no images; pass --prompt for text"
+        )
     ckpt, manifest = _checkpoint(run_dir, step)
     parts = build_parts(cfg)
     part = spec.generative.export_part
@@ -189,12 +223,16 @@ def draw(run_dir: str | Path, out: str | Path, step: int | None = None, n: int =
     for m in parts.values():
         m.eval()
     with torch.no_grad():
-        images = spec.generative.decode(parts, spec.generative.latent(cfg, n, torch.Generator().manual_seed(seed)))
+        images = spec.generative.decode(
+            parts, spec.generative.latent(cfg, n, torch.Generator().manual_seed(seed))
+        )
     mean, std = norm_stats(cfg)
     return save_grid(to_pixels(images, mean, std), Path(out))
 
 
-def continue_text(run_dir: str | Path, prompt: str, step: int | None = None, tokens: int = 64, n: int = 1, seed: int = 0) -> list[str]:
+def continue_text(
+    run_dir: str | Path, prompt: str, step: int | None = None, tokens: int = 64, n: int = 1, seed: int = 0
+) -> list[str]:
     """``distrain sample --prompt``: ``n`` continuations of ``prompt`` by a language model's
     checkpoint (sampled at temperature 1 from ``seed``)."""
     from distrain.config import load_config
@@ -205,7 +243,9 @@ def continue_text(run_dir: str | Path, prompt: str, step: int | None = None, tok
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if cfg.model.batch_kind != "tokens":
-        raise ConfigError(f"--prompt: {run_dir} trains model.name={cfg.model.name} on images; drop --prompt to draw images")
+        raise ConfigError(
+            f"--prompt: {run_dir} trains model.name={cfg.model.name} on images; drop --prompt to draw images"
+        )
     ckpt, manifest = _checkpoint(run_dir, step)
     model = build_parts(cfg)["model"]
     model.load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]), strict=False)

@@ -143,9 +143,15 @@ class Console:
 
     def record(self, rec: dict[str, Any]) -> None:
         parts = [f"step {rec['step']}/{self.total}"]
+        each_part = [
+            (k, "{:.4f}")
+            for k in rec
+            if k.startswith(("loss_", "eval_loss_")) and not k.startswith("loss_scale")
+        ]
         for key, fmt in (
             ("loss", "{:.4f}"),
             ("eval_loss", "{:.4f}"),
+            *each_part,
             ("lr", "{:.3g}"),
             ("grad_norm", "{:.3f}"),
             ("samples_per_s", "{:,.1f}"),

@@ -166,7 +166,9 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
     universal = bool(plan and "universal" in plan)
     engines = {  # one engine per part, each with its own optimizer, schedule and clipping
-        name: build_engine(cfg.for_part(name), m, dist_info.world_size, dist_info.device, load_universal=universal)
+        name: build_engine(
+            cfg.for_part(name), m, dist_info.world_size, dist_info.device, load_universal=universal
+        )
         for name, m in parts.items()
     }
     workers = _workers(dist_info)
@@ -211,7 +213,17 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
 
         samples = Samples(cfg, spec, dist_info, run_dir, tracker, data)
     trainer = Trainer(
-        cfg, engines, data, dist_info, progress, meters, tracker, checkpointer, callbacks, model_state, samples
+        cfg,
+        engines,
+        data,
+        dist_info,
+        progress,
+        meters,
+        tracker,
+        checkpointer,
+        callbacks,
+        model_state,
+        samples,
     )
     _announce(cfg, run_dir, dist_info, topology, tracker.wandb_where)
     return Session(cfg, dist_info, engines, data, meters, tracker, checkpointer, trainer, workers)

@@ -186,14 +186,18 @@ class Trainer:
         self.channels_last = channels_last(cfg, dist_info.device)
         # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
         # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here
-        self._own_grad_norm = {k: not hasattr(e.optimizer, "_global_grad_norm") for k, e in self.engines.items()}
+        self._own_grad_norm = {
+            k: not hasattr(e.optimizer, "_global_grad_norm") for k, e in self.engines.items()
+        }
         self.guards = {
-            k: NonFiniteGuard(cfg.for_part(k), e, self.comm, dist_info.device) for k, e in self.engines.items()
+            k: NonFiniteGuard(cfg.for_part(k), e, self.comm, dist_info.device)
+            for k, e in self.engines.items()
         }
         # what each update's loss calls: the part it updates through its engine, the others as
         # their modules (``Frozen``: no other engine's backward runs inside this one's)
         self._views = {
-            u.part: {k: e if k == u.part else Frozen(e) for k, e in self.engines.items()} for u in self.updates
+            u.part: {k: e if k == u.part else Frozen(e) for k, e in self.engines.items()}
+            for u in self.updates
         }
 
     @property
@@ -388,7 +392,11 @@ class Trainer:
         record: dict[str, Any] = {"step": p.step}
         for u, update in enumerate(self.updates):
             part, steps = update.part, sums[n + u]
-            gn = window["grad_norm"].get(part) if self._own_grad_norm[part] else self.engines[part].get_global_grad_norm()
+            gn = (
+                window["grad_norm"].get(part)
+                if self._own_grad_norm[part]
+                else self.engines[part].get_global_grad_norm()
+            )
             record[self.key("loss", part)] = float(sums[u] / steps) if steps else None
             record[self.key("lr", part)] = float(window["lr"].get(part, 0.0))
             record[self.key("grad_norm", part)] = None if gn is None else float(gn)

@@ -136,8 +136,8 @@ def test_manifest_detects_truncation_and_alteration_and_load_falls_back(in_workd
     assert [p.name for p in list_checkpoints(root)] == ["step00000006", "step00000004", "step00000002"]
     assert (root / "latest").read_text() == "step00000006"
     manifest = verify(root / "step00000006")
-    assert {"distrain-state.pt", "rank-00000.pt", "mp_rank_00_model_states.pt"} <= set(manifest["files"])
-    shard = root / "step00000006" / "mp_rank_00_model_states.pt"
+    assert {"distrain-state.pt", "rank-00000.pt", "model/mp_rank_00_model_states.pt"} <= set(manifest["files"])
+    shard = root / "step00000006" / "model/mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: \d+ bytes, the manifest says"):
         verify(root / "step00000006")
@@ -225,7 +225,7 @@ def test_kill_9_during_saves_never_loses_the_run(in_workdir, tmp_path, point, mo
     tmp = root / ".tmp-step00000003"
     assert (root / "latest").read_text() == "step00000002"  # latest was never moved
     if point == "manifest":  # killed mid-save: all of step 3's files, no manifest, not in place
-        assert tmp.is_dir() and (tmp / "mp_rank_00_model_states.pt").is_file()
+        assert tmp.is_dir() and (tmp / "model/mp_rank_00_model_states.pt").is_file()
         assert not (tmp / "manifest.json").exists()
         assert not (root / "step00000003").exists()
         expected = 2
@@ -344,7 +344,7 @@ def test_async_saves_write_the_same_checkpoints_and_report_writer_failures(
     for step in (2, 4, 6):  # the same checkpoints, tensor for tensor
         a, b = verify(sync_root / f"step{step:08d}")["files"], verify(async_root / f"step{step:08d}")["files"]
         assert set(a) == set(b)
-        for name in ("mp_rank_00_model_states.pt", "rank-00000.pt", "distrain-state.pt"):
+        for name in ("model/mp_rank_00_model_states.pt", "rank-00000.pt", "distrain-state.pt"):
             x = torch.load(sync_root / f"step{step:08d}" / name, weights_only=True)
             y = torch.load(async_root / f"step{step:08d}" / name, weights_only=True)
             _assert_same(x, y, name)

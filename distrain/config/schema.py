@@ -641,7 +641,6 @@ class Config(Section):
             check_topology(self, self.cluster.workers)
         return self
 
-
     def _check_parts(self) -> None:
         import difflib
 
@@ -652,7 +651,11 @@ class Config(Section):
                 hint = f"did you mean 'optim.{match[0]}'?" if match else ""
                 raise ValueError(
                     f"unknown key 'optim.{key}': model.name={m.name} has "
-                    + (f"the parts {', '.join(parts)}" if len(parts) > 1 else "one part, set by optim.* itself")
+                    + (
+                        f"the parts {', '.join(parts)}"
+                        if len(parts) > 1
+                        else "one part, set by optim.* itself"
+                    )
                     + (f"; {hint}" if hint else "")
                 )
         if len(parts) > 1 and (m.init_from or m.freeze):
@@ -661,7 +664,9 @@ class Config(Section):
                 f"{', '.join(parts)}: drop them"
             )
         if self.parallel.zero_stage == 3 and m.zero3:
-            raise ValueError(f"parallel.zero_stage=3 cannot train model.name={m.name}: {m.zero3}; use 0, 1 or 2")
+            raise ValueError(
+                f"parallel.zero_stage=3 cannot train model.name={m.name}: {m.zero3}; use 0, 1 or 2"
+            )
 
     def for_part(self, part: str) -> Config:
         """The config one part's engine is built from: ``optim`` with ``optim.<part>`` over it, and

@@ -9,7 +9,11 @@ from typing import Any
 from distrain.errors import UserError
 
 PLOTS = {  # file -> (title, [(metrics.jsonl key, legend label)])
-    "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")]),
+    "loss.png": ("loss", [("loss", "train"), ("eval_loss", "eval")]),  # and each part's (``_loss_keys``)
+    "sample_quality.png": (
+        "samples scored by metrics.sample_scorer",
+        [("sample_confidence", "top-class confidence"), ("sample_class_entropy", "class entropy (nats)")],
+    ),
     "throughput.png": ("throughput", [("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")]),
     "mfu.png": ("MFU", [("mfu", "MFU"), ("hfu", "HFU")]),
     "power.png": ("power (W)", [("power_w", "job power")]),
@@ -47,6 +51,18 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _loss_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The loss curves of a run: train and eval, and for a model of several parts each part's
+    (``loss_<part>``, ``eval_loss_<part>``)."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    parts = [k[5:] for k in keys if k.startswith("loss_") and not k.startswith("loss_scale")]
+    return PLOTS["loss.png"][1] + [
+        pair
+        for part in parts
+        for pair in ((f"loss_{part}", f"{part} train"), (f"eval_loss_{part}", f"{part} eval"))
+    ]
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the plots that have data and ``report.md`` into ``out`` (default RUN_DIR/report)."""
     import matplotlib
@@ -63,6 +79,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     estimated = any(r.get("energy_estimated") for r in records)
     written = []
     for fname, (title, keys) in PLOTS.items():
+        keys = _loss_keys(records) if fname == "loss.png" else keys
         lines = [(label, *_series(records, k)) for k, label in keys]
         lines = [ln for ln in lines if ln[1]]
         if not lines:
@@ -86,6 +103,25 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)] + [""]
     else:
         md += ["No summary.json: the run has not finished (or was killed); plots cover what it logged.", ""]
+    grids = sorted((run_dir / "samples").glob("step*.png"))
+    if grids:  # a generative model's newest sample grid
+        import shutil
+
+        shutil.copyfile(grids[-1], out / "samples.png")
+        md += [
+            f"Samples at step {int(grids[-1].stem[4:])} (from a fixed latent batch):",
+            "",
+            "![samples](samples.png)",
+            "",
+        ]
+        scored = [r for r in records if "sample_confidence" in r]
+        if scored:
+            last = scored[-1]
+            md += [
+                f"Scored by metrics.sample_scorer at step {last['step']}: top-class confidence "
+                f"{last['sample_confidence']:.3f}, class entropy {last['sample_class_entropy']:.3f} nats.",
+                "",
+            ]
     md += [f"![{f[:-4]}]({f})" for f in written]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out

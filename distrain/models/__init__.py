@@ -70,7 +70,9 @@ class ModelSpec:
     """Training FLOPs (forward + backward) per sample of one step: a number, or one per part."""
     updates: Callable[[Config], tuple[Update, ...]] | None = None
     """A model of several parts (or with a state): the updates of one training step, in order."""
-    evaluate: Callable[[Config], Callable[[Parts, dict[str, Any], Any], dict[str, torch.Tensor]]] | None = None
+    evaluate: Callable[[Config], Callable[[Parts, dict[str, Any], Any], dict[str, torch.Tensor]]] | None = (
+        None
+    )
     """Eval figures of one micro-batch (``eval_<key>`` in metrics.jsonl); default ``{"loss": loss}``."""
     state: Callable[[Config], Any] | None = None
     """The model's own checkpointed state (``state_dict``/``load_state_dict``/``after_step``),
@@ -158,7 +160,9 @@ def build_parts(cfg: Config) -> dict[str, nn.Module]:
     built = spec.build(cfg)
     parts = dict(built) if isinstance(built, dict) else {spec.parts[0]: built}
     if list(parts) != list(spec.parts):
-        raise ValueError(f"{spec.name}: build made parts {list(parts)}, its config declares {list(spec.parts)}")
+        raise ValueError(
+            f"{spec.name}: build made parts {list(parts)}, its config declares {list(spec.parts)}"
+        )
     for module in parts.values():
         if cfg.model.init_from:
             load_init_weights(module, cfg.model.init_from)

@@ -36,9 +36,12 @@ class GANModelConfig(ModelSection):
         10, ge=1, description="Classes of the data's labels (read and checked; the GAN is unconditional)."
     )
     latent_dim: int = Field(100, ge=1, description="Size of the generator's Gaussian latent.")
-    width: int = Field(64, ge=4, description="Feature maps of the generator's last and the discriminator's first layer.")
+    width: int = Field(
+        64, ge=4, description="Feature maps of the generator's last and the discriminator's first layer."
+    )
     loss: Literal["bce", "hinge"] = Field(
-        "bce", description="bce: non-saturating cross-entropy (DCGAN); hinge: hinge loss for the discriminator."
+        "bce",
+        description="bce: non-saturating cross-entropy (DCGAN); hinge: hinge loss for the discriminator.",
     )
 
 

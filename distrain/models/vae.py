@@ -35,7 +35,9 @@ class VAEModelConfig(ModelSection):
     )
     num_classes: int = Field(10, ge=1, description="Classes of the data's labels (read and checked; unused).")
     latent_dim: int = Field(32, ge=1, description="Size of the Gaussian latent.")
-    width: int = Field(32, ge=4, description="Feature maps of the encoder's first and the decoder's last layer.")
+    width: int = Field(
+        32, ge=4, description="Feature maps of the encoder's first and the decoder's last layer."
+    )
     beta: float = Field(1.0, ge=0.0, description="Weight of the KL term after the warm-up (1: the ELBO).")
     kl_warmup_steps: int = Field(
         0, ge=0, description="Steps over which the KL weight rises linearly from 0 to model.beta (0: none)."
@@ -171,7 +173,9 @@ def layer_flops(model: nn.Module, image_size: int, in_channels: int) -> list[flo
     enc = conv_flops(model.encoder, (in_channels, image_size, image_size))
     lin = [2.0 * m.in_features * m.out_features for m in (model.to_latent, model.decoder[0])]
     s = image_size // 8
-    dec = conv_flops(nn.Sequential(*list(model.decoder)[3:]), (model.decoder[0].out_features // (s * s), s, s))
+    dec = conv_flops(
+        nn.Sequential(*list(model.decoder)[3:]), (model.decoder[0].out_features // (s * s), s, s)
+    )
     return [*enc, lin[0], lin[1], *dec]
 
 
