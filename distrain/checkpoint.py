@@ -612,6 +612,9 @@ class Checkpointer:
             path, _ = engine.load_checkpoint(str(where), tag=sub, load_module_strict=True)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {where / sub}")
+            sched = engine.lr_scheduler
+            if sched is not None:  # the next step's lr from this run's schedule (train.steps may have grown),
+                sched.step(sched.last_batch_iteration)  # not the one the optimizer's saved state holds
         own = None
         if plan["world"] == self.world:
             own = torch.load(ckpt / f"rank-{self.rank:05d}.pt", map_location="cpu", weights_only=True)

@@ -136,7 +136,9 @@ def test_manifest_detects_truncation_and_alteration_and_load_falls_back(in_workd
     assert [p.name for p in list_checkpoints(root)] == ["step00000006", "step00000004", "step00000002"]
     assert (root / "latest").read_text() == "step00000006"
     manifest = verify(root / "step00000006")
-    assert {"distrain-state.pt", "rank-00000.pt", "model/mp_rank_00_model_states.pt"} <= set(manifest["files"])
+    assert {"distrain-state.pt", "rank-00000.pt", "model/mp_rank_00_model_states.pt"} <= set(
+        manifest["files"]
+    )
     shard = root / "step00000006" / "model/mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: \d+ bytes, the manifest says"):
@@ -364,3 +366,20 @@ def test_async_saves_write_the_same_checkpoints_and_report_writer_failures(
         "step00000002",
     ]  # step 4 never completed
     assert "background checkpoint save failed" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_a_resume_that_extends_train_steps_steps_at_the_new_schedules_lr(in_workdir, tmp_path):
+    """A run of 6 steps resumed to 12: from step 7 on, the cosine schedule of 12 steps (the lr the
+    optimizer's saved state holds is the 6-step schedule's floor)."""
+    over = ["train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2", "tracking.wandb.mode=disabled"]
+    ref = load_config(CONFIGS / "gpt-cpu-tiny.yaml", [*over, "train.steps=12", f"run.dir={tmp_path / 'ref'}"])
+    run(ref)
+    for steps in (6, 12):
+        run(
+            load_config(
+                CONFIGS / "gpt-cpu-tiny.yaml", [*over, f"train.steps={steps}", f"run.dir={tmp_path / 'run'}"]
+            )
+        )
+    want = [(r["step"], r["lr"]) for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
+    got = [(r["step"], r["lr"]) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert got[6:] == want[6:]

@@ -76,7 +76,9 @@ def test_compiled_model_trains_resumes_and_exports_as_the_eager_one(in_workdir, 
     names = [n for n, _ in s.engine.module.named_parameters()]
     assert names and not any("_orig_mod" in n for n in names)
     ckpt = tmp_path / "compiled" / "checkpoints" / "step00000004"
-    sd = torch.load(ckpt / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    sd = torch.load(ckpt / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+        "module"
+    ]
     assert sorted(sd) == sorted(s.engine.module.state_dict())
 
     # resume from step 4, compiled: steps 5-8 as the uninterrupted compiled run

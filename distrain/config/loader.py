@@ -126,9 +126,10 @@ def _set_override(data: dict, parts: list[str], value: Any, arg: str) -> None:
     for i, part in enumerate(parts[:-1]):
         cls = _section_class(tuple(parts[:i]), data)
         if cls is not None and part not in _keys_at(cls, data):
-            raise ConfigError(
-                f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {_closest(part, _keys_at(cls, data))}"
-            )
+            sugg = _closest(part, _keys_at(cls, data))
+            if sugg.startswith("did you mean") and i:
+                sugg = f"did you mean '{'.'.join(parts[:i])}.{sugg.split(chr(39))[1]}'?"
+            raise ConfigError(f"bad override '{arg}': unknown key '{'.'.join(parts[: i + 1])}'; {sugg}")
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise ConfigError(f"bad override '{arg}': '{'.'.join(parts[: i + 1])}' is not a section")
