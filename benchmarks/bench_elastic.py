@@ -96,8 +96,17 @@ def resume_times(log: str) -> list[float]:
     return out
 
 
-def drill(work: Path, steps: int, stop: str, env: dict[str, str], data: Path, extra: list[str]) -> dict:
+def drill(
+    work: Path,
+    steps: int,
+    stop: str,
+    env: dict[str, str],
+    data: Path,
+    extra: list[str],
+    config: Path | None = None,
+) -> dict:
     """Run the elastic job through a shrink and a grow; returns the timings, the records and paths."""
+    config = Path(config or REPO / "configs" / "gpt-cpu-tiny.yaml")
     state = work / "nodes"
     port = _port()
     env = {
@@ -129,7 +138,7 @@ def drill(work: Path, steps: int, stop: str, env: dict[str, str], data: Path, ex
                 "distrain.cli",
                 "launch",
                 "ray",
-                str(REPO / "configs" / "gpt-cpu-tiny.yaml"),
+                str(config),
                 "--address",
                 f"127.0.0.2:{port}",
                 "--workers",
@@ -142,8 +151,11 @@ def drill(work: Path, steps: int, stop: str, env: dict[str, str], data: Path, ex
                 "checkpoint.every_steps=20",
                 "checkpoint.at_end=false",
                 "cluster.resize_check_s=5",
-                f"data.train_path={data}/pydoc/train-*.jsonl",
-                f"data.eval_path={data}/pydoc/val.jsonl",
+                *(
+                    [f"data.train_path={data}/pydoc/train-*.jsonl", f"data.eval_path={data}/pydoc/val.jsonl"]
+                    if config.name == "gpt-cpu-tiny.yaml"
+                    else [f"data.train_path={data}/digits/train", f"data.eval_path={data}/digits/val"]
+                ),
                 *extra,
             ],
             env=env,
@@ -207,6 +219,7 @@ def main() -> None:
     ap.add_argument("--stop", choices=["term", "kill"], default="term")
     ap.add_argument("--out", default=None, help="keep the run here (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="write the figures and records to this file")
+    ap.add_argument("--config", default=str(REPO / "configs" / "gpt-cpu-tiny.yaml"), help="the job's config")
     ap.add_argument("overrides", nargs="*", help="config overrides for the job (e.g. parallel.zero_stage=2)")
     args = ap.parse_args()
     from distrain.cluster.ray import loopback_env
@@ -228,7 +241,7 @@ def main() -> None:
         "WANDB_MODE": "offline",
     }
     env.pop("RAY_ADDRESS", None)
-    res = drill(work, args.steps, args.stop, env, data, args.overrides)
+    res = drill(work, args.steps, args.stop, env, data, args.overrides, Path(args.config))
     if args.json:
         Path(args.json).write_text(json.dumps(res))
     print(

@@ -50,7 +50,9 @@ def main() -> None:
         from distrain.data.sources import build_manifest
         from distrain.layout import preflight
 
-        print("| files | rows | ranks | partitions | manifest read (s) | preflight (s) | preflight / manifest |")
+        print(
+            "| files | rows | ranks | partitions | manifest read (s) | preflight (s) | preflight / manifest |"
+        )
         print("|---|---|---|---|---|---|---|")
         for files in args.files:
             path = _corpus(Path(tmp) / f"c{files}", files)
@@ -59,12 +61,22 @@ def main() -> None:
             for ranks in (8, 1024):
                 cfg = load_config(
                     REPO / "configs" / "gpt-cpu-tiny.yaml",
-                    [f"data.train_path={path}", "data.eval_path=null", f"run.dir={tmp}/run", f"cluster.workers={ranks}"],
+                    [
+                        f"data.train_path={path}",
+                        "data.eval_path=null",
+                        f"run.dir={tmp}/run",
+                        f"cluster.workers={ranks}",
+                    ],
                 )
                 out: list = []
-                t = _best(lambda c=cfg, r=ranks, o=out: o.append(preflight(c, [r], f"cluster.workers={r}")), args.repeats)
+                t = _best(
+                    lambda c=cfg, r=ranks, o=out: o.append(preflight(c, [r], f"cluster.workers={r}")),
+                    args.repeats,
+                )
                 k = out[-1][0].data.partitions
-                print(f"| {files:,} | {files * 64:,} | {ranks:,} | {k:,} | {base:.3f} | {t:.3f} | {t / base:.2f}x |")
+                print(
+                    f"| {files:,} | {files * 64:,} | {ranks:,} | {k:,} | {base:.3f} | {t:.3f} | {t / base:.2f}x |"
+                )
 
 
 if __name__ == "__main__":
