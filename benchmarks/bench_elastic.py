@@ -55,7 +55,7 @@ class Watch:
                 except ValueError:  # a line being written
                     continue
                 self.seen.add(ln)
-                if "loss" in rec:
+                if "world_size" in rec:  # a training record (the loss, or each part's)
                     self.records.append(rec)
 
     def wait(self, cond, proc, timeout: float, what: str) -> dict:

@@ -3,6 +3,11 @@ hand-written DeepSpeed loop: same model, data, optimizer (AdamW), schedule, clip
 one CPU process each.
 
     python benchmarks/bench_loop.py [--sizes tiny,large] [--repeats 3] [--steps 60] [--warmup 10]
+    python benchmarks/bench_loop.py --models gan,vae [--sizes tiny,large] ...
+
+With ``--models gan,vae`` the generative models run against a plain PyTorch loop of the same step:
+the GAN's two AdamW optimizers stepping in turn (discriminator, then generator, the other part
+frozen), the VAE's one (no hand-written DeepSpeed loop for them).
 
 Each loop runs in its own subprocess (so each peak RSS is its own); the loops alternate and repeat,
 and the median steady-state step time (after --warmup steps) is reported. The baselines iterate
@@ -32,13 +37,25 @@ SIZES = {
 }
 
 
-def _cfg(size: str, steps: int, run_dir: str, precision: str):
+GENERATIVE_SIZES = {
+    # tiny: the shipped tiny configs (32 x 32 digits); large: 64 x 64, 4x the feature maps
+    "tiny": [],
+    "large": ["model.image_size=64", "model.width=64", "train.micro_batch_size=32"],
+}
+
+
+def _cfg(size: str, steps: int, run_dir: str, precision: str, model: str = "gpt"):
     from distrain.config import load_config
 
+    config, sizes = (
+        (REPO / "configs" / "gpt-cpu-tiny.yaml", SIZES)
+        if model == "gpt"
+        else (REPO / "configs" / f"{model}-cpu-tiny.yaml", GENERATIVE_SIZES)
+    )
     return load_config(
-        REPO / "configs" / "gpt-cpu-tiny.yaml",
+        config,
         [
-            *SIZES[size],
+            *sizes[size],
             f"train.steps={steps}",
             f"train.log_every={LOG_EVERY}",
             "train.eval_every=0",
@@ -71,6 +88,8 @@ def _lr_lambda(cfg):
     def f(t: int) -> float:
         if t < w:
             return start + (1 - start) * t / w
+        if o.schedule == "constant":
+            return 1.0
         done = min((t - w + 1) / max(1, steps - w), 1.0)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
@@ -107,6 +126,47 @@ def run_plain(cfg, batches, warmup: int, compiled: bool = False) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         float(loss)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_plain_parts(cfg, batches, warmup: int) -> list[float]:
+    """The plain loop of a model of several parts (or with a state): one AdamW and LambdaLR per part
+    (the part's optim.<part> settings), the model's updates in turn, the other parts frozen, each
+    part's gradients clipped at its grad_clip."""
+    import torch
+
+    from distrain.models import build_parts, get_spec
+    from distrain.parallel.engine import param_groups
+
+    spec = get_spec(cfg.model.name)
+    parts = build_parts(cfg)
+    opts, scheds, clips = {}, {}, {}
+    for k, m in parts.items():
+        pc = cfg.for_part(k)
+        o = pc.optim
+        opts[k] = torch.optim.AdamW(param_groups(m, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        scheds[k] = torch.optim.lr_scheduler.LambdaLR(opts[k], _lr_lambda(pc))
+        clips[k] = pc.parallel.grad_clip
+    updates = spec.steps(cfg)
+    state = spec.state(cfg) if spec.state else None
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        for u in updates:
+            for k, m in parts.items():
+                m.requires_grad_(k == u.part)
+            loss = u.loss(parts, b, state)
+            loss.backward()
+            if clips[u.part] > 0:
+                torch.nn.utils.clip_grad_norm_(parts[u.part].parameters(), clips[u.part])
+            opts[u.part].step()
+            scheds[u.part].step()
+            opts[u.part].zero_grad(set_to_none=True)
+            float(loss)
+        if state is not None:
+            state.after_step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
@@ -177,19 +237,20 @@ def run_distrain(cfg, warmup: int) -> list[float]:
 
     run(cfg)
     recs = [json.loads(line) for line in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    el = [r["elapsed_s"] for r in recs if "loss" in r]
+    el = [r["elapsed_s"] for r in recs if "world_size" in r]  # the training records
     first = -(-warmup // LOG_EVERY)  # first window that starts after the warmup steps
     return [(b - a) / LOG_EVERY for a, b in zip(el[first - 1 : -1], el[first:], strict=True)]
 
 
 def child(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _cfg(args.size, args.steps, f"{tmp}/run", args.precision)
+        cfg = _cfg(args.size, args.steps, f"{tmp}/run", args.precision, args.model)
         if args.loop == "distrain":
             times = run_distrain(cfg, args.warmup)
         else:
             batches = _batches(cfg, args.steps)
-            times = (run_plain if args.loop == "plain" else run_deepspeed)(cfg, batches, args.warmup)
+            plain = run_plain if args.model == "gpt" else run_plain_parts
+            times = (plain if args.loop == "plain" else run_deepspeed)(cfg, batches, args.warmup)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         "RESULT "
@@ -214,6 +275,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--models", default="gpt", help="gpt, or generative models: gan,vae")
+    ap.add_argument("--model", default="gpt", help=argparse.SUPPRESS)
     ap.add_argument("--loop", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -221,6 +284,8 @@ def main() -> None:
         child(args)
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if args.models != "gpt":
+        return generative(args, env)
     rows = []
     for size in args.sizes.split(","):
         res: dict[str, list[dict]] = {"plain": [], "deepspeed": [], "distrain": []}
@@ -253,6 +318,38 @@ def main() -> None:
             f"| {size} | {med['plain'] * 1e3:.1f} | {med['deepspeed'] * 1e3:.1f} | {med['distrain'] * 1e3:.1f} | "
             f"{med['deepspeed'] / med['distrain']:.3f}x | {med['plain'] / med['distrain']:.3f}x | "
             f"{rss['plain']:.0f} / {rss['deepspeed']:.0f} / {rss['distrain']:.0f} |"
+        )
+
+
+def generative(args, env: dict) -> None:
+    """The generative models' rows: distrain against the plain loop of the same step."""
+    rows = []
+    for model in args.models.split(","):
+        for size in args.sizes.split(","):
+            res: dict[str, list[dict]] = {"plain": [], "distrain": []}
+            for _ in range(args.repeats):
+                for loop in res:
+                    cmd = [sys.executable, __file__, "--loop", loop, "--model", model, "--size", size]
+                    cmd += [
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--precision",
+                        args.precision,
+                    ]
+                    res[loop].append(child_result(cmd, env, f"{loop} {model} {size}"))
+            med = {k: statistics.median(r["step_s"] for r in v) for k, v in res.items()}
+            rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in res.items()}
+            rows.append((model, size, med, rss))
+    print(
+        f"| model | size ({args.precision}) | plain step ms | distrain step ms | distrain / plain (throughput) | peak RSS MiB plain / distrain |"
+    )
+    print("|---|---|---|---|---|---|")
+    for model, size, med, rss in rows:
+        print(
+            f"| {model} | {size} | {med['plain'] * 1e3:.1f} | {med['distrain'] * 1e3:.1f} | "
+            f"{med['plain'] / med['distrain']:.3f}x | {rss['plain']:.0f} / {rss['distrain']:.0f} |"
         )
 
 

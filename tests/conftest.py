@@ -122,14 +122,15 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``distrain ARGS`` as a user runs it, in this test's working directory."""
+def cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    """``distrain ARGS`` as a user runs it, in this test's working directory (or ``cwd``)."""
     return subprocess.run(
         [sys.executable, "-m", "distrain.cli", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
         timeout=timeout,
+        cwd=cwd,
     )
 
 
