@@ -100,7 +100,8 @@ class Scorer:
                 f"metrics.sample_scorer={run_dir}: not a classifier run with a checkpoint that verifies"
             )
         ckpt, manifest = found
-        model = build_parts(cfg)["model"]
+        with torch.random.fork_rng():  # the build seeds torch: training's stream is not touched
+            model = build_parts(cfg)["model"]
         model.load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]))
         self.model = model.to(device).eval()
         self.size, self.channels, self.classes = (
@@ -159,8 +160,9 @@ class Samples:
         self.originals = None
         if self.gen.reconstruct is not None and data is not None:
             batches = data.eval_batches()
-            if batches:
-                self.originals = batches[0]["images"][:16]
+            if batches:  # 16 held-out images spread over this rank's eval set (it is read in order)
+                images = torch.cat([b["images"] for b in batches])
+                self.originals = images[torch.linspace(0, len(images) - 1, 16).long()]
 
     @torch.no_grad()
     def decode(self, engines: dict[str, Any], z: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,7 @@ import sys
 
 import distrain.models.gpt as gpt
 from distrain.config import load_config
+from distrain.models import Update
 from distrain.train import run, setup
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
@@ -341,7 +342,7 @@ def poisoned(model, batch):  # rank 1's loss is NaN at steps 3 to 5
     return out * float("nan") if s.dist.rank == 1 and model.training and 3 <= calls[0] <= 5 else out
 
 
-s.trainer.spec = s.trainer.spec.__class__(**{**s.trainer.spec.__dict__, "loss": poisoned})
+s.trainer.updates = (Update("model", lambda parts, batch, state: poisoned(parts["model"], batch)),)
 run(cfg, s)
 """
 
