@@ -304,3 +304,30 @@ def test_a_nonfinite_discriminator_update_is_skipped_and_stops_naming_it(in_work
     assert [r["nonfinite_steps"] for r in recs] == [0, 0, 1, 2]
     assert [r["loss_discriminator"] is None for r in recs] == [False, False, True, True]
     assert all(r["loss_generator"] is not None for r in recs)  # the generator's update went on
+
+
+def test_gan_checkpoints_keep_the_newest_and_fall_back_past_a_corrupt_part(in_workdir, tmp_path):
+    """Retention counts whole checkpoints (every part's shards); a damaged generator shard in the
+    newest makes the resume fall back to the one before, which verifies."""
+    from distrain.checkpoint import list_checkpoints
+
+    over = ["train.steps=6", "train.eval_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+    run(_cfg(GAN, tmp_path / "run", *over))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step00000006", "step00000004"]
+    shard = root / "step00000006" / "generator" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    s = setup(_cfg(GAN, tmp_path / "run", *over, "train.steps=8"))
+    assert s.trainer.step == 4  # the newest that verifies
+    summary = run(s.cfg, s)
+    assert summary["status"] == "completed" and summary["step"] == 8
+
+
+def test_gan_records_count_flops_mfu_and_energy_for_both_parts(in_workdir, tmp_path):
+    cfg = _cfg(GAN, tmp_path / "run", "train.steps=4", "train.eval_every=0", "train.log_every=2")
+    run(cfg)
+    flops = sum(get_spec("gan").flops_by_part(cfg).values())
+    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    last = recs[-1]
+    assert last["flops_total"] == pytest.approx(flops * last["samples_total"])
+    assert all(r["mfu"] > 0 and r["energy_j"] > 0 for r in recs)
