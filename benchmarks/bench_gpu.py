@@ -11,6 +11,9 @@ Rows, each loop in its own process (so each peak memory is its own):
 - resnet50: bf16, channels_last, 224 px synthetic images (an ImageFolder of JPEGs written first),
   micro batch 128: distrain (reading and augmenting the files in DataLoader workers) against a plain
   loop over the same images decoded once into GPU memory. images/s.
+- gan, vae: the `gan-64-gpu` and `vae-64-gpu` shapes (64 px RGB, micro batch 128, bf16 autocast)
+  on the synthetic images: distrain (two engines for the GAN) against a plain loop of the same step
+  (one fused AdamW per part, the updates in turn, the other part frozen). images/s.
 - checkpoint: distrain's save (DeepSpeed shards + manifest + hashes) and load of the llama-1b ZeRO-0
   state against torch.save / torch.load of the plain loop's model and optimizer state.
 
@@ -54,6 +57,28 @@ SHAPES = {  # name: config, overrides (GPU), overrides (dry run on the CPU)
         [
             "model.depth=18",
             "model.image_size=32",
+            "train.micro_batch_size=4",
+            "data.num_workers=0",
+            "model.num_classes=10",
+        ],
+    ),
+    "gan": (
+        "gan-64-gpu.yaml",
+        ["train.micro_batch_size=128", "data.num_workers=12", "model.num_classes=10"],
+        [
+            "model.image_size=32",
+            "model.width=8",
+            "train.micro_batch_size=4",
+            "data.num_workers=0",
+            "model.num_classes=10",
+        ],
+    ),
+    "vae": (
+        "vae-64-gpu.yaml",
+        ["train.micro_batch_size=128", "data.num_workers=12", "model.num_classes=10"],
+        [
+            "model.image_size=32",
+            "model.width=8",
             "train.micro_batch_size=4",
             "data.num_workers=0",
             "model.num_classes=10",
@@ -141,14 +166,14 @@ def child_distrain(args) -> dict:
     s.tracker.log = log_with_energy
     s.trainer.train()
     recs = [json.loads(x) for x in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r][1:]  # the first window is warm-up
+    recs = [r for r in recs if "world_size" in r][1:]  # training records; the first window is warm-up
     rate_key = "tokens_per_s" if args.model == "llama" else "samples_per_s"
     out = {
         "rate": statistics.median(r[rate_key] for r in recs),
         "mfu": statistics.median(r["mfu"] for r in recs) if recs[0]["mfu"] is not None else None,
         "data_wait_pct": statistics.median(r["data_wait_pct"] for r in recs),
         "peak_mem_gib": _peak_mem_gib(args),
-        "loss": recs[-1]["loss"],
+        "loss": recs[-1].get("loss", recs[-1].get("loss_generator")),
     }
     if energy is not None and len(joules) > 2:
         out["j_per_step"] = (joules[-1] - joules[1]) / (args.window * (len(joules) - 2))
@@ -212,8 +237,76 @@ def _batches(cfg, n: int, dev) -> list[dict]:
     return out
 
 
+def child_plain_parts(args) -> dict:
+    """The plain loop of a model of several parts (or with a state): one fused AdamW per part, the
+    model's updates in turn under bf16 autocast, the other parts frozen."""
+    import torch
+
+    from distrain.models import build_parts, get_spec
+    from distrain.parallel.engine import channels_last, param_groups
+
+    dev = _device(args)
+    tmp = tempfile.mkdtemp(prefix="bench-gpu-", dir=args.scratch)
+    cfg = _cfg(args, args.model, f"{tmp}/run", [])
+    if not args.dry_run:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    n_distinct = min(args.steps, 8)
+    batches = _batches(cfg, n_distinct, dev)
+    spec = get_spec(cfg.model.name)
+    parts = {k: m.to(dev) for k, m in build_parts(cfg).items()}
+    if channels_last(cfg, dev):
+        parts = {k: m.to(memory_format=torch.channels_last) for k, m in parts.items()}
+    opts, clips = {}, {}
+    for k, m in parts.items():
+        pc = cfg.for_part(k)
+        o = pc.optim
+        opts[k] = torch.optim.AdamW(
+            param_groups(m, o.weight_decay),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            fused=dev.type == "cuda",
+        )
+        clips[k] = pc.parallel.grad_clip
+    state = spec.state(cfg) if spec.state else None
+    updates = spec.steps(cfg)
+    marks = []
+
+    def mark():
+        if not args.dry_run:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
+    mark()
+    for step in range(args.steps):
+        b = batches[step % n_distinct]
+        for u in updates:
+            for k, m in parts.items():
+                m.requires_grad_(k == u.part)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = u.loss(parts, b, state)
+            loss.backward()
+            if clips[u.part] > 0:
+                torch.nn.utils.clip_grad_norm_(parts[u.part].parameters(), clips[u.part])
+            opts[u.part].step()
+            opts[u.part].zero_grad(set_to_none=True)
+        if state is not None:
+            state.after_step()
+        if (step + 1) % args.window == 0:
+            mark()
+    per_window = [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]
+    step_s = statistics.median(per_window) / args.window
+    return {"rate": cfg.train.micro_batch_size / step_s, "mfu": None, "peak_mem_gib": _peak_mem_gib(args)}
+
+
 def child_plain(args) -> dict:
     import torch
+
+    from distrain.models import get_spec as _spec
+
+    if _spec(_cfg(args, args.model, tempfile.mkdtemp(dir=args.scratch), []).model.name).loss is None:
+        return child_plain_parts(args)
 
     from distrain.metrics.peak import gpu_peak_flops
     from distrain.models import build_model, get_spec
@@ -364,6 +457,10 @@ def table(card: str, rows: dict, command: str) -> str:
         ("llama distrain ZeRO 3", "tok/s", llama_plain),
         ("resnet plain", "img/s", resnet_plain),
         ("resnet distrain ZeRO 0", "img/s", resnet_plain),
+        ("gan plain", "img/s", rows["gan plain"]),
+        ("gan distrain ZeRO 1", "img/s", rows["gan plain"]),
+        ("vae plain", "img/s", rows["vae plain"]),
+        ("vae distrain ZeRO 2", "img/s", rows["vae plain"]),
     ):
         r = rows[key]
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
@@ -424,6 +521,10 @@ def main() -> None:
     rows |= {
         "resnet plain": _child(args, "plain", "resnet", []),
         "resnet distrain ZeRO 0": _child(args, "distrain", "resnet", ["--zero", "0"]),
+        "gan plain": _child(args, "plain", "gan", []),
+        "gan distrain ZeRO 1": _child(args, "distrain", "gan", ["--zero", "1"]),
+        "vae plain": _child(args, "plain", "vae", []),
+        "vae distrain ZeRO 2": _child(args, "distrain", "vae", ["--zero", "2"]),
     }
     card = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
     rows["meta"] = {
