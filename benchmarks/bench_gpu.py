@@ -38,6 +38,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+# the generative rows: the 64 px GPU configs on the synthetic images; a small 32 px shape for the dry run
+GENERATIVE = (
+    ["train.micro_batch_size=128", "data.num_workers=12", "model.num_classes=10"],
+    [
+        "model.image_size=32",
+        "model.width=8",
+        "train.micro_batch_size=4",
+        "data.num_workers=0",
+        "model.num_classes=10",
+    ],
+)
 SHAPES = {  # name: config, overrides (GPU), overrides (dry run on the CPU)
     "llama": (
         "gpt-1b-zero3.yaml",
@@ -64,25 +75,11 @@ SHAPES = {  # name: config, overrides (GPU), overrides (dry run on the CPU)
     ),
     "gan": (
         "gan-64-gpu.yaml",
-        ["train.micro_batch_size=128", "data.num_workers=12", "model.num_classes=10"],
-        [
-            "model.image_size=32",
-            "model.width=8",
-            "train.micro_batch_size=4",
-            "data.num_workers=0",
-            "model.num_classes=10",
-        ],
+        *GENERATIVE,
     ),
     "vae": (
         "vae-64-gpu.yaml",
-        ["train.micro_batch_size=128", "data.num_workers=12", "model.num_classes=10"],
-        [
-            "model.image_size=32",
-            "model.width=8",
-            "train.micro_batch_size=4",
-            "data.num_workers=0",
-            "model.num_classes=10",
-        ],
+        *GENERATIVE,
     ),
 }
 

@@ -35,6 +35,10 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
         "| llama distrain ZeRO 3 |",
         "| resnet plain |",
         "| resnet distrain ZeRO 0 |",
+        "| gan plain |",
+        "| gan distrain ZeRO 1 |",
+        "| vae plain |",
+        "| vae distrain ZeRO 2 |",
         "| distrain (DeepSpeed shards, manifest, sha256) |",
         "| torch.save / torch.load |",
     ):
@@ -47,6 +51,8 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
         ("llama distrain ZeRO 0", "llama plain"),
         ("llama distrain ZeRO 3", "llama plain"),
         ("resnet distrain ZeRO 0", "resnet plain"),
+        ("gan distrain ZeRO 1", "gan plain"),
+        ("vae distrain ZeRO 2", "vae plain"),
     ):
         rate, ratio = _rate_and_ratio(text, row)
         plain, _ = _rate_and_ratio(text, plain_row)
