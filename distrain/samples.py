@@ -14,6 +14,7 @@ confidence, and samples of every digit spread over the classes (log 10 = 2.30 at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ class Samples:
         self.mean, self.std = norm_stats(cfg)
         device = dist_info.device
         self.z = self.gen.latent(cfg, GRID, torch.Generator().manual_seed(cfg.run.seed)).to(device)
-        self.scorer = None
+        self.scorer, self.z_scored = None, None
         if cfg.metrics.sample_scorer:
             self.z_scored = self.gen.latent(cfg, SCORED, torch.Generator().manual_seed(cfg.run.seed + 1)).to(
                 device
@@ -164,24 +165,15 @@ class Samples:
                 images = torch.cat([b["images"] for b in batches])
                 self.originals = images[torch.linspace(0, len(images) - 1, 16).long()]
 
-    @torch.no_grad()
-    def decode(self, engines: dict[str, Any], z: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _eval(self, engines: dict[str, Any]):
+        """Every part's module in eval mode (BatchNorm's running statistics), without gradients."""
         modules = {k: e.module for k, e in engines.items()}
         for m in modules.values():
             m.eval()
         try:
-            return self.gen.decode(modules, z)
-        finally:
-            for m in modules.values():
-                m.train()
-
-    @torch.no_grad()
-    def _reconstructions(self, engines: dict[str, Any]) -> torch.Tensor:
-        modules = {k: e.module for k, e in engines.items()}
-        for m in modules.values():
-            m.eval()
-        try:
-            return self.gen.reconstruct(modules, self.originals.to(self.dist.device))
+            with torch.no_grad():
+                yield modules
         finally:
             for m in modules.values():
                 m.train()
@@ -189,10 +181,12 @@ class Samples:
     def write(self, engines: dict[str, Any], step: int) -> dict[str, float]:
         """Collective: the grid of this step (rank 0 writes it) and, with a scorer, the figures
         (rank 0's)."""
-        images = [self.decode(engines, self.z)]
-        if self.originals is not None:
-            images = [self.originals[:16], self._reconstructions(engines)[:16], *images]
-        scored = self.decode(engines, self.z_scored) if hasattr(self, "z_scored") else None
+        with self._eval(engines) as modules:
+            images = [self.gen.decode(modules, self.z)]
+            if self.originals is not None:
+                recon = self.gen.reconstruct(modules, self.originals.to(self.dist.device))
+                images = [self.originals, recon, *images]
+            scored = self.gen.decode(modules, self.z_scored) if self.z_scored is not None else None
         if not self.dist.is_main:
             return {}
         pixels = torch.cat([to_pixels(x, self.mean, self.std) for x in images])
