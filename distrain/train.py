@@ -95,6 +95,8 @@ def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: i
         "device": dist_info.device.type,
         "backend": dist_info.backend,
         "zero_stage": cfg.parallel.zero_stage,
+        "mesh": "dp {} x sp {} x tp {}".format(*dist_info.mesh),
+        "data_parallel": dist_info.dp_size,
         "precision": cfg.parallel.precision,
         "grad_accum": cfg.parallel.grad_accum,
         "global_batch": global_batch(cfg, dist_info.world_size),
@@ -114,11 +116,12 @@ def slurm_job() -> dict[str, Any]:
 
 def _announce(cfg: Config, run_dir, dist_info, topology: dict[str, Any], wandb_where: str) -> None:
     log.info(
-        "distrain: run %s | dir %s | world size %d on %d node(s) | device %s | model %s (%.2fM params) | ZeRO %d | %s | W&B %s",
+        "distrain: run %s | dir %s | world size %d on %d node(s), %s | device %s | model %s (%.2fM params) | ZeRO %d | %s | W&B %s",
         cfg.run.name,
         run_dir,
         dist_info.world_size,
         topology["nodes"],
+        topology["mesh"],
         dist_info.device,
         cfg.model.name,
         topology["params"] / 1e6,
@@ -157,17 +160,30 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
     run_dir = cfg.run.run_dir.resolve()
     on_cuda = dist_info.device.type == "cuda"
     pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
-    data = DataPipeline(cfg, dist_info.rank, dist_info.world_size, pin_memory=pin)
+    # keyed by the data-parallel rank: the ranks of one sequence- or tensor-parallel group share a batch
+    data = DataPipeline(cfg, dist_info.dp_rank, dist_info.dp_size, pin_memory=pin)
     spec = get_spec(cfg.model.name)
     parts = build_parts(cfg)  # seeded by run.seed: identical on every rank
-    torch.manual_seed(cfg.run.seed + dist_info.rank)  # dropout and latents differ per rank
+    # dropout and latents differ per rank; the ranks of a tensor-parallel group, which compute
+    # the same activations outside the split layers, draw the same
+    torch.manual_seed(cfg.run.seed + dist_info.rank // cfg.parallel.tensor_parallel)
     n_params = sum(p.numel() for m in parts.values() for p in m.parameters())
+    sequence = None
+    if cfg.parallel.sequence_parallel > 1:
+        from distrain.parallel.sequence import SequenceParallel
+
+        sequence = SequenceParallel(cfg, parts["model"])
     refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
     plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
     universal = bool(plan and "universal" in plan)
     engines = {  # one engine per part, each with its own optimizer, schedule and clipping
         name: build_engine(
-            cfg.for_part(name), m, dist_info.world_size, dist_info.device, load_universal=universal
+            cfg.for_part(name),
+            m,
+            dist_info.world_size,
+            dist_info.device,
+            load_universal=universal,
+            mpu=sequence.mpu if sequence is not None else None,
         )
         for name, m in parts.items()
     }
@@ -224,6 +240,7 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
         callbacks,
         model_state,
         samples,
+        sequence,
     )
     _announce(cfg, run_dir, dist_info, topology, tracker.wandb_where)
     return Session(cfg, dist_info, engines, data, meters, tracker, checkpointer, trainer, workers)
@@ -232,10 +249,12 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
 def _check_replicas(s: Session) -> dict[str, Any]:
     digest = params_digest(s.engines)
     digests = s.dist.comm.gather(digest)
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    group = len(digests) // s.dist.dp_size  # a tensor-parallel rank holds its own shards
+    differ = [r for r, d in enumerate(digests) if d != digests[r % group]]
     if differ:
         raise RuntimeError(
-            f"train.check_replicas: the parameters of rank(s) {differ} differ from rank 0's after training"
+            f"train.check_replicas: the parameters of rank(s) {differ} differ from their replica's in "
+            f"the first data-parallel group (ranks 0-{group - 1}) after training"
         )
     return {"replicas_identical": True, "params_sha256": digest}
 

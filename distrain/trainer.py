@@ -18,7 +18,7 @@ from distrain.config import Config
 from distrain.data import ERROR_KINDS, DataError, DataPipeline, to_device
 from distrain.errors import UserError
 from distrain.metrics import Meters
-from distrain.models import get_spec
+from distrain.models import Update, get_spec
 from distrain.parallel import DistInfo
 from distrain.parallel.engine import Frozen, channels_last, plain_torch_optimizer
 from distrain.tracking import Tracker
@@ -165,6 +165,7 @@ class Trainer:
         on_checkpoint: list[Callable[[int, Any], None]] | tuple = (),
         model_state: Any = None,
         samples: Any = None,
+        sequence: Any = None,
     ):
         self.cfg, self.engines, self.data, self.dist = cfg, dict(engines), data, dist_info
         self.progress, self.meters, self.tracker, self.checkpointer = progress, meters, tracker, checkpointer
@@ -176,6 +177,9 @@ class Trainer:
         self.spec = get_spec(cfg.model.name)
         self.updates = self.spec.steps(cfg)
         self.eval_figures = self.spec.eval_figures(cfg)
+        if sequence is not None:  # ``SequenceParallel``: its slice of each batch, the group's loss
+            self.updates = (Update("model", sequence.loss),)
+            self.eval_figures = lambda parts, batch, state: {"loss": sequence.loss(parts, batch, state)}
         self.stop_reason: str | None = None
         self.watch = StopWatch(cfg.run.run_dir) if dist_info.is_main else None
         self._eval_n: int | None = None  # eval micro-batches per rank, agreed at the first eval

@@ -37,6 +37,9 @@ class ModelSection(Section):
     overrides ``optim`` for one of several."""
     zero3: ClassVar[str | None] = None
     """Why ``parallel.zero_stage=3`` cannot train this model (None: it can)."""
+    splits: ClassVar[str | None] = "it has no attention heads to split"
+    """Why ``parallel.sequence_parallel``/``tensor_parallel`` cannot split this model (None: they
+    can; the model's ``check`` holds its own rules on heads and lengths)."""
 
     name: str = Field(..., description="Which registered model.")
     init_from: str | None = Field(
@@ -331,6 +334,16 @@ class ParallelConfig(Section):
     channels_last: bool | None = Field(
         None,
         description="NHWC memory format for CNN weights and inputs (unset: on for image models on CUDA).",
+    )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Ulysses sequence parallelism (DeepSpeed ALST): each sequence is split over this many ranks, which trade attention heads by all-to-all; divides activations by it (model.name=gpt).",
+    )
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="Tensor parallelism (DeepSpeed AutoTP): each layer's weights are split over this many ranks; divides weights, gradients and optimizer states by it (model.name=gpt, arch=llama, zero_stage <= 2).",
     )
     compile: bool = Field(
         False,
@@ -634,11 +647,13 @@ class Config(Section):
         if p.offload_optimizer and p.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (got 0)")
         self._check_parts()
+        self._check_splits()
         self.model.check(self)
+        group = p.sequence_parallel * p.tensor_parallel
         if self.cluster.elastic:
             check_sizes(self)
-        else:
-            check_topology(self, self.cluster.workers)
+        elif group == 1 or "workers" in self.cluster.model_fields_set:
+            check_topology(self, self.cluster.workers)  # else the launch checks its world size
         return self
 
     def _check_parts(self) -> None:
@@ -668,6 +683,31 @@ class Config(Section):
                 f"parallel.zero_stage=3 cannot train model.name={m.name}: {m.zero3}; use 0, 1 or 2"
             )
 
+    def _check_splits(self) -> None:
+        p, m = self.parallel, self.model
+        for key, n in (("sequence_parallel", p.sequence_parallel), ("tensor_parallel", p.tensor_parallel)):
+            if n > 1 and m.splits:
+                raise ValueError(
+                    f"parallel.{key}={n} cannot split model.name={m.name}: {m.splits}; set parallel.{key}=1"
+                )
+        if p.sequence_parallel > 1 and p.tensor_parallel > 1:
+            raise ValueError(
+                f"parallel.sequence_parallel={p.sequence_parallel} with parallel.tensor_parallel={p.tensor_parallel}: "
+                "DeepSpeed's Ulysses groups and AutoTP groups do not compose in one engine; use one of them "
+                "(ZeRO shards the rest over the data-parallel ranks)"
+            )
+        if p.tensor_parallel > 1 and self.optim.fused:
+            raise ValueError(
+                f"optim.fused=true with parallel.tensor_parallel={p.tensor_parallel}: AutoTP shards the layers inside "
+                "deepspeed.initialize, so DeepSpeed builds the optimizer over the shards; drop optim.fused"
+            )
+        if p.tensor_parallel > 1 and p.zero_stage == 3:
+            raise ValueError(
+                f"parallel.tensor_parallel={p.tensor_parallel} runs at parallel.zero_stage 0, 1 or 2 (DeepSpeed's "
+                "AutoTP training does not shard parameters with ZeRO 3); set parallel.zero_stage=2, or "
+                "parallel.tensor_parallel=1 to shard the layers with ZeRO 3 instead"
+            )
+
     def for_part(self, part: str) -> Config:
         """The config one part's engine is built from: ``optim`` with ``optim.<part>`` over it, and
         its ``grad_clip`` as ``parallel.grad_clip`` (the config itself for a part without overrides)."""
@@ -682,8 +722,33 @@ class Config(Section):
         return self.model_copy(update={"optim": optim, "parallel": parallel})
 
 
+def mesh(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(dp, sp, tp) with dp x sp x tp = world size; refuses a world size that sp x tp does not
+    divide. The ranks of one sequence- or tensor-parallel group are consecutive (DeepSpeed's
+    groups), so a rank's data-parallel rank is rank // (sp x tp)."""
+    sp, tp = cfg.parallel.sequence_parallel, cfg.parallel.tensor_parallel
+    if world_size % (sp * tp):
+        raise TopologyError(
+            f"world size {world_size} is not divisible by parallel.sequence_parallel={sp} x "
+            f"parallel.tensor_parallel={tp} = {sp * tp}: the ranks form groups of {sp * tp}; run on a "
+            f"multiple of {sp * tp} ranks, or lower parallel.sequence_parallel / parallel.tensor_parallel"
+        )
+    return world_size // (sp * tp), sp, tp
+
+
+def mesh_line(cfg: Config, world_size: int) -> str:
+    dp, sp, tp = mesh(cfg, world_size)
+    return f"mesh dp {dp} x sp {sp} x tp {tp} = {world_size} rank(s)"
+
+
+def dp_size(cfg: Config, world_size: int) -> int:
+    """Data-parallel replicas at ``world_size`` ranks: the ranks of one SP or TP group share a batch."""
+    return mesh(cfg, world_size)[0]
+
+
 def global_batch(cfg: Config, world_size: int) -> int:
-    return cfg.train.micro_batch_size * cfg.parallel.grad_accum * world_size
+    """Samples per optimizer step: micro batch x grad_accum x data-parallel size."""
+    return cfg.train.micro_batch_size * cfg.parallel.grad_accum * dp_size(cfg, world_size)
 
 
 def elastic_global_batch(cfg: Config) -> int:
@@ -691,21 +756,29 @@ def elastic_global_batch(cfg: Config) -> int:
     or micro batch x parallel.grad_accum x the range's max."""
     if cfg.train.global_batch_size is not None:
         return cfg.train.global_batch_size
-    return cfg.train.micro_batch_size * cfg.parallel.grad_accum * cfg.cluster.max_workers
+    group = cfg.parallel.sequence_parallel * cfg.parallel.tensor_parallel
+    return cfg.train.micro_batch_size * cfg.parallel.grad_accum * max(1, cfg.cluster.max_workers // group)
 
 
 def size_problem(cfg: Config, world_size: int, partitions: int | None = None) -> str | None:
-    """Why an elastic job cannot train on ``world_size`` workers, or None: the global batch must be
-    micro batch x a whole grad_accum x world size, and the data partitions divide among the ranks
-    (at least data.num_workers each)."""
+    """Why an elastic job cannot train on ``world_size`` workers, or None: sp x tp divides it, the
+    global batch is micro batch x a whole grad_accum x the data-parallel size, and the data
+    partitions divide among the data-parallel ranks (at least data.num_workers each)."""
     want, micro = elastic_global_batch(cfg), cfg.train.micro_batch_size
     k = partitions if partitions is not None else cfg.data.partitions
-    if want % (micro * world_size):
-        return f"{want} samples are not micro batch {micro} x a whole grad_accum x {world_size}"
-    if k is not None and k % world_size:
-        return f"data.partitions={k} is not divisible by {world_size}"
-    if k is not None and cfg.data.engine == "torch" and cfg.data.num_workers > k // world_size:
-        return f"each rank would read {k // world_size} partitions, fewer than data.num_workers={cfg.data.num_workers}"
+    group = cfg.parallel.sequence_parallel * cfg.parallel.tensor_parallel
+    if world_size % group:
+        return f"{world_size} is not divisible by sequence_parallel x tensor_parallel = {group}"
+    dp = world_size // group
+    of = f"{dp} data-parallel ranks" if group > 1 else f"{dp}"
+    if want % (micro * dp):
+        return f"{want} samples are not micro batch {micro} x a whole grad_accum x {of}"
+    if k is not None and k % dp:
+        return f"data.partitions={k} is not divisible by {of}"
+    if k is not None and cfg.data.engine == "torch" and cfg.data.num_workers > k // dp:
+        return (
+            f"each rank would read {k // dp} partitions, fewer than data.num_workers={cfg.data.num_workers}"
+        )
     return None
 
 
@@ -729,7 +802,7 @@ def sized_for(cfg: Config, world_size: int) -> Config:
     why = size_problem(cfg, world_size)
     if why:
         raise TopologyError(f"cluster.workers: this job cannot train on {world_size} workers: {why}")
-    accum = elastic_global_batch(cfg) // (cfg.train.micro_batch_size * world_size)
+    accum = elastic_global_batch(cfg) // (cfg.train.micro_batch_size * dp_size(cfg, world_size))
     return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": accum})})
 
 
@@ -790,24 +863,32 @@ def check_sizes(cfg: Config, partitions: int | None = None) -> list[int]:
 
 
 def check_topology(cfg: Config, world_size: int) -> None:
-    """Refuse a batch layout that does not multiply out, printing every factor."""
+    """Refuse a mesh or batch layout that does not multiply out, printing every factor."""
+    dp, sp, tp = mesh(cfg, world_size)
     want = cfg.train.global_batch_size
     have = global_batch(cfg, world_size)
     k = cfg.data.partitions
-    if k is not None and k % world_size:
+    ranks = f"the {dp} data-parallel ranks ({mesh_line(cfg, world_size)})" if dp != world_size else ""
+    if k is not None and k % dp:
         raise TopologyError(
-            f"data.partitions={k} is not divisible by the world size {world_size}: each rank reads data.partitions / "
-            f"world size partitions; set data.partitions to a multiple of {world_size}"
+            f"data.partitions={k} is not divisible by "
+            + (ranks or f"the world size {world_size}")
+            + f": each data-parallel rank reads data.partitions / {dp} partitions; set data.partitions to a multiple of {dp}"
         )
     if want is not None and want != have:
-        per = cfg.train.micro_batch_size * world_size
+        per = cfg.train.micro_batch_size * dp
         hint = (
             f"set parallel.grad_accum={want // per}"
             if want % per == 0
-            else "pick train.global_batch_size divisible by micro_batch_size x workers"
+            else "pick train.global_batch_size divisible by micro_batch_size x data-parallel ranks"
+        )
+        size = (
+            f"data-parallel size {dp} ({mesh_line(cfg, world_size)})"
+            if dp != world_size
+            else f"world size {world_size}"
         )
         raise TopologyError(
             f"train.global_batch_size={want} but train.micro_batch_size={cfg.train.micro_batch_size} x "
-            f"parallel.grad_accum={cfg.parallel.grad_accum} x world size {world_size} = {have}; {hint}, "
+            f"parallel.grad_accum={cfg.parallel.grad_accum} x {size} = {have}; {hint}, "
             "or drop train.global_batch_size"
         )

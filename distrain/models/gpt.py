@@ -29,6 +29,7 @@ _GPT_PRESETS: dict[str, dict[str, int]] = {
 
 class GPTModelConfig(ModelSection):
     activation_checkpointing: ClassVar[bool] = True
+    splits: ClassVar[str | None] = None
 
     name: Literal["gpt"] = Field(
         "gpt", description="Decoder-only causal LM built by transformers from a config (random init)."
@@ -89,6 +90,69 @@ class GPTModelConfig(ModelSection):
         if cfg.data.seq_len > max_len:
             raise ValueError(
                 f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({max_len}); raise model.max_seq_len or lower data.seq_len"
+            )
+        self._check_sequence_parallel(cfg)
+        self._check_tensor_parallel(cfg)
+
+    def _check_sequence_parallel(self, cfg) -> None:
+        """Ulysses trades the sequence for attention heads: every rank of the group attends over the
+        whole sequence with n_head / sp of the heads, on seq_len / sp tokens of it elsewhere."""
+        sp, T = cfg.parallel.sequence_parallel, cfg.data.seq_len
+        if sp == 1:
+            return
+        key = f"parallel.sequence_parallel={sp}"
+        if self.arch != "llama":
+            raise ValueError(
+                f"{key}: model.arch={self.arch} cannot be split by DeepSpeed's Ulysses attention (it hands back "
+                "the Llama-family attention layout, which GPT-2's attention does not take); set model.arch=llama, "
+                "or use ZeRO 3 and parallel.activation_checkpointing for long GPT-2 sequences"
+            )
+        if self.n_head % sp:
+            raise ValueError(
+                f"{key}: model.n_head={self.n_head} is not divisible by it (each rank attends with n_head / sp heads); "
+                f"pick a divisor of {self.n_head}"
+            )
+        kv = self.n_kv_head
+        if kv % sp and sp % kv:
+            raise ValueError(
+                f"{key}: model.n_kv_head={kv} neither divides it nor is divisible by it (key/value heads are split, "
+                "or replicated, over the group); pick sp dividing n_kv_head, or a multiple of it"
+            )
+        if T % sp:
+            raise ValueError(
+                f"{key}: data.seq_len={T} is not divisible by it (each rank holds seq_len / sp tokens); "
+                f"set data.seq_len to a multiple of {sp}"
+            )
+
+    def _check_tensor_parallel(self, cfg) -> None:
+        """AutoTP splits q/k/v/gate/up by columns and o/down by rows, following the key/value heads."""
+        p = cfg.parallel
+        tp = p.tensor_parallel
+        if tp == 1:
+            return
+        key = f"parallel.tensor_parallel={tp}"
+        if self.arch != "llama":
+            raise ValueError(
+                f"{key}: model.arch={self.arch} cannot be split by DeepSpeed's AutoTP training (GPT-2's fused "
+                "Conv1D attention has no tensor-parallel plan); set model.arch=llama, or use "
+                "parallel.sequence_parallel or ZeRO 3 for GPT-2"
+            )
+        for name, n in (("n_head", self.n_head), ("n_kv_head", self.n_kv_head), ("d_ff", self.d_ff)):
+            if n % tp:
+                raise ValueError(
+                    f"{key}: model.{name}={n} is not divisible by it (each rank holds {name} / tp of every layer); "
+                    f"pick a tensor_parallel that divides {n}"
+                )
+        if self.tie_embeddings and self.vocab_size % tp:
+            raise ValueError(
+                f"{key}: model.vocab_size={self.vocab_size} is not divisible by it (the tied embedding and LM head are "
+                f"split by vocabulary rows); set model.vocab_size to a multiple of {tp}"
+            )
+        if p.zero_stage == 0:
+            raise ValueError(
+                f"{key} needs parallel.zero_stage 1 or 2: a tensor-parallel checkpoint is merged (for export and for "
+                "a resume at another tensor_parallel) through DeepSpeed's universal format, which reads the ZeRO "
+                "optimizer files that ZeRO 0 does not write; set parallel.zero_stage=1"
             )
 
 

@@ -14,6 +14,9 @@ Its cost is the same as the mixed backend's: one gloo connection to every other 
 
 Every call is collective: all ranks make the same calls in the same order. On one process each is
 a plain local operation.
+
+One exception rides a device group: ``device_sum``, the per-micro-batch sums of a sequence-parallel
+loss, which stay on the device (no sync on the hot path) on the group DeepSpeed built for them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def device_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """The element-wise sum of a device tensor over ``group`` (one of DeepSpeed's groups, of the
+    default backend: NCCL on CUDA, gloo on the CPU), out of place and outside autograd."""
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
 
 
 class HostComm:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distrain.config import Config, check_topology
+from distrain.config import Config, check_topology, mesh
 from distrain.errors import TopologyError
 from distrain.parallel.collectives import HostComm
 
@@ -30,10 +30,26 @@ class DistInfo:
     device: torch.device
     backend: str  # the default group's (DeepSpeed's collectives); distrain's own run on ``comm``
     comm: HostComm
+    mesh: tuple[int, int, int] = (1, 1, 1)  # (dp, sp, tp): dp x sp x tp = world_size
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the ranks of one sequence- or tensor-parallel group share a batch."""
+        return self.mesh[0]
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel rank (DeepSpeed's groups are runs of sp x tp consecutive ranks)."""
+        return self.rank // (self.mesh[1] * self.mesh[2])
+
+    @property
+    def group_rank(self) -> int:
+        """This rank's place in its sequence- or tensor-parallel group (0 without one)."""
+        return self.rank % (self.mesh[1] * self.mesh[2])
 
 
 def check_device(cfg: Config) -> str:
@@ -154,4 +170,5 @@ def init_distributed(cfg: Config) -> DistInfo:
         device=dev,
         backend=backend,
         comm=HostComm.create(),
+        mesh=mesh(cfg, world),
     )

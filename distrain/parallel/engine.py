@@ -74,8 +74,8 @@ def fused_optimizer(cfg: Config, device: torch.device) -> bool:
     where DeepSpeed steps a plain torch optimizer (ZeRO 0 in fp32 or autocast): its ``found_inf``
     skips a non-finite step on the device (``train.on_nonfinite``). Never with offloaded optimizer
     states (ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam)."""
-    if cfg.parallel.offload_optimizer:
-        return False
+    if cfg.parallel.offload_optimizer or cfg.parallel.tensor_parallel > 1:
+        return False  # AutoTP builds its shards inside deepspeed.initialize: DeepSpeed builds the optimizer
     if cfg.optim.fused is not None:
         return cfg.optim.fused
     return device.type == "cuda" or plain_torch_optimizer(cfg)
@@ -105,7 +105,9 @@ def build_ds_config(
     p, o, t = cfg.parallel, cfg.optim, cfg.train
     torch_adam = not p.offload_optimizer  # ZeRO-Offload: DeepSpeed's CPU Adam steps the CPU states
     ds: dict[str, Any] = {
-        "train_batch_size": global_batch(cfg, world_size),
+        # DeepSpeed counts AutoTP ranks as data-parallel in this check (its config sees no mpu for
+        # them), the Ulysses ranks not (it sees the sequence-parallel mpu)
+        "train_batch_size": global_batch(cfg, world_size) * p.tensor_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": p.grad_accum,
         # DeepSpeed's own default is 1.0: always write it; 0 where distrain clips (plain_torch_optimizer)
@@ -127,6 +129,12 @@ def build_ds_config(
         "scheduler": _scheduler(cfg),
         "zero_optimization": {"stage": p.zero_stage},
     }
+    if p.sequence_parallel > 1:
+        ds["sequence_parallel_size"] = p.sequence_parallel
+        if p.zero_stage == 3:  # the path whose averaging ``SequenceParallel`` compensates
+            ds["zero_optimization"]["reduce_scatter"] = True
+    if p.tensor_parallel > 1:
+        ds["tensor_parallel"] = {"autotp_size": p.tensor_parallel}
     if client_optimizer:
         del ds["optimizer"]
     if p.offload_optimizer:
@@ -159,10 +167,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_engine(
-    cfg: Config, model: nn.Module, world_size: int, device: torch.device, load_universal: bool = False
+    cfg: Config,
+    model: nn.Module,
+    world_size: int,
+    device: torch.device,
+    load_universal: bool = False,
+    mpu: Any = None,
 ):
     """Wrap ``model`` in a DeepSpeed engine for ``device``; returns the engine (optimizer and
-    schedule inside)."""
+    schedule inside). ``mpu``: the sequence-parallel groups (``SequenceParallel.mpu``); AutoTP
+    (``parallel.tensor_parallel``) is DeepSpeed's own, from the ds_config."""
     import deepspeed
 
     if channels_last(cfg, device):
@@ -176,7 +190,7 @@ def build_engine(
     optimizer = _client_optimizer(cfg, model) if fused else None
     params = None if fused else param_groups(model, cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
     if cfg.parallel.compile:
