@@ -365,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.config_command == "reference":
                 sys.stdout.write(reference_markdown())
                 return EXIT_OK
+            from distrain.config import mesh_summary
+
             cfg = load_config(args.config, args.overrides)
             if args.config_command == "show":
                 sys.stdout.write(to_yaml(cfg))
             else:
                 print(f"{args.config}: valid")
+                print(mesh_summary(cfg))
                 if cfg.cluster.elastic:
                     from distrain.config import elastic_layouts
 

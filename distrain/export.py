@@ -37,6 +37,32 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tens
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def universal_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from one part of a DeepSpeed universal checkpoint (``to_universal``), whose
+    conversion merged the tensor-parallel shards: ``zero/<name>/fp32.pt`` per parameter."""
+    sd = {}
+    for d in sorted((folder / "zero").iterdir()):
+        if (d / "fp32.pt").is_file():
+            sd[d.name] = torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"].float()
+    return sd
+
+
+def checkpoint_weights(ckpt: Path, manifest: dict, cfg) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of the part ``cfg``'s model exports (``part_dir``) from a verified
+    checkpoint: consolidated over ZeRO's partitions, and over AutoTP's shards (through the
+    universal format, converted once beside the checkpoint)."""
+    if cfg.parallel.tensor_parallel > 1:
+        from distrain.checkpoint import to_universal
+
+        spec = get_spec(cfg.model.name)
+        universal = to_universal(ckpt, spec.parts)
+        sd = universal_state_dict(universal / part_dir(ckpt, cfg).name)
+        if getattr(cfg.model, "tie_embeddings", False):  # the conversion keeps one vocabulary shard of the
+            sd.pop("lm_head.weight", None)  # tied head's second name; the embedding is whole, and is the head
+        return sd
+    return consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"])
+
+
 def part_dir(ckpt: Path, cfg) -> Path:
     """The DeepSpeed shards a model exports: a generative model's generator (or the part that holds
     its decoder), else its one part."""
@@ -124,7 +150,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, step: int | None = No
         raise ConfigError(
             f"--format {fmt} exports {what} (model.name={need}); {cfg.model.name} exports as {other}"
         )
-    sd = consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"])
+    sd = checkpoint_weights(ckpt, manifest, cfg)
     gen = get_spec(cfg.model.name).generative
     if gen is not None and gen.export_prefix:  # the decoder of an autoencoder
         sd = {k[len(gen.export_prefix) :]: v for k, v in sd.items() if k.startswith(gen.export_prefix)}

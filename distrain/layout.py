@@ -21,7 +21,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrain.config import Config, check_sizes, check_topology, elastic_layouts, global_batch
+from distrain.config import (
+    Config,
+    check_sizes,
+    check_topology,
+    dp_size,
+    elastic_layouts,
+    global_batch,
+    mesh,
+    mesh_line,
+)
 from distrain.errors import ConfigError, TopologyError
 
 
@@ -85,6 +94,10 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
     given, saved = cfg.data.partitions, None
     if run_dir:  # a resume takes the partitions the run recorded
         cfg, saved = check_launch(cfg.run.run_dir.resolve(), cfg)
+    for n in sizes:
+        mesh(cfg, n)  # sp x tp divides every size
+    worlds = sizes
+    sizes = sorted({dp_size(cfg, n) for n in sizes})  # the data is read by the data-parallel ranks
     recorded = given is None and cfg.data.partitions is not None
     pipe = DataPipeline(cfg, 0, 1) if cfg.data.partitions else None
     if pipe is None:
@@ -104,11 +117,12 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
             f"in {cfg.run.run_dir}), and {', '.join(map(str, bad[:6]))} rank(s) do not divide it: this run resumes on "
             f"{', '.join(map(str, divisors(k)))} ranks; launch it on one of them, or start a new run (another run.dir)"
         )
-    if cfg.cluster.elastic and len(sizes) > 1:
+    if cfg.cluster.elastic and len(worlds) > 1:
         check_sizes(cfg, k)
     else:
+        for w in worlds:
+            check_topology(cfg, w)
         for n in sizes:
-            check_topology(cfg, n)
             if cfg.data.engine == "torch" and cfg.data.num_workers > k // n:
                 raise ConfigError(
                     f"data.num_workers={cfg.data.num_workers} but each of {n} ranks reads data.partitions / "
@@ -147,12 +161,15 @@ def preflight(cfg: Config, sizes: list[int], origin: str) -> tuple[Config, list[
         batch = elastic_layouts(cfg, layout.partitions)
     else:
         n = sizes[0]
-        batch = f"global batch {global_batch(cfg, n)}: {n} rank(s) x micro batch {micro} x grad_accum {cfg.parallel.grad_accum}"
+        dp = dp_size(cfg, n)
+        of = f"{dp} data-parallel rank(s)" if dp != n else f"{n} rank(s)"
+        batch = f"global batch {global_batch(cfg, n)}: {of} x micro batch {micro} x grad_accum {cfg.parallel.grad_accum}"
     run_dir = cfg.run.run_dir.resolve()
     resume = cfg.checkpoint.resume and (run_dir / "checkpoints").is_dir()
     return cfg, [
         f"run dir {run_dir} ({'resume' if resume else 'new run'})",
         f"ranks: {', '.join(map(str, sizes[:8]))}{' ...' if len(sizes) > 8 else ''} ({origin}); {batch}",
+        "; ".join(mesh_line(cfg, n) for n in sizes[:4]) + (" ..." if len(sizes) > 4 else ""),
         layout.line(),
         "checks passed: config, run directory, data paths and classes, batch layout and data partitions at every size",
     ]

@@ -90,7 +90,7 @@ class Scorer:
         from distrain.checkpoint import newest_valid
         from distrain.config import load_config
         from distrain.data.vision import norm_stats
-        from distrain.export import consolidated_state_dict, part_dir
+        from distrain.export import checkpoint_weights
         from distrain.models import build_parts
 
         run_dir = Path(run_dir)
@@ -103,7 +103,7 @@ class Scorer:
         ckpt, manifest = found
         with torch.random.fork_rng():  # the build seeds torch: training's stream is not touched
             model = build_parts(cfg)["model"]
-        model.load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]))
+        model.load_state_dict(checkpoint_weights(ckpt, manifest, cfg))
         self.model = model.to(device).eval()
         self.size, self.channels, self.classes = (
             cfg.model.image_size,
@@ -202,7 +202,7 @@ def draw(run_dir: str | Path, out: str | Path, step: int | None = None, n: int =
     the latents drawn from ``seed``."""
     from distrain.config import load_config
     from distrain.data.vision import norm_stats
-    from distrain.export import _checkpoint, consolidated_state_dict, part_dir
+    from distrain.export import _checkpoint, checkpoint_weights
     from distrain.models import build_parts, get_spec
 
     run_dir = Path(run_dir)
@@ -215,7 +215,7 @@ def draw(run_dir: str | Path, out: str | Path, step: int | None = None, n: int =
     ckpt, manifest = _checkpoint(run_dir, step)
     parts = build_parts(cfg)
     part = spec.generative.export_part
-    parts[part].load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]))
+    parts[part].load_state_dict(checkpoint_weights(ckpt, manifest, cfg))
     for m in parts.values():
         m.eval()
     with torch.no_grad():
@@ -233,7 +233,7 @@ def continue_text(
     checkpoint (sampled at temperature 1 from ``seed``)."""
     from distrain.config import load_config
     from distrain.data.tokenizer import load_tokenizer
-    from distrain.export import _checkpoint, consolidated_state_dict, part_dir
+    from distrain.export import _checkpoint, checkpoint_weights
     from distrain.models import build_parts
 
     run_dir = Path(run_dir)
@@ -244,7 +244,7 @@ def continue_text(
         )
     ckpt, manifest = _checkpoint(run_dir, step)
     model = build_parts(cfg)["model"]
-    model.load_state_dict(consolidated_state_dict(part_dir(ckpt, cfg), manifest["zero_stage"]), strict=False)
+    model.load_state_dict(checkpoint_weights(ckpt, manifest, cfg), strict=False)
     model.eval()
     tok = load_tokenizer(cfg.data.tokenizer)
     ids = torch.tensor([list(tok.encode(prompt))] * n, dtype=torch.long)

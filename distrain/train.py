@@ -183,7 +183,6 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
             dist_info.world_size,
             dist_info.device,
             load_universal=universal,
-            mpu=sequence.mpu if sequence is not None else None,
         )
         for name, m in parts.items()
     }

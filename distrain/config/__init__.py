@@ -24,6 +24,7 @@ from distrain.config.schema import (
     global_batch,
     mesh,
     mesh_line,
+    mesh_summary,
     sized_for,
 )
 from distrain.errors import ConfigError, TopologyError
@@ -45,6 +46,7 @@ __all__ = [
     "global_batch",
     "mesh",
     "mesh_line",
+    "mesh_summary",
     "load_config",
     "parse_override",
     "reference_markdown",

@@ -652,8 +652,8 @@ class Config(Section):
         group = p.sequence_parallel * p.tensor_parallel
         if self.cluster.elastic:
             check_sizes(self)
-        elif group == 1 or "workers" in self.cluster.model_fields_set:
-            check_topology(self, self.cluster.workers)  # else the launch checks its world size
+        elif self.cluster.workers % group == 0:
+            check_topology(self, self.cluster.workers)  # else a launch checks the world size it has
         return self
 
     def _check_parts(self) -> None:
@@ -739,6 +739,19 @@ def mesh(cfg: Config, world_size: int) -> tuple[int, int, int]:
 def mesh_line(cfg: Config, world_size: int) -> str:
     dp, sp, tp = mesh(cfg, world_size)
     return f"mesh dp {dp} x sp {sp} x tp {tp} = {world_size} rank(s)"
+
+
+def mesh_summary(cfg: Config) -> str:
+    """The mesh at cluster.workers (each end of an elastic range), or, where sp x tp does not divide
+    it (a torchrun launch sets its own world size), the group size every world size must divide by."""
+    group = cfg.parallel.sequence_parallel * cfg.parallel.tensor_parallel
+    sizes = sorted({cfg.cluster.min_workers, cfg.cluster.max_workers})
+    if all(n % group == 0 for n in sizes):
+        return "; ".join(mesh_line(cfg, n) for n in sizes)
+    return (
+        f"mesh dp x sp {cfg.parallel.sequence_parallel} x tp {cfg.parallel.tensor_parallel}: runs on a multiple of "
+        f"{group} ranks (cluster.workers={cfg.cluster.workers} is not one: set it for a Ray launch)"
+    )
 
 
 def dp_size(cfg: Config, world_size: int) -> int:

@@ -134,8 +134,8 @@ class GPTModelConfig(ModelSection):
         if self.arch != "llama":
             raise ValueError(
                 f"{key}: model.arch={self.arch} cannot be split by DeepSpeed's AutoTP training (GPT-2's fused "
-                "Conv1D attention has no tensor-parallel plan); set model.arch=llama, or use "
-                "parallel.sequence_parallel or ZeRO 3 for GPT-2"
+                "Conv1D attention has no tensor-parallel plan); set model.arch=llama, or shard "
+                "GPT-2 with parallel.zero_stage=3"
             )
         for name, n in (("n_head", self.n_head), ("n_kv_head", self.n_kv_head), ("d_ff", self.d_ff)):
             if n % tp:

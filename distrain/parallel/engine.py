@@ -105,8 +105,8 @@ def build_ds_config(
     p, o, t = cfg.parallel, cfg.optim, cfg.train
     torch_adam = not p.offload_optimizer  # ZeRO-Offload: DeepSpeed's CPU Adam steps the CPU states
     ds: dict[str, Any] = {
-        # DeepSpeed counts AutoTP ranks as data-parallel in this check (its config sees no mpu for
-        # them), the Ulysses ranks not (it sees the sequence-parallel mpu)
+        # DeepSpeed's check divides the world by sequence_parallel_size only: AutoTP ranks count
+        # as data-parallel in it
         "train_batch_size": global_batch(cfg, world_size) * p.tensor_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": p.grad_accum,
@@ -129,10 +129,8 @@ def build_ds_config(
         "scheduler": _scheduler(cfg),
         "zero_optimization": {"stage": p.zero_stage},
     }
-    if p.sequence_parallel > 1:
+    if p.sequence_parallel > 1:  # the batch size check's dp; no mpu (``parallel.sequence``)
         ds["sequence_parallel_size"] = p.sequence_parallel
-        if p.zero_stage == 3:  # the path whose averaging ``SequenceParallel`` compensates
-            ds["zero_optimization"]["reduce_scatter"] = True
     if p.tensor_parallel > 1:
         ds["tensor_parallel"] = {"autotp_size": p.tensor_parallel}
     if client_optimizer:
@@ -172,11 +170,10 @@ def build_engine(
     world_size: int,
     device: torch.device,
     load_universal: bool = False,
-    mpu: Any = None,
 ):
     """Wrap ``model`` in a DeepSpeed engine for ``device``; returns the engine (optimizer and
-    schedule inside). ``mpu``: the sequence-parallel groups (``SequenceParallel.mpu``); AutoTP
-    (``parallel.tensor_parallel``) is DeepSpeed's own, from the ds_config."""
+    schedule inside). AutoTP (``parallel.tensor_parallel``) is DeepSpeed's own, from the ds_config;
+    the sequence-parallel attention is registered before (``parallel.sequence``)."""
     import deepspeed
 
     if channels_last(cfg, device):
@@ -190,7 +187,7 @@ def build_engine(
     optimizer = _client_optimizer(cfg, model) if fused else None
     params = None if fused else param_groups(model, cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
     if cfg.parallel.compile:

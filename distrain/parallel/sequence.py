@@ -8,11 +8,14 @@ keeps its slice of it: the slicing of DeepSpeed's ``UlyssesSPDataLoaderAdapter``
 ids, labels shifted before the split), without that adapter's gather of one batch from each rank,
 which assumes every rank of the group read a different one.
 
-The loss is the token-weighted mean over the group. DeepSpeed reduces the gradients of ZeRO 0-2
-summing over the group (it divides by the data-parallel size, not by dp x sp), and ZeRO 3's
-reduce-scatter averaging over dp x sp: each rank's loss carries the gradient of its own tokens'
-share of the mean, times sp under ZeRO 3, and the value of the whole mean (which the trainer logs
-and watches)."""
+The loss is the token-weighted mean over the group. The engine is built without DeepSpeed's
+sequence-parallel ``mpu`` (``sequence_parallel_size`` in the ds_config alone sizes the batch): it
+then reduces gradients averaging over all dp x sp ranks at every ZeRO stage, and its checkpoints
+convert to the universal format. (With the ``mpu``, ZeRO 0-2 sum over the group while ZeRO 3's
+reduce-scatter averages, and a ZeRO 1-2 checkpoint records sp as its tensor-parallel degree, which
+the universal conversion refuses.) Each rank's loss carries sp times the gradient of its own
+tokens' share of the mean, so the average is the whole sequence's gradient, and the value of the
+whole mean, which the trainer logs and watches."""
 
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ IGNORE = -100  # the label of the last position, which predicts nothing
 
 
 class SequenceParallel:
-    """The Ulysses attention registered for ``model``'s transformers attention, the groups
-    (``mpu``, for ``deepspeed.initialize``), the batch slicing and the loss."""
+    """The Ulysses attention registered for ``model``'s transformers attention, its group, the
+    batch slicing and the loss."""
 
     def __init__(self, cfg: Config, model: nn.Module):
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -39,7 +42,7 @@ class SequenceParallel:
         self.seq_len = cfg.data.seq_len
         # replaces the "sdpa" entry of transformers' attention functions in this process with one
         # that runs it between the all-to-alls (the model asks for "sdpa": ``gpt.build``)
-        self.mpu = UlyssesSPAttentionHF.register_with_transformers(
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
             model,
             core_attn_implementation="sdpa",
             sequence_parallel_size=self.size,
@@ -47,9 +50,9 @@ class SequenceParallel:
             seq_length=self.seq_len,
             seq_length_is_variable=False,
         )
-        self.group = self.mpu.get_sequence_parallel_group()
-        self.rank = self.mpu.get_sequence_parallel_rank()
-        self.grad_scale = float(self.size) if cfg.parallel.zero_stage == 3 else 1.0
+        self.group = mpu.get_sequence_parallel_group()
+        self.rank = mpu.get_sequence_parallel_rank()
+        self.grad_scale = float(self.size)
 
     def shard(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """This rank's slice of a micro-batch: input ids, their global positions and the labels
