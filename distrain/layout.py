@@ -96,6 +96,13 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
         cfg, saved = check_launch(cfg.run.run_dir.resolve(), cfg)
     for n in sizes:
         mesh(cfg, n)  # sp x tp divides every size
+    was = (saved or {}).get("world_size")
+    if cfg.parallel.tensor_parallel > 1 and was and any(n != was for n in sizes):
+        raise TopologyError(
+            f"{origin}: the run's newest checkpoint in {cfg.run.run_dir} was saved by {was} ranks with "
+            f"parallel.tensor_parallel={cfg.parallel.tensor_parallel}, and a tensor-parallel checkpoint resumes on "
+            f"the world size that saved it (DeepSpeed loads AutoTP shards as they were cut); launch it on {was} ranks"
+        )
     worlds = sizes
     sizes = sorted({dp_size(cfg, n) for n in sizes})  # the data is read by the data-parallel ranks
     recorded = given is None and cfg.data.partitions is not None

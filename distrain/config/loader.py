@@ -219,6 +219,7 @@ RESUMABLE_KEYS = (
     "data.pin_memory",
     "data.restart_order",
     "parallel.grad_accum",
+    "parallel.sequence_parallel",
     "parallel.backend",
     "parallel.tf32",
     "parallel.cudnn_benchmark",

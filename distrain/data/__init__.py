@@ -403,6 +403,8 @@ class DataPipeline:
             raise RuntimeError("load the data position before the first batch is drawn")
         if isinstance(state, SavedRanks):
             states = [state.own()] if state.same_world else state.all()
+            if (states[0]["world"], states[0]["rank"]) != (self.world, self.rank):
+                states = state.all()  # the same ranks, split into another number of data-parallel ones
         else:
             states = [state]
         self.restarts = list(states[0].get("restarts", []))

@@ -1,0 +1,278 @@
+"""Sequence parallelism (DeepSpeed Ulysses) and tensor parallelism (AutoTP): the same training as
+one process, split differently, under torchrun and Ray; its checkpoints, exports and accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, cli, read_jsonl, wandb_history
+from tests.test_multiprocess import torchrun_cmd
+
+LLAMA = str(CONFIGS / "llama-cpu-tiny.yaml")
+# fp32 (gloo's all-to-all), ZeRO 1 (AutoTP's shards merge through the universal format), a
+# vocabulary AutoTP can split, every step logged and two evals
+COMMON = [
+    "parallel.precision=fp32",
+    "parallel.zero_stage=1",
+    "model.vocab_size=258",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+]
+
+
+def _train(run_dir: Path, *args: str, ranks: int = 1, cwd: Path, env: dict | None = None):
+    argv = ["train", LLAMA, f"run.dir={run_dir}", *COMMON, *args]
+    if ranks == 1:
+        return cli(*argv, cwd=cwd, env=env)
+    cmd = torchrun_cmd("-m", "distrain.cli", *argv)
+    cmd[cmd.index("--nproc_per_node") + 1] = str(ranks)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def _ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    """step -> the newest record of it (a resumed attempt logs its steps again from the checkpoint)."""
+    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r or "eval_loss" in r}
+
+
+def assert_same_training(run: Path, ref: Path, steps: int) -> None:
+    """The loss, gradient norm and eval loss at every step within float summation of ``ref``'s."""
+    got, want = _records(run), _records(ref)
+    assert sorted(got) == sorted(want) and len([s for s in want if "loss" in want[s]]) == steps
+    for s in sorted(want):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in want[s]:
+                assert got[s][key] == pytest.approx(want[s][key], rel=1e-4), (s, key)
+    losses = [want[s]["loss"] for s in sorted(want) if "loss" in want[s]]
+    assert losses[-1] < losses[0] - 0.3  # it trains
+
+
+@pytest.fixture(scope="module")
+def one(workdir, tmp_path_factory) -> Path:
+    """The reference: one process, 8 steps."""
+    run_dir = tmp_path_factory.mktemp("mp") / "one"
+    _ok(_train(run_dir, "train.steps=8", cwd=workdir))
+    _ok(cli("export", run_dir, run_dir / "hf", "--format", "hf", cwd=workdir))
+    return run_dir
+
+
+def _logits(hf_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    ids = torch.arange(64).reshape(2, 32) * 3 % 258
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ------------------------------------------------------------------------------ config, torch-free
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (["parallel.sequence_parallel=3"], "model.n_head=4 is not divisible"),
+        (
+            ["parallel.sequence_parallel=2", "model.d_model=96", "model.n_head=6", "model.n_kv_head=3"],
+            "model.n_kv_head=3 neither divides",
+        ),
+        (["parallel.sequence_parallel=2", "data.seq_len=127", "model.max_seq_len=128"], "data.seq_len=127"),
+        (["parallel.tensor_parallel=2", "parallel.zero_stage=3"], "zero_stage 0, 1 or 2"),
+        (["parallel.tensor_parallel=2"], "model.vocab_size=257 is not divisible"),
+        (
+            ["parallel.tensor_parallel=2", "model.vocab_size=258", "parallel.zero_stage=0"],
+            "zero_stage 1 or 2",
+        ),
+        (["parallel.tensor_parallel=2", "parallel.sequence_parallel=2"], "do not compose"),
+        (
+            ["parallel.sequence_parallel=2", "cluster.workers=4", "train.global_batch_size=64"],
+            "data-parallel size 2",
+        ),
+    ],
+)
+def test_a_mesh_that_cannot_split_the_model_is_refused_naming_the_key(overrides, error):
+    from distrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as exc:  # TopologyError is one
+        load_config(LLAMA, overrides)
+    assert error in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "config, override, error",
+    [
+        ("gpt-cpu-tiny.yaml", "parallel.sequence_parallel=2", "model.arch=gpt2 cannot be split"),
+        ("gpt-cpu-tiny.yaml", "parallel.tensor_parallel=2", "model.arch=gpt2 cannot be split"),
+        ("resnet-cpu-tiny.yaml", "parallel.tensor_parallel=2", "cannot split model.name=resnet"),
+    ],
+)
+def test_models_without_a_split_refuse_sp_and_tp(config, override, error):
+    from distrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=error):
+        load_config(CONFIGS / config, [override])
+
+
+def test_the_batch_and_the_data_are_counted_in_data_parallel_ranks():
+    from distrain.config import ConfigError, check_topology, dp_size, global_batch, load_config, mesh_line
+    from distrain.errors import TopologyError
+
+    cfg = load_config(
+        LLAMA, ["parallel.sequence_parallel=2", "train.micro_batch_size=4", "data.partitions=6"]
+    )
+    assert dp_size(cfg, 8) == 4 and global_batch(cfg, 8) == 16  # 4 replicas x micro batch 4
+    assert mesh_line(cfg, 8) == "mesh dp 4 x sp 2 x tp 1 = 8 rank(s)"
+    check_topology(cfg, 6)  # 3 data-parallel ranks read 2 partitions each
+    with pytest.raises(TopologyError, match="the 4 data-parallel ranks"):
+        check_topology(cfg, 8)
+    with pytest.raises(ConfigError, match="Sizes that work: 2, 4, 8;") as exc:  # an elastic range
+        load_config(
+            LLAMA, ["parallel.tensor_parallel=2", "model.vocab_size=258", "cluster.workers={min: 2, max: 8}"]
+        )
+    why = "3 workers cannot keep the global batch (3 is not divisible by sequence_parallel x tensor_parallel = 2)"
+    assert why in str(exc.value)
+
+
+def test_config_validate_and_dry_runs_print_the_mesh(in_workdir, tmp_path):
+    args = [LLAMA, "parallel.sequence_parallel=2", "cluster.workers=4", f"run.dir={tmp_path / 'r'}"]
+    p = cli("config", "validate", *args)
+    assert p.returncode == 0 and "mesh dp 2 x sp 2 x tp 1 = 4 rank(s)" in p.stdout, p.stderr
+    p = cli("launch", "local", *args, "--dry-run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mesh dp 2 x sp 2 x tp 1 = 4 rank(s)" in p.stdout
+    assert "global batch 16: 2 data-parallel rank(s) x micro batch 8" in p.stdout
+    p = cli("launch", "local", LLAMA, "parallel.sequence_parallel=2", "cluster.workers=3", "--dry-run")
+    assert p.returncode != 0 and "world size 3 is not divisible by parallel.sequence_parallel=2" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------- torchrun, 2 ranks
+SHARD_SCRIPT = """
+import torch, torch.distributed as dist
+from distrain.config import load_config
+from distrain.models import build_model
+from distrain.parallel import init_distributed
+from distrain.parallel.sequence import SequenceParallel
+from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+cfg = load_config({config!r}, ["parallel.sequence_parallel=2", "train.micro_batch_size=2", "data.seq_len=16"])
+info = init_distributed(cfg)
+sp = SequenceParallel(cfg, build_model(cfg))
+ids = torch.arange(32).reshape(2, 16)  # the batch every rank of the group reads
+mine = sp.shard({{"input_ids": ids}})
+batch = {{"input_ids": ids, "position_ids": torch.arange(16).expand(2, 16), "labels": ids}}
+theirs = next(iter(UlyssesSPDataLoaderAdapter([batch], sp.rank, sp.group, 2, torch.device("cpu"))))
+for key in ("input_ids", "position_ids", "shift_labels"):
+    assert torch.equal(mine[key], theirs[key]), key
+assert mine["input_ids"].shape == (2, 8) and mine["position_ids"][0, 0] == 8 * info.rank
+print("shards equal on rank", info.rank)
+"""
+
+
+@pytest.mark.world_size
+def test_the_sequence_shard_is_deepspeeds_adapters(tmp_path, workdir):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT.format(config=LLAMA))
+    p = subprocess.run(torchrun_cmd(str(script)), capture_output=True, text=True, timeout=300, cwd=workdir)
+    _ok(p)
+    assert p.stdout.count("shards equal on rank") == 2
+
+
+@pytest.fixture(scope="module")
+def sp_run(workdir, tmp_path_factory) -> Path:
+    """sp=2 on 2 ranks for 3 steps, resumed on the same mesh to 6, then on one process (sp=1, the
+    universal conversion) to 8; only the newest checkpoint kept."""
+    run_dir = tmp_path_factory.mktemp("mp") / "sp"
+    keep = ["checkpoint.keep_last=1", "checkpoint.every_steps=2"]
+    _ok(_train(run_dir, "parallel.sequence_parallel=2", "train.steps=3", *keep, ranks=2, cwd=workdir))
+    _ok(_train(run_dir, "parallel.sequence_parallel=2", "train.steps=6", *keep, ranks=2, cwd=workdir))
+    p = _train(run_dir, "train.steps=8", *keep, cwd=workdir)
+    _ok(p)
+    assert "converting it to a universal checkpoint" in p.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tp_run(workdir, tmp_path_factory) -> Path:
+    """tp=2 on 2 ranks for 4 steps, resumed on the same mesh to 8."""
+    run_dir = tmp_path_factory.mktemp("mp") / "tp"
+    _ok(_train(run_dir, "parallel.tensor_parallel=2", "train.steps=4", ranks=2, cwd=workdir))
+    _ok(_train(run_dir, "parallel.tensor_parallel=2", "train.steps=8", ranks=2, cwd=workdir))
+    return run_dir
+
+
+@pytest.mark.world_size
+@pytest.mark.parametrize("split", ["sp_run", "tp_run"])
+def test_two_ranks_split_by_sp_or_tp_train_as_one_process(request, one, split, workdir):
+    run_dir = request.getfixturevalue(split)
+    assert_same_training(run_dir, one, steps=8)
+    summary, ref = (json.loads((d / "summary.json").read_text()) for d in (run_dir, one))
+    # the tokens of a group's shared batch are counted once: as many as one process saw
+    assert summary["status"] == "completed" and summary["samples_seen"] == ref["samples_seen"]
+    assert summary["tokens_seen"] == ref["tokens_seen"]
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step????????"))
+    assert steps == (["step00000008"] if split == "sp_run" else ["step00000004", "step00000008"])
+    (log,) = sorted((run_dir / "wandb").glob("offline-run-*/*.wandb"))[-1:]  # the last attempt's
+    history = [h for h in wandb_history(log) if "loss" in h]
+    assert history and history[-1]["loss"] == pytest.approx(_records(one)[8]["loss"], rel=1e-4)
+    st = json.loads(cli("status", run_dir, "--json", cwd=workdir).stdout)
+    assert (st["state"], st["step"]) == ("completed", 8)
+    # the export gathers the shards: a transformers directory with the one process's logits
+    _ok(cli("export", run_dir, run_dir / "hf", "--format", "hf", cwd=workdir))
+    assert (_logits(run_dir / "hf") - _logits(one / "hf")).abs().max() < 1e-4
+
+
+@pytest.mark.world_size
+def test_a_tensor_parallel_resume_on_another_world_or_split_is_refused_before_it_starts(tp_run, workdir):
+    from distrain.config import load_config
+    from distrain.errors import TopologyError
+    from distrain.layout import decide
+
+    before = (tp_run / "metrics.jsonl").read_text()
+    cfg = load_config(tp_run / "config.yaml", ["train.steps=10"])
+    with pytest.raises(TopologyError, match="saved by 2 ranks with parallel.tensor_parallel=2"):
+        decide(cfg, [4], "cluster.workers=4")
+    p = _train(tp_run, "train.steps=10", ranks=2, cwd=workdir)  # tensor_parallel back to 1
+    assert p.returncode != 0 and "parallel.tensor_parallel: 2 -> 1" in p.stderr
+    assert (tp_run / "metrics.jsonl").read_text() == before  # nothing written
+
+
+# ---------------------------------------------------------------------------------- Ray, 2 workers
+@pytest.mark.ray
+@pytest.mark.world_size
+@pytest.mark.parametrize("split", ["parallel.sequence_parallel=2", "parallel.tensor_parallel=2"])
+def test_two_ray_workers_split_by_sp_or_tp_train_as_one_process(one, split, workdir, tmp_path, ray_env):
+    run_dir = tmp_path / "ray"
+    argv = ["launch", "local", LLAMA, "--workers", "2", f"run.dir={run_dir}", *COMMON, split, "train.steps=8"]
+    p = cli(*argv, env=ray_env, cwd=workdir)
+    _ok(p)
+    assert_same_training(run_dir, one, steps=8)
+    assert ("dp 1 x sp 2 x tp 1" if "sequence" in split else "dp 1 x sp 1 x tp 2") in p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------- 4 ranks, dp2 x sp2
+@pytest.mark.slow
+@pytest.mark.world_size
+def test_four_ranks_dp2_by_sp2_train_as_one_process_with_two_micro_batches(workdir, tmp_path):
+    ref, run_dir = tmp_path / "one", tmp_path / "dp2sp2"
+    _ok(_train(ref, "train.steps=6", "parallel.grad_accum=2", cwd=workdir))
+    p = _train(
+        run_dir,
+        "parallel.sequence_parallel=2",
+        "train.steps=6",
+        "train.check_replicas=true",
+        ranks=4,
+        cwd=workdir,
+    )
+    _ok(p)
+    assert_same_training(run_dir, ref, steps=6)
+    assert "dp 2 x sp 2 x tp 1" in p.stdout + p.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["replicas_identical"] is True
