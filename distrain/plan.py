@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distrain.config import Config, global_batch, sized_for
+from distrain.config import Config, dp_size, global_batch, mesh_line, sized_for
 from distrain.errors import ConfigError
 
 GiB = 2**30
@@ -48,6 +48,9 @@ DEFAULT_MFU = 0.40  # assumed where no GPU run of distrain has been measured (be
 
 # elements saved per token by one block (coefficients of h, f, heads) and by the rest (of h)
 _BLOCK = {"gpt2": (8, 5, 1, 2), "llama": (10, 4, 0, 3)}
+# of a block's elements per token, those (in h) outside AutoTP's split layers: the two norms'
+# inputs and outputs (the split layers' inputs are whole on every rank)
+_WHOLE = {"llama": 4}
 
 
 def _part_params(cfg: Config) -> dict[str, tuple[int, int, int]]:
@@ -124,17 +127,41 @@ def working(cfg: Config, world: int, params: int, block: int) -> dict[str, float
 
 
 def activation_bytes(cfg: Config, micro: int | None = None) -> tuple[float, str]:
-    """Bytes of the activations one micro-batch keeps for backward, and how they were found."""
+    """Bytes of the activations one micro-batch keeps for backward on one rank, and how they were
+    found. Sequence parallelism divides every term by sp (a rank keeps seq_len / sp tokens; inside
+    attention, n_head / sp heads over the whole sequence: as many elements). Tensor parallelism
+    divides what the split layers keep (``block_elements``) and the vocabulary-split logits by tp."""
     m, micro = cfg.model, micro or cfg.train.micro_batch_size
     act = activation_width(cfg)
+    sp, tp = cfg.parallel.sequence_parallel, cfg.parallel.tensor_parallel
     if m.name == "gpt" and m.arch in _BLOCK:
         block, rest = block_elements(cfg)
         L, V = m.n_layer, m.vocab_size
+        if tp > 1:
+            whole = _WHOLE[m.arch] * m.d_model  # the norms' inputs and outputs, the residuals
+            block = whole + (block - whole) / tp
+            V = V / tp if m.tie_embeddings else V  # a tied head is split by vocabulary rows
         blocks = L * m.d_model + block if cfg.parallel.activation_checkpointing else L * block
         logits = V * (act + 4 if act != 4 else 4)  # and their fp32 copy for the loss
-        tokens = micro * cfg.data.seq_len
-        return tokens * ((blocks + rest) * act + logits), "Korthikanti et al. 2022 (per-op count)"
+        tokens = micro * cfg.data.seq_len / sp
+        how = "Korthikanti et al. 2022 (per-op count)" + (f", / sp {sp}" if sp > 1 else "")
+        return tokens * ((blocks + rest) * act + logits), how + (
+            f", split layers / tp {tp}" if tp > 1 else ""
+        )
     return _traced(cfg, micro), "saved tensors of a forward under fake tensors"
+
+
+def all_to_all_bytes(cfg: Config, micro: int | None = None) -> float:
+    """DeepSpeed Ulysses' buffers while one layer's attention runs: q, k and v made contiguous for
+    the all-to-all and its output, then the attention output and its reverse all-to-all's."""
+    sp = cfg.parallel.sequence_parallel
+    if sp == 1:
+        return 0.0
+    m, micro = cfg.model, micro or cfg.train.micro_batch_size
+    qkv = m.d_model + 2 * m.d_model * m.n_kv_head // m.n_head
+    if m.n_kv_head < sp:  # replicated to one key/value head a rank
+        qkv = m.d_model + 2 * sp * m.d_model // m.n_head
+    return micro * cfg.data.seq_len / sp * (2 * qkv + 2 * m.d_model) * activation_width(cfg)
 
 
 def activation_width(cfg: Config) -> int:
@@ -218,11 +245,12 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
     cfg = sized_for(cfg, world)
     want = cfg.train.global_batch_size
     if want is not None and want != global_batch(cfg, world):
-        per = cfg.train.micro_batch_size * world
+        per = cfg.train.micro_batch_size * dp_size(cfg, world)
         if want % per:
             raise ConfigError(
                 f"train.global_batch_size={want} is not micro batch {cfg.train.micro_batch_size} x a whole "
-                f"grad_accum x {world} GPUs; pick --gpus dividing {want // cfg.train.micro_batch_size}"
+                f"grad_accum x {dp_size(cfg, world)} data-parallel ranks ({mesh_line(cfg, world)}); pick --gpus "
+                f"so that the data-parallel ranks divide {want // cfg.train.micro_batch_size}"
             )
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": want // per})})
     counts = _part_params(cfg)
@@ -252,6 +280,7 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "params": params,
         **({"part_params": {k: c[0] for k, c in counts.items()}} if len(counts) > 1 else {}),
         "zero_stage": cfg.parallel.zero_stage,
+        "mesh": mesh_line(cfg, world),
         "precision": cfg.parallel.precision,
         "micro_batch": cfg.train.micro_batch_size,
         "grad_accum": cfg.parallel.grad_accum,
@@ -281,6 +310,48 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
     }
     if not out["fits"]:
         out["fix"] = _fix(cfg, world, counts, memory)
+    if cfg.model.name == "gpt" and world > 1:
+        out["meshes"] = _meshes(cfg, world, counts)
+    return out
+
+
+def _with(cfg: Config, section: str, **keys) -> Config:
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=keys)})
+
+
+def _split(cfg: Config, world: int, sp: int, tp: int) -> Config | None:
+    """``cfg`` split sp x tp over ``world`` ranks, or None where the model or ZeRO stage refuses it."""
+    if world % (sp * tp):
+        return None
+    trial = _with(cfg, "parallel", sequence_parallel=sp, tensor_parallel=tp)
+    if tp > 1 and trial.parallel.zero_stage in (0, 3):
+        trial = _with(trial, "parallel", zero_stage=1 if trial.parallel.zero_stage == 0 else 2)
+    try:
+        trial.model.check(trial)
+    except ValueError:
+        return None
+    return trial
+
+
+def _meshes(cfg: Config, world: int, counts: dict[str, tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """Bytes per GPU of each way to split ``world`` ranks: sp or tp in powers of two (one of them)."""
+    out = []
+    n = 1
+    while n <= world:
+        for sp, tp in ((n, 1), (1, n)) if n > 1 else ((1, 1),):
+            trial = _split(cfg, world, sp, tp)
+            if trial is not None:
+                total = sum(_per_gpu(trial, world, counts)[0].values())
+                out.append(
+                    {
+                        "dp": world // (sp * tp),
+                        "sp": sp,
+                        "tp": tp,
+                        "zero_stage": trial.parallel.zero_stage,
+                        "total_bytes": total,
+                    }
+                )
+        n *= 2
     return out
 
 
@@ -295,6 +366,11 @@ def _fix(cfg: Config, world: int, counts: dict[str, tuple[int, int, int]], memor
         tries.append(
             ("parallel.activation_checkpointing=true", {"parallel": {"activation_checkpointing": True}})
         )
+    sp = 2
+    while sp <= world and p.tensor_parallel == 1:
+        if _split(cfg, world, sp, 1) is not None:
+            tries.append((f"parallel.sequence_parallel={sp}", {"parallel": {"sequence_parallel": sp}}))
+        sp *= 2
     micro = cfg.train.micro_batch_size
     while micro > 1:
         micro //= 2
@@ -320,15 +396,23 @@ def _per_gpu(
     one part's update runs, so the largest part's count."""
     terms: dict[str, float] = {}
     cpu = 0.0
+    tp = cfg.parallel.tensor_parallel
+    zero_world = world // tp  # ZeRO partitions over the data-parallel ranks of one TP rank
     for part, (params, small, block) in counts.items():
-        states = model_states(cfg.for_part(part), world, params, small)
+        if tp > 1:  # AutoTP splits the matmul weights (and a tied embedding); the norms stay whole
+            from distrain.models.gpt import matmul_params
+
+            split = matmul_params(cfg)
+            params, small = split // tp + (params - split), small
+        states = model_states(cfg.for_part(part), zero_world, params, small)
         cpu += states.pop("cpu")
         for k, v in states.items():
             terms[k] = terms.get(k, 0.0) + v
-        for k, v in working(cfg, world, params, block).items():
+        for k, v in working(cfg, zero_world, params, block).items():
             terms[k] = terms.get(k, 0.0) + v if k == "reduce_bucket" else max(terms.get(k, 0.0), v)
     acts, how = activation_bytes(cfg)
     terms["activations"] = acts
+    terms["all_to_all"] = all_to_all_bytes(cfg)
     return terms, cpu, how
 
 
@@ -350,7 +434,8 @@ def format_plan(p: dict) -> str:
     """The plan as the console shows it."""
     lines = [
         f"plan: {p['params'] / 1e6:,.1f}M parameters on {p['gpus']} x {p['gpu']} ({p['gpu_memory_gb']:.0f} GB), "
-        f"ZeRO {p['zero_stage']}, {p['precision']}, micro batch {p['micro_batch']} x grad_accum {p['grad_accum']}",
+        f"ZeRO {p['zero_stage']}, {p['precision']}, micro batch {p['micro_batch']} x grad_accum {p['grad_accum']}, "
+        f"{p['mesh']}",
         "per GPU:",
     ]
     if p.get("part_params"):
@@ -372,6 +457,16 @@ def format_plan(p: dict) -> str:
         f"{p['gpu_memory_gb']:.0f} GB): {verdict}"
     )
     lines.append(f"  activations: {p['activations_from']}")
+    if p.get("meshes"):
+        memory = p["gpu_memory_gb"] * 1e9
+        lines.append(
+            "meshes: "
+            + "; ".join(
+                f"dp {m['dp']} x sp {m['sp']} x tp {m['tp']} (ZeRO {m['zero_stage']}) {_gib(m['total_bytes'])} "
+                + ("fits" if m["total_bytes"] <= memory else "does not fit")
+                for m in p["meshes"]
+            )
+        )
     s = p["step"]
     tokens = f", {s['tokens']:,} tokens" if s["tokens"] else ""
     lines.append(

@@ -162,6 +162,7 @@ def init_distributed(cfg: Config) -> DistInfo:
             )
     else:  # made by the launcher (Ray Train's TorchConfig, a user's own init): reported as it is
         backend = torch.distributed.get_backend()
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)  # adopts it
     configure_cuda(cfg, dev)
     return DistInfo(
         rank=rank,
