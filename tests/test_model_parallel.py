@@ -273,3 +273,101 @@ def test_four_ranks_dp2_by_sp2_train_as_one_process_with_two_micro_batches(workd
     assert_same_training(run_dir, ref, steps=6, keys=("loss", "grad_norm"))
     assert "dp 2 x sp 2 x tp 1" in p.stdout + p.stderr
     assert json.loads((run_dir / "summary.json").read_text())["replicas_identical"] is True
+
+
+# ------------------------------------------------------------------------------------------- plan
+TRACE_SCRIPT = """
+import json, sys, torch
+from distrain.config import load_config
+from distrain.models import build_model
+from distrain.parallel import init_distributed
+from distrain.parallel.sequence import SequenceParallel
+from distrain.plan import activation_bytes
+
+cfg = load_config({config!r}, {overrides!r})
+info = init_distributed(cfg)
+torch.manual_seed(0)
+model = build_model(cfg)
+sp = SequenceParallel(cfg, model)
+params = {{p.untyped_storage().data_ptr() for p in model.parameters()}}
+seen = {{}}
+
+def pack(t):
+    seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return t
+
+batch = {{"input_ids": torch.randint(0, 700, (3, 96), generator=torch.Generator().manual_seed(1))}}
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    sp.loss({{"model": model}}, batch)
+saved = sum(v for k, v in seen.items() if k not in params)
+print(json.dumps({{"rank": info.rank, "saved": saved, "planned": activation_bytes(cfg)[0]}}))
+"""
+
+TRACE = [
+    "model.d_model=96",
+    "model.d_ff=320",
+    "model.n_layer=3",
+    "model.n_head=6",
+    "model.n_kv_head=6",
+    "model.vocab_size=700",
+    "data.seq_len=96",
+    "train.micro_batch_size=3",
+    "parallel.activation_checkpointing=false",
+    "parallel.precision=fp32",  # as the forward runs here
+]
+
+
+@pytest.mark.world_size
+def test_planned_sp_activations_are_what_a_forward_on_two_ranks_saves(tmp_path, workdir):
+    """Within 15 % of the bytes a sequence-parallel forward and loss save on each rank, as the
+    one-process count is of one process's (``tests/test_plan.py``), and half of those."""
+    from distrain.config import load_config
+    from distrain.plan import activation_bytes
+
+    script = tmp_path / "trace.py"
+    script.write_text(TRACE_SCRIPT.format(config=LLAMA, overrides=[*TRACE, "parallel.sequence_parallel=2"]))
+    p = subprocess.run(torchrun_cmd(str(script)), capture_output=True, text=True, timeout=300, cwd=workdir)
+    _ok(p)
+    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    whole = activation_bytes(load_config(LLAMA, TRACE))[0]
+    for r in ranks:
+        assert r["planned"] == pytest.approx(r["saved"], rel=0.15), r
+        assert r["planned"] == pytest.approx(whole / 2)
+
+
+def test_the_plan_divides_tp_split_states_by_tp_and_counts_the_all_to_all_buffers():
+    from distrain.config import load_config
+    from distrain.models.gpt import matmul_params
+    from distrain.plan import plan
+
+    base = ["model.vocab_size=258", "cluster.workers=4", "parallel.zero_stage=1"]
+    one, tp = (plan(load_config(LLAMA, [*base, *extra])) for extra in ([], ["parallel.tensor_parallel=2"]))
+    split = matmul_params(load_config(LLAMA, base))
+    whole = one["params"] - split
+    assert tp["per_gpu_bytes"]["weights"] == pytest.approx(2 * (split // 2 + whole))  # bf16 weights
+    # ZeRO 1 partitions Adam's moments over the 2 data-parallel ranks of each tensor-parallel rank
+    assert tp["per_gpu_bytes"]["optimizer"] == pytest.approx(8 * (split // 2 + whole) / 2)
+    assert tp["per_gpu_bytes"]["activations"] < one["per_gpu_bytes"]["activations"]
+    assert one["per_gpu_bytes"]["all_to_all"] == tp["per_gpu_bytes"]["all_to_all"] == 0
+    sp = plan(load_config(LLAMA, [*base, "parallel.sequence_parallel=2"]))
+    assert sp["per_gpu_bytes"]["activations"] == pytest.approx(one["per_gpu_bytes"]["activations"] / 2)
+    assert sp["per_gpu_bytes"]["all_to_all"] > 0 and sp["mesh"] == "mesh dp 2 x sp 2 x tp 1 = 4 rank(s)"
+
+
+def test_the_plan_says_which_mesh_fits_a_1b_llama_at_32k_tokens_on_8_h100s():
+    from distrain.config import load_config
+    from distrain.plan import format_plan, plan
+
+    p = plan(load_config(CONFIGS / "llama-1b-32k-sp.yaml"), 8, "H100")
+    fits = {(m["sp"], m["tp"]): m["total_bytes"] <= 80e9 for m in p["meshes"]}
+    assert fits[(1, 1)] is False and fits[(2, 1)] and fits[(4, 1)]  # one sequence a GPU does not fit
+    assert p["fits"] and p["mesh"] == "mesh dp 2 x sp 4 x tp 1 = 8 rank(s)"
+    assert "dp 8 x sp 1 x tp 1 (ZeRO 3)" in format_plan(p) and "does not fit" in format_plan(p)
+    no_sp = plan(
+        load_config(
+            CONFIGS / "llama-1b-32k-sp.yaml", ["parallel.sequence_parallel=1", "parallel.grad_accum=1"]
+        ),
+        8,
+    )
+    assert not no_sp["fits"] and no_sp["fix"].startswith("parallel.")

@@ -338,12 +338,12 @@ class ParallelConfig(Section):
     sequence_parallel: int = Field(
         1,
         ge=1,
-        description="Ulysses sequence parallelism (DeepSpeed ALST): each sequence is split over this many ranks, which trade attention heads by all-to-all; divides activations by it (model.name=gpt).",
+        description="Ulysses sequence parallelism (DeepSpeed ALST): each sequence is split over this many ranks, which trade attention heads by all-to-all; divides activations by it (model.name=gpt, arch=llama).",
     )
     tensor_parallel: int = Field(
         1,
         ge=1,
-        description="Tensor parallelism (DeepSpeed AutoTP): each layer's weights are split over this many ranks; divides weights, gradients and optimizer states by it (model.name=gpt, arch=llama, zero_stage <= 2).",
+        description="Tensor parallelism (DeepSpeed AutoTP): each layer's weights are split over this many ranks; divides weights, gradients and optimizer states by it (model.name=gpt, arch=llama, zero_stage 1 or 2).",
     )
     compile: bool = Field(
         False,
