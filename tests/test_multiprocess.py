@@ -325,7 +325,6 @@ def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tm
 NAN_ON_RANK_1 = r"""
 import sys
 
-import distrain.models.gpt as gpt
 from distrain.config import load_config
 from distrain.models import Update
 from distrain.train import run, setup
@@ -333,23 +332,37 @@ from distrain.train import run, setup
 cfg = load_config(sys.argv[1], sys.argv[2:])
 s = setup(cfg)
 calls = [0]
-loss = gpt.loss
+(update,) = s.trainer.updates  # the model's loss, or a sequence-parallel group's
 
 
-def poisoned(model, batch):  # rank 1's loss is NaN at steps 3 to 5
-    out = loss(model, batch)
-    calls[0] += model.training
-    return out * float("nan") if s.dist.rank == 1 and model.training and 3 <= calls[0] <= 5 else out
+def poisoned(parts, batch, state):  # rank 1's loss is NaN at steps 3 to 5
+    out = update.loss(parts, batch, state)
+    training = parts["model"].module.training
+    calls[0] += training
+    return out * float("nan") if s.dist.rank == 1 and training and 3 <= calls[0] <= 5 else out
 
 
-s.trainer.updates = (Update("model", lambda parts, batch, state: poisoned(parts["model"], batch)),)
+s.trainer.updates = (Update("model", poisoned),)
 run(cfg, s)
 """
 
+LLAMA_FP32 = [str(CONFIGS / "llama-cpu-tiny.yaml"), "parallel.precision=fp32", "model.vocab_size=258"]
+
 
 @pytest.mark.world_size
-@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(in_workdir, tmp_path, stage):
+@pytest.mark.parametrize(
+    "stage, split",
+    [
+        (0, [str(CONFIGS / "gpt-cpu-tiny.yaml")]),
+        pytest.param(2, [str(CONFIGS / "gpt-cpu-tiny.yaml")], marks=pytest.mark.slow),
+        (1, [*LLAMA_FP32, "parallel.sequence_parallel=2"]),  # the group's loss, or a TP group's
+        (1, [*LLAMA_FP32, "parallel.tensor_parallel=2"]),
+    ],
+    ids=["zero0", "zero2", "sp2", "tp2"],
+)
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(
+    in_workdir, tmp_path, stage, split
+):
     """Gradients are averaged over ranks, so one rank's NaN loss makes every rank skip the step (the
     replicas stay identical); three in a row stop the run on both ranks, naming rank 1."""
     script = tmp_path / "nan.py"
@@ -358,7 +371,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(i
     p = subprocess.run(
         torchrun_cmd(
             str(script),
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            *split,
             f"run.dir={run_dir}",
             "cluster.workers=2",
             "train.steps=10",
@@ -372,7 +385,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(i
         timeout=600,
     )
     assert p.returncode != 0
-    msg = "3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
+    msg = f"3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
     assert p.stderr.count(msg) >= 2, p.stderr[-3000:]  # both ranks stop, at the same step
     recs = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
