@@ -385,7 +385,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(
         timeout=600,
     )
     assert p.returncode != 0
-    msg = f"3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
+    msg = "3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
     assert p.stderr.count(msg) >= 2, p.stderr[-3000:]  # both ranks stop, at the same step
     recs = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
