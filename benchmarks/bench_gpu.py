@@ -16,6 +16,10 @@ Rows, each loop in its own process (so each peak memory is its own):
   (one fused AdamW per part, the updates in turn, the other part frozen). images/s.
 - checkpoint: distrain's save (DeepSpeed shards + manifest + hashes) and load of the llama-1b ZeRO-0
   state against torch.save / torch.load of the plain loop's model and optimizer state.
+- long context: the llama-1b shape, micro batch 1, activation checkpointing, at 8k, 16k, 32k...
+  tokens a sequence until one does not fit: the longest that fits at sp 1, its peak memory and
+  tokens/s, against `distrain plan`'s bytes per GPU at that length for sp 1 and for sp 2 on two
+  cards (one card cannot host the two ranks of an NCCL group, so sp 2's figure is the plan's).
 
 Each loop syncs the GPU only every `--window` steps (distrain's log steps; the plain loop's timing
 points); the first window is warm-up and the median of the others is reported.
@@ -189,6 +193,74 @@ def child_distrain(args) -> dict:
     s.trainer.checkpointer.close()
     s.trainer.meters.close()
     return out
+
+
+LONG = (8192, 16384, 32768, 65536, 131072)  # sequence lengths tried (dry run: the tiny shape's)
+LONG_GPU = ["train.micro_batch_size=1", "parallel.activation_checkpointing=true"]
+
+
+def _long_cfg(args, run_dir: str):
+    seq = args.seq
+    return _cfg(
+        args,
+        "llama",
+        run_dir,
+        [
+            *([] if args.dry_run else LONG_GPU),
+            f"data.seq_len={seq}",
+            f"model.max_seq_len={seq}",
+            "parallel.zero_stage=0",
+        ],
+    )
+
+
+def child_long(args) -> dict:
+    """One long-context run at ``--seq`` tokens: its rate and peak memory, or that it did not fit."""
+    import torch
+
+    from distrain.train import setup
+
+    tmp = tempfile.mkdtemp(prefix="bench-gpu-", dir=args.scratch)
+    cfg = _long_cfg(args, f"{tmp}/run")
+    try:
+        s = setup(cfg)
+        s.trainer.train()
+    except torch.cuda.OutOfMemoryError:
+        return {"seq": args.seq, "fits": False}
+    recs = [json.loads(x) for x in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "world_size" in r][1:]
+    out = {
+        "seq": args.seq,
+        "fits": True,
+        "rate": statistics.median(r["tokens_per_s"] for r in recs),
+        "peak_mem_gib": _peak_mem_gib(args),
+    }
+    s.tracker.close()
+    s.trainer.data.close()
+    s.trainer.meters.close()
+    return out
+
+
+def long_context(args) -> dict:
+    """The longest sequence that fits at sp 1 on this card, and the plan's bytes a GPU at sp 1 and sp 2."""
+    from distrain.plan import plan
+
+    seqs = (64, 128) if args.dry_run else LONG
+    best = None
+    for seq in seqs:
+        res = _child(args, "long", "llama", ["--seq", str(seq)])
+        if not res["fits"]:
+            break
+        best = res
+    if best is None:
+        return {"seq": None}
+    args.seq = best["seq"]
+    cfg = _long_cfg(args, str(Path(args.scratch) / "plan"))
+    planned = {}
+    for sp in (1, 2):
+        c = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"sequence_parallel": sp})})
+        planned[sp] = plan(c, 2 if sp == 2 else 1)["total_bytes"] / 2**30
+    return {**best, "planned_sp1_gib": planned[1], "planned_sp2_gib": planned[2], "tried": list(seqs)}
 
 
 def child_load(args) -> dict:
@@ -465,6 +537,15 @@ def table(card: str, rows: dict, command: str) -> str:
             f"| {key} | {r['rate']:,.0f} {unit} | {r['rate'] / plain['rate']:.3f}x | {_fmt(mfu)}{'%' if mfu else ''} "
             f"| {_fmt(r['peak_mem_gib'])} | {_fmt(r.get('j_per_step'), '.0f')} | {_fmt(r.get('data_wait_pct'))} |"
         )
+    lc = rows.get("long context")
+    if lc and lc.get("seq"):
+        lines += [
+            "",
+            "| long context (llama-1b, micro batch 1, activation checkpointing) | tokens | tok/s | peak memory GiB | planned GiB a GPU, sp 1 / sp 2 (2 cards) |",
+            "|---|---|---|---|---|",
+            f"| longest that fits at sp 1 | {lc['seq']:,} | {lc['rate']:,.0f} | {_fmt(lc['peak_mem_gib'])} "
+            f"| {lc['planned_sp1_gib']:.1f} / {lc['planned_sp2_gib']:.1f} |",
+        ]
     d, p = rows["llama distrain ZeRO 0"], llama_plain
     lines += [
         "",
@@ -490,11 +571,13 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.steps = args.steps or (4 if args.dry_run else 20)
     args.window = args.window or (2 if args.dry_run else 5)
     if args.child:
-        res = {"distrain": child_distrain, "load": child_load, "plain": child_plain}[args.child](args)
+        children = {"distrain": child_distrain, "load": child_load, "plain": child_plain, "long": child_long}
+        res = children[args.child](args)
         print("RESULT " + json.dumps(res), flush=True)
         return
     import deepspeed
@@ -522,6 +605,7 @@ def main() -> None:
         "gan distrain ZeRO 1": _child(args, "distrain", "gan", ["--zero", "1"]),
         "vae plain": _child(args, "plain", "vae", []),
         "vae distrain ZeRO 2": _child(args, "distrain", "vae", ["--zero", "2"]),
+        "long context": long_context(args),
     }
     card = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
     rows["meta"] = {

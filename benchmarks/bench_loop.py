@@ -4,10 +4,16 @@ one CPU process each.
 
     python benchmarks/bench_loop.py [--sizes tiny,large] [--repeats 3] [--steps 60] [--warmup 10]
     python benchmarks/bench_loop.py --models gan,vae [--sizes tiny,large] ...
+    python benchmarks/bench_loop.py --parallel sp [--sizes 512,2048] [--steps 20] [--warmup 5]
 
 With ``--models gan,vae`` the generative models run against a plain PyTorch loop of the same step:
 the GAN's two AdamW optimizers stepping in turn (discriminator, then generator, the other part
 frozen), the VAE's one (no hand-written DeepSpeed loop for them).
+
+With ``--parallel sp`` a Llama trains on 2 ranks (torchrun, gloo) two ways on the same tokens a
+step: sequence parallelism (sp 2: each rank holds half of every sequence of a micro-batch of M)
+against data parallelism (dp 2: each rank holds whole sequences, micro-batches of M / 2); step
+time and the largest rank's peak RSS.
 
 Each loop runs in its own subprocess (so each peak RSS is its own); the loops alternate and repeat,
 and the median steady-state step time (after --warmup steps) is reported. The baselines iterate
@@ -34,6 +40,13 @@ SIZES = {
     # tiny: the shipped tiny config; large: a step of >= 100 ms on 2 CPU cores
     "tiny": ["model.preset=tiny", "data.seq_len=128", "train.micro_batch_size=8"],
     "large": ["model.preset=mini", "model.n_layer=6", "data.seq_len=256", "train.micro_batch_size=8"],
+}
+
+
+SP_SIZES = {
+    # seq_len: a 4-layer Llama of width 256 (8 heads), micro-batch of M sequences under sp 2
+    "512": ["model.preset=mini", "data.seq_len=512", "train.micro_batch_size=4"],
+    "2048": ["model.preset=mini", "data.seq_len=2048", "train.micro_batch_size=2"],
 }
 
 
@@ -242,7 +255,88 @@ def run_distrain(cfg, warmup: int) -> list[float]:
     return [(b - a) / LOG_EVERY for a, b in zip(el[first - 1 : -1], el[first:], strict=True)]
 
 
+def child_split(args) -> None:
+    """One rank of a 2-rank sp or dp run (``--parallel sp``), in the run directory the parent made."""
+    from distrain.config import load_config
+
+    over = SP_SIZES[args.size]
+    micro = int(over[-1].split("=")[1])
+    split = (
+        ["parallel.sequence_parallel=2"] if args.loop == "sp" else [f"train.micro_batch_size={micro // 2}"]
+    )
+    cfg = load_config(
+        REPO / "configs" / "llama-cpu-tiny.yaml",
+        [
+            *over,
+            *split,
+            "model.max_seq_len=2048",
+            f"train.steps={args.steps}",
+            f"train.log_every={LOG_EVERY}",
+            "train.eval_every=0",
+            "checkpoint.at_end=false",
+            "tracking.wandb.mode=disabled",
+            f"parallel.precision={args.precision}",
+            "parallel.zero_stage=1",
+            f"run.dir={args.run_dir}",
+            "cluster.workers=2",
+        ],
+    )
+    times = run_distrain(cfg, args.warmup)  # every rank trains; rank 0's records are the job's
+    if int(os.environ["RANK"]) != 0:
+        times = None
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        "RESULT " + json.dumps({"step_s": times and statistics.median(times), "peak_rss_mib": rss_mib}),
+        flush=True,
+    )
+
+
+def split_rows(args, env: dict) -> None:
+    """``--parallel sp``: 2 ranks at sp 2 against 2 ranks at dp 2 on the same tokens a step."""
+    rows = []
+    for size in args.sizes.split(","):
+        res: dict[str, list[dict]] = {"dp": [], "sp": []}
+        for _ in range(args.repeats):
+            for loop in res:
+                with tempfile.TemporaryDirectory() as tmp:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+                    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000)]
+                    cmd += [__file__, "--loop", loop, "--size", size, "--steps", str(args.steps)]
+                    cmd += [
+                        "--warmup",
+                        str(args.warmup),
+                        "--precision",
+                        args.precision,
+                        "--run-dir",
+                        f"{tmp}/run",
+                    ]
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+                lines = [json.loads(ln[7:]) for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                if out.returncode or len(lines) != 2:
+                    sys.exit(f"{loop} {size} failed:\n{out.stderr[-3000:]}")
+                res[loop].append(
+                    {
+                        "step_s": next(r["step_s"] for r in lines if r["step_s"]),
+                        "peak_rss_mib": max(r["peak_rss_mib"] for r in lines),
+                    }
+                )
+        med = {k: statistics.median(r["step_s"] for r in v) for k, v in res.items()}
+        rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in res.items()}
+        rows.append((size, med, rss))
+    print(
+        f"| seq_len ({args.precision}) | dp 2 step ms | sp 2 step ms | sp / dp (throughput) | peak RSS MiB a rank, dp / sp |"
+    )
+    print("|---|---|---|---|---|")
+    for size, med, rss in rows:
+        print(
+            f"| {size} | {med['dp'] * 1e3:.1f} | {med['sp'] * 1e3:.1f} | {med['dp'] / med['sp']:.3f}x | "
+            f"{rss['dp']:.0f} / {rss['sp']:.0f} |"
+        )
+
+
 def child(args) -> None:
+    if args.loop in ("sp", "dp"):
+        return child_split(args)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(args.size, args.steps, f"{tmp}/run", args.precision, args.model)
         if args.loop == "distrain":
@@ -279,6 +373,8 @@ def main() -> None:
     ap.add_argument("--model", default="gpt", help=argparse.SUPPRESS)
     ap.add_argument("--loop", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", help="sp: 2 ranks at sequence_parallel 2 against 2 at dp 2")
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.loop:
         child(args)
@@ -286,6 +382,10 @@ def main() -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if args.models != "gpt":
         return generative(args, env)
+    if args.parallel == "sp":
+        if args.sizes == "tiny,large":
+            args.sizes = ",".join(SP_SIZES)
+        return split_rows(args, env)
     rows = []
     for size in args.sizes.split(","):
         res: dict[str, list[dict]] = {"plain": [], "deepspeed": [], "distrain": []}
