@@ -248,12 +248,12 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
 def _check_replicas(s: Session) -> dict[str, Any]:
     digest = params_digest(s.engines)
     digests = s.dist.comm.gather(digest)
-    group = len(digests) // s.dist.dp_size  # a tensor-parallel rank holds its own shards
+    group = s.dist.mesh[2]  # a tensor-parallel rank holds its own shards; SP ranks hold whole replicas
     differ = [r for r, d in enumerate(digests) if d != digests[r % group]]
     if differ:
+        of = "rank 0's" if group == 1 else f"their tensor-parallel rank's in ranks 0-{group - 1}"
         raise RuntimeError(
-            f"train.check_replicas: the parameters of rank(s) {differ} differ from their replica's in "
-            f"the first data-parallel group (ranks 0-{group - 1}) after training"
+            f"train.check_replicas: the parameters of rank(s) {differ} differ from {of} after training"
         )
     return {"replicas_identical": True, "params_sha256": digest}
 
