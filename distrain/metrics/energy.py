@@ -138,7 +138,12 @@ class NvmlReader:
 
     def __init__(self, uuids: list[str], nvml: Any = None, sample_s: float = 0.1):
         if nvml is None:
-            import pynvml as nvml
+            try:
+                import pynvml as nvml
+            except ImportError:
+                raise ImportError(
+                    "GPU energy needs NVML's Python bindings (nvidia-ml-py): pip install 'distrain[gpu]'"
+                ) from None
         self.nvml = nvml
         nvml.nvmlInit()
         self.handles = [nvml.nvmlDeviceGetHandleByUUID(u) for u in uuids]
@@ -228,6 +233,9 @@ def open_node_energy(gpu_uuids: list[str], cpu_watts: float, sample_s: float = 0
     if gpu_uuids:
         try:
             readers.append(NvmlReader(gpu_uuids, sample_s=sample_s))
+        except ImportError as exc:  # the [gpu] extra is not installed
+            log.warning("GPU energy is not measured: %s; only CPU energy is reported", exc)
+            unmeasured = True
         except Exception as exc:  # noqa: BLE001 - no NVML: GPU energy is unknown, not guessed
             log.warning(
                 "GPU energy is not measured (NVML unavailable: %s); check that the NVIDIA driver's "
