@@ -482,3 +482,14 @@ def test_two_ranks_on_one_node_count_the_node_once(in_workdir, tmp_path):
     assert 35 < powers[len(powers) // 2] < 65, powers  # twice the node's power would be ~100 W
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["energy_j"] == pytest.approx(50 * summary["elapsed_s"], rel=0.3)
+
+
+def test_without_the_gpu_extra_gpu_energy_is_unmeasured_and_the_warning_names_the_extra(monkeypatch, caplog):
+    monkeypatch.setitem(
+        sys.modules, "pynvml", None
+    )  # `import pynvml` raises ImportError, as without the extra
+    with caplog.at_level("WARNING", logger=energy_mod.log.name):
+        node = energy_mod.open_node_energy(["GPU-0"], cpu_watts=100.0)
+    assert "pip install 'distrain[gpu]'" in caplog.text
+    assert node.source.endswith("+gpus_unmeasured")  # GPU energy is unknown, not guessed
+    node.close()
