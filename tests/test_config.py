@@ -187,17 +187,6 @@ def test_reference_documents_every_key():
             check(name, cls)
 
 
-def test_readme_config_reference_is_current():
-    from tests.conftest import REPO
-
-    text = (REPO / "README.md").read_text()
-    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    section = text[text.index(start) + len(start) : text.index(end)]
-    assert section.strip() == reference_markdown().strip(), (
-        "README config reference is stale: paste `distrain config reference`"
-    )
-
-
 def test_fused_optimizer_with_offload_is_refused_naming_both_keys():
     with pytest.raises(
         ConfigError, match=r"optim.fused=true and parallel.offload_optimizer=true.*drop optim.fused"
@@ -205,46 +194,6 @@ def test_fused_optimizer_with_offload_is_refused_naming_both_keys():
         load_config(GPT, ["optim.fused=true", "parallel.zero_stage=2", "parallel.offload_optimizer=true"])
     cfg = load_config(GPT, ["parallel.zero_stage=2", "parallel.offload_optimizer=true"])  # unset: fine
     assert cfg.optim.fused is None
-
-
-DOTTED = re.compile(
-    r"(?<![\w/.-])((?:run|model|data|train|optim|parallel|checkpoint|metrics|tracking|cluster)(?:\.[A-Za-z_]\w*)+)"
-)
-FILES = {
-    "py",
-    "yaml",
-    "yml",
-    "jsonl",
-    "json",
-    "md",
-    "sh",
-    "pt",
-    "pth",
-    "txt",
-    "png",
-    "parquet",
-    "sbatch",
-    "out",
-}
-
-
-def test_every_dotted_key_in_the_readme_and_docs_is_a_real_key():
-    """A key the docs name loads (except the README's own example of an unknown key's error)."""
-    from distrain.config.loader import config_keys
-    from tests.conftest import REPO
-
-    keys = config_keys()
-    assert {"data.partitions", "checkpoint.async", "cluster.slurm.nodes", "model.arch"} <= keys
-    bad = []
-    for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
-        lines = doc.read_text().splitlines()
-        for i, line in enumerate(lines):
-            if "unknown key" in line or "unknown key" in (lines[i + 1] if i + 1 < len(lines) else ""):
-                continue  # an example of the error for a key that does not exist
-            for key in DOTTED.findall(line):
-                if key.rsplit(".", 1)[-1] not in FILES and key not in keys:
-                    bad.append(f"{doc.name}:{i + 1}: {key}")
-    assert not bad, bad
 
 
 def test_errors_name_what_the_user_wrote_and_where(in_workdir, tmp_path):
