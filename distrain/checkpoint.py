@@ -367,7 +367,7 @@ def _refuse_changes(ckpt: Path, changes: list[str]) -> None:
             f"{ckpt} was saved with another config; a resume may not change: "
             + "; ".join(changes)
             + ". Resume with the run's own config (`distrain resume RUN_DIR`, overriding only the keys "
-            "the README lists as resumable), or start a new run in another run.dir"
+            "docs/checkpoints.md lists as resumable), or start a new run in another run.dir"
         )
 
 
