@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distrain.cluster.control import LAUNCH_ID, RESIZE, new_launch, write_notice
+from distrain.cluster.control import new_launch, write_notice
 from distrain.config import Config, config_from_yaml, to_yaml
 from distrain.errors import ConfigError, UserError
+from distrain.notices import LAUNCH_ID, RESIZE
 
 log = logging.getLogger(__name__)
 
