@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from distrain.config import load_config, reference_markdown, to_yaml
 from distrain.errors import EXIT_PREEMPTED, ConfigError, UserError
@@ -60,20 +61,24 @@ def _add_launch(sub) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="distrain",
-        description="Distributed training on DeepSpeed and Ray, from one CPU process to a GPU cluster.",
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by `distrain train`")
 
+
+def _add_step(p: argparse.ArgumentParser) -> None:
+    """Which of the run's checkpoints."""
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
+    )
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train in this process (one CPU or GPU; or one rank under torchrun)")
     _add_config_args(p)
-
     p = sub.add_parser(
         "resume", help="continue RUN_DIR from its newest valid checkpoint, with its config.yaml"
     )
-    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    _add_run_dir(p)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -81,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides, e.g. train.steps=2000 to train longer",
     )
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write consolidated fp32 weights of a checkpoint (any ZeRO stage)")
-    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    _add_run_dir(p)
     p.add_argument("out", help="output directory")
     p.add_argument(
         "--format",
@@ -90,24 +97,36 @@ def _parser() -> argparse.ArgumentParser:
         choices=["safetensors", "hf", "torchvision"],
         help="safetensors (any model), hf (gpt: transformers directory), torchvision (resnet: state dict)",
     )
-    p.add_argument(
-        "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
-    )
+    _add_step(p)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser(
         "sample", help="draw new samples from a checkpoint: an image grid (GAN, VAE) or text (--prompt, LMs)"
     )
-    p.add_argument("run_dir", help="a run directory written by `distrain train`")
-    p.add_argument(
-        "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
-    )
+    _add_run_dir(p)
+    _add_step(p)
     p.add_argument("--n", type=int, default=64, help="samples to draw (default 64; 8 per row of the grid)")
     p.add_argument("--out", default=None, help="the PNG grid to write (images)")
     p.add_argument("--prompt", default=None, help="a language model: print continuations of this text")
     p.add_argument("--tokens", type=int, default=64, help="--prompt: tokens to generate (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents or of the sampling (default 0)")
 
-    _add_launch(sub)
+
+# `submit slurm` flags: (flag, cluster.slurm key, type)
+SLURM_FLAGS = (
+    ("--nodes", "nodes", int),
+    ("--gpus-per-node", "gpus_per_node", int),
+    ("--cpus-per-task", "cpus_per_task", int),
+    ("--time", "time", str),
+    ("--partition", "partition", str),
+    ("--account", "account", str),
+    ("--qos", "qos", str),
+    ("--constraint", "constraint", str),
+)
+
+
+def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="submit a run to a scheduler")
     ssub = p.add_subparsers(dest="submit_mode", required=True)
     q = ssub.add_parser(
@@ -115,23 +134,20 @@ def _parser() -> argparse.ArgumentParser:
         help="render the Slurm job script (Ray on the allocation, or one node without Ray) into RUN_DIR/slurm/ and sbatch it",
     )
     _add_config_args(q)
-    for flag, key, kind in (
-        ("--nodes", "nodes", int),
-        ("--gpus-per-node", "gpus_per_node", int),
-        ("--cpus-per-task", "cpus_per_task", int),
-        ("--time", "time", str),
-        ("--partition", "partition", str),
-        ("--account", "account", str),
-        ("--qos", "qos", str),
-        ("--constraint", "constraint", str),
-    ):
+    for flag, key, kind in SLURM_FLAGS:
         q.add_argument(flag, dest=key, type=kind, default=None, help=f"as cluster.slurm.{key}")
     q.add_argument("--dry-run", action="store_true", help="print the checks and the script; submit nothing")
+
+
+def _add_status(sub) -> None:
     p = sub.add_parser(
         "status", help="a run's state, step, newest checkpoint, restarts, Slurm job and W&B run"
     )
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--json", action="store_true", help="print it as JSON")
+
+
+def _add_cluster(sub) -> None:
     p = sub.add_parser("cluster", help="helpers the Slurm job script calls")
     csub = p.add_subparsers(dest="cluster_command", required=True)
     q = csub.add_parser("wait-ray", help="wait until N Ray nodes have joined ADDRESS")
@@ -149,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--check", type=int, default=None, help="exit 1 unless the block at this base is free here"
     )
+
+
+def _add_plan(sub) -> None:
     p = sub.add_parser(
         "plan", help="memory per GPU, step time, days, energy and CO2e of a config at any scale (no GPU)"
     )
@@ -157,10 +176,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, help="the card, a name of the peak table (default: H100)")
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to plan with (0-1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write plots (PNG) and a markdown summary of a run")
-    p.add_argument("run_dir", help="a run directory written by `distrain train`")
+    _add_run_dir(p)
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
 
+
+def _add_config(sub) -> None:
     p = sub.add_parser("config", help="show, validate or document configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     _add_config_args(csub.add_parser("show", help="print the resolved config as YAML"))
@@ -169,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     csub.add_parser("reference", help="print every config key with its default and description (markdown)")
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser(
@@ -182,6 +208,28 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a file, directory, glob or fsspec URL, as data.train_path")
     q.add_argument("--format", default="auto", help="as data.format (default: auto)")
     q.add_argument("--split", default="train", help="as data.split, for format hf (default: train)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="distrain",
+        description="Distributed training on DeepSpeed and Ray, from one CPU process to a GPU cluster.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train,  # and resume
+        _add_export,
+        _add_sample,
+        _add_launch,
+        _add_submit,
+        _add_status,
+        _add_cluster,
+        _add_plan,
+        _add_report,
+        _add_config,
+        _add_data,
+    ):
+        add(sub)
     return ap
 
 
@@ -285,16 +333,7 @@ def _workers_override(text: str) -> str:
 
 def _submit(args) -> int:
     overrides = list(args.overrides)
-    for key in (
-        "nodes",
-        "gpus_per_node",
-        "cpus_per_task",
-        "time",
-        "partition",
-        "account",
-        "qos",
-        "constraint",
-    ):
+    for _, key, _ in SLURM_FLAGS:
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"cluster.slurm.{key}={value}")
@@ -347,7 +386,153 @@ def _layout_line(cfg, gpus: int) -> str:
         return f"data: cannot be laid out on {gpus} ranks: {exc}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _config_reference(args) -> int:
+    sys.stdout.write(reference_markdown())
+    return EXIT_OK
+
+
+def _config_show(args) -> int:
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    return EXIT_OK
+
+
+def _config_validate(args) -> int:
+    from distrain.config import elastic_layouts, mesh_summary
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{args.config}: valid")
+    print(mesh_summary(cfg))
+    if cfg.cluster.elastic:
+        print(elastic_layouts(cfg))
+    return EXIT_OK
+
+
+def _plan(args) -> int:
+    import json
+
+    from distrain.plan import format_plan, plan
+
+    # --gpus N: N workers with the config's global batch (grad_accum derived, as for an elastic size)
+    sized = [f"cluster.workers={{min: {args.gpus}, max: {args.gpus}}}"] if args.gpus else []
+    cfg = load_config(args.config, [*args.overrides, *sized])
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. 0.4")
+    out = plan(cfg, args.gpus, args.gpu, args.mfu)
+    out["data_layout"] = _layout_line(cfg, out["gpus"])
+    print(json.dumps(out, indent=2) if args.json else format_plan(out))
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from distrain.export import export
+
+    print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    import json
+    from pathlib import Path
+
+    from distrain.status import print_status, status
+
+    info = status(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_status(info)
+    return EXIT_OK
+
+
+def _cluster_ports(args) -> int:
+    from distrain.cluster.slurm import block_free, free_block
+
+    if args.check is not None:
+        return EXIT_OK if block_free(args.check) else EXIT_ERROR
+    print(free_block(args.job_id, args.after))
+    return EXIT_OK
+
+
+def _cluster_wait_ray(args) -> int:
+    from distrain.cluster.slurm import wait_ray
+
+    waited = wait_ray(args.address, args.nodes, args.timeout, args.pids)
+    print(f"distrain: {args.nodes} Ray node(s) up at {args.address} after {waited:.0f} s", flush=True)
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from distrain.metrics.report import write_report
+
+    out = write_report(Path(args.run_dir), args.out)
+    print(f"wrote {out / 'report.md'}")
+    return EXIT_OK
+
+
+def _data_index(args) -> int:
+    import time
+
+    from distrain.data.sources import build_manifest, cache_dir, detect_format
+
+    t0 = time.perf_counter()
+    fmt = detect_format(args.path, args.format, "path")
+    man = build_manifest(args.path, fmt, "path", args.split)
+    print(
+        f"{args.path}: {fmt}, {len(man.files):,} files, {man.total:,} rows, {int(man.chunks.sum()):,} chunks, "
+        f"digest {man.digest} ({time.perf_counter() - t0:.1f} s; cache {cache_dir()})"
+    )
+    return EXIT_OK
+
+
+def _data_prepare(args) -> int:
+    from distrain.data.prepare import prepare
+
+    for path in prepare(args.out):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _train_and_exit(args) -> int:
+    """``train`` and ``resume``. The run is over and its records are on disk: leave without
+    interpreter teardown, where native libraries occasionally abort and would turn a finished run
+    into a failure."""
+    code = _train(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+# each subcommand's handler, by `command` or `command subcommand` (argparse's dests below)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train_and_exit,
+    "resume": _train_and_exit,
+    "export": _export,
+    "sample": _sample,
+    "launch": _launch,  # local and ray
+    "submit": _submit,  # slurm
+    "status": _status,
+    "cluster wait-ray": _cluster_wait_ray,
+    "cluster ports": _cluster_ports,
+    "plan": _plan,
+    "report": _report,
+    "config show": _config_show,
+    "config validate": _config_validate,
+    "config reference": _config_reference,
+    "data prepare": _data_prepare,
+    "data index": _data_index,
+}
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The key of ``args``'s handler: the command, and the subcommand of those that have one."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # `launch ... --workers N a=b`: overrides may follow the options
@@ -358,111 +543,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     if args.command not in ("train", "resume", "launch", "plan"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.command == "config":
-            if args.config_command == "reference":
-                sys.stdout.write(reference_markdown())
-                return EXIT_OK
-            from distrain.config import mesh_summary
-
-            cfg = load_config(args.config, args.overrides)
-            if args.config_command == "show":
-                sys.stdout.write(to_yaml(cfg))
-            else:
-                print(f"{args.config}: valid")
-                print(mesh_summary(cfg))
-                if cfg.cluster.elastic:
-                    from distrain.config import elastic_layouts
-
-                    print(elastic_layouts(cfg))
-            return EXIT_OK
-        if args.command == "plan":
-            import json
-
-            from distrain.plan import format_plan, plan
-
-            # --gpus N: N workers with the config's global batch (grad_accum derived, as for an elastic size)
-            sized = [f"cluster.workers={{min: {args.gpus}, max: {args.gpus}}}"] if args.gpus else []
-            cfg = load_config(args.config, [*args.overrides, *sized])
-            if args.mfu is not None and not 0 < args.mfu <= 1:
-                raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. 0.4")
-            out = plan(cfg, args.gpus, args.gpu, args.mfu)
-            out["data_layout"] = _layout_line(cfg, out["gpus"])
-            print(json.dumps(out, indent=2) if args.json else format_plan(out))
-            return EXIT_OK
-        if args.command == "export":
-            from distrain.export import export
-
-            print(f"wrote {export(args.run_dir, args.format, args.out, args.step)}")
-            return EXIT_OK
-        if args.command == "sample":
-            return _sample(args)
-        if args.command == "launch":
-            return _launch(args)
-        if args.command == "submit":
-            return _submit(args)
-        if args.command == "status":
-            import json
-            from pathlib import Path
-
-            from distrain.status import print_status, status
-
-            info = status(Path(args.run_dir))
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                print_status(info)
-            return EXIT_OK
-        if args.command == "cluster" and args.cluster_command == "ports":
-            from distrain.cluster.slurm import block_free, free_block
-
-            if args.check is not None:
-                return EXIT_OK if block_free(args.check) else EXIT_ERROR
-            print(free_block(args.job_id, args.after))
-            return EXIT_OK
-        if args.command == "cluster":
-            from distrain.cluster.slurm import wait_ray
-
-            waited = wait_ray(args.address, args.nodes, args.timeout, args.pids)
-            print(f"distrain: {args.nodes} Ray node(s) up at {args.address} after {waited:.0f} s", flush=True)
-            return EXIT_OK
-        if args.command == "report":
-            from pathlib import Path
-
-            from distrain.metrics.report import write_report
-
-            out = write_report(Path(args.run_dir), args.out)
-            print(f"wrote {out / 'report.md'}")
-            return EXIT_OK
-        if args.command == "data" and args.data_command == "index":
-            import time
-
-            from distrain.data.sources import build_manifest, cache_dir, detect_format
-
-            t0 = time.perf_counter()
-            fmt = detect_format(args.path, args.format, "path")
-            man = build_manifest(args.path, fmt, "path", args.split)
-            print(
-                f"{args.path}: {fmt}, {len(man.files):,} files, {man.total:,} rows, {int(man.chunks.sum()):,} chunks, "
-                f"digest {man.digest} ({time.perf_counter() - t0:.1f} s; cache {cache_dir()})"
-            )
-            return EXIT_OK
-        if args.command == "data":
-            from distrain.data.prepare import prepare
-
-            for path in prepare(args.out):
-                print(f"wrote {path}")
-            return EXIT_OK
-        if args.command in ("train", "resume"):
-            code = _train(args)
-            # The run is over and its records are on disk: leave without interpreter teardown, where
-            # native libraries occasionally abort and would turn a finished run into a failure.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-            os._exit(code)
+        return COMMANDS[_command(args)](args)
     except UserError as exc:  # the message names the key, file or row and the fix
         if os.environ.get("DISTRAIN_DEBUG"):
             raise
@@ -470,7 +559,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("distrain: aborted\n")
         return EXIT_INTERRUPTED
-    return EXIT_OK
 
 
 if __name__ == "__main__":

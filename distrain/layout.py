@@ -83,19 +83,8 @@ def with_partitions(cfg: Config, k: int) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"partitions": k})})
 
 
-def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> tuple[Config, Layout]:
-    """``cfg`` with ``data.partitions`` decided (the user's, the run's recorded one, or derived for
-    ``sizes``) and checked against the data and every size; the layout. Reads the data's manifests
-    (cached) and, with ``run_dir``, checks the run directory and reads the newest checkpoint's config."""
-    from distrain.checkpoint import check_launch
-    from distrain.data import DataPipeline
-    from distrain.data.plan import default_partitions
-
-    given, saved = cfg.data.partitions, None
-    if run_dir:  # a resume takes the partitions the run recorded
-        cfg, saved = check_launch(cfg.run.run_dir.resolve(), cfg)
-    for n in sizes:
-        mesh(cfg, n)  # sp x tp divides every size
+def _refuse_tp_resize(cfg: Config, sizes: list[int], saved: dict | None, origin: str) -> None:
+    """A tensor-parallel run resumes only on the world size that saved its newest checkpoint."""
     was = (saved or {}).get("world_size")
     if cfg.parallel.tensor_parallel > 1 and was and any(n != was for n in sizes):
         raise TopologyError(
@@ -103,19 +92,10 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
             f"parallel.tensor_parallel={cfg.parallel.tensor_parallel}, and a tensor-parallel checkpoint resumes on "
             f"the world size that saved it (DeepSpeed loads AutoTP shards as they were cut); launch it on {was} ranks"
         )
-    worlds = sizes
-    sizes = sorted({dp_size(cfg, n) for n in sizes})  # the data is read by the data-parallel ranks
-    recorded = given is None and cfg.data.partitions is not None
-    pipe = DataPipeline(cfg, 0, 1) if cfg.data.partitions else None
-    if pipe is None:
-        from distrain.data import train_manifests
 
-        k = default_partitions(train_manifests(cfg)[0], sizes, origin)
-        cfg = with_partitions(cfg, k)
-        pipe = DataPipeline(cfg, 0, 1)  # the tokenizer and the chunks, with the count it will use
-    pipe.close()
-    if saved is not None and "corpus" in saved:  # a resume on changed data is refused naming the file
-        pipe.corpus.load_state_dict(saved["corpus"])
+
+def _check_partitions(cfg: Config, worlds: list[int], sizes: list[int], recorded: bool, origin: str) -> None:
+    """``data.partitions`` against every world size (``worlds``) and data-parallel size (``sizes``)."""
     k = cfg.data.partitions
     bad = [n for n in sizes if k % n]
     if bad and recorded:
@@ -135,6 +115,37 @@ def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> 
                     f"data.num_workers={cfg.data.num_workers} but each of {n} ranks reads data.partitions / "
                     f"world size = {k // n} partitions; set data.num_workers <= {k // n} or raise data.partitions"
                 )
+
+
+def decide(cfg: Config, sizes: list[int], origin: str, run_dir: bool = True) -> tuple[Config, Layout]:
+    """``cfg`` with ``data.partitions`` decided (the user's, the run's recorded one, or derived for
+    ``sizes``) and checked against the data and every size; the layout. Reads the data's manifests
+    (cached) and, with ``run_dir``, checks the run directory and reads the newest checkpoint's config."""
+    from distrain.checkpoint import check_launch
+    from distrain.data import DataPipeline
+    from distrain.data.plan import default_partitions
+
+    given, saved = cfg.data.partitions, None
+    if run_dir:  # a resume takes the partitions the run recorded
+        cfg, saved = check_launch(cfg.run.run_dir.resolve(), cfg)
+    for n in sizes:
+        mesh(cfg, n)  # sp x tp divides every size
+    _refuse_tp_resize(cfg, sizes, saved, origin)
+    worlds = sizes
+    sizes = sorted({dp_size(cfg, n) for n in sizes})  # the data is read by the data-parallel ranks
+    recorded = given is None and cfg.data.partitions is not None
+    pipe = DataPipeline(cfg, 0, 1) if cfg.data.partitions else None
+    if pipe is None:
+        from distrain.data import train_manifests
+
+        k = default_partitions(train_manifests(cfg)[0], sizes, origin)
+        cfg = with_partitions(cfg, k)
+        pipe = DataPipeline(cfg, 0, 1)  # the tokenizer and the chunks, with the count it will use
+    pipe.close()
+    if saved is not None and "corpus" in saved:  # a resume on changed data is refused naming the file
+        pipe.corpus.load_state_dict(saved["corpus"])
+    k = cfg.data.partitions
+    _check_partitions(cfg, worlds, sizes, recorded, origin)
     how = (
         "data.partitions"
         if given is not None

@@ -227,40 +227,40 @@ def _fake_batch(cfg: Config, micro: int) -> dict[str, Any]:
     return {"input_ids": torch.zeros(micro, cfg.data.seq_len, dtype=torch.long)}
 
 
-def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: float | None = None) -> dict:
-    """The plan of ``cfg`` on ``gpus`` GPUs (default: the config's workers) of card ``gpu`` (a name
-    of the peak table; default H100)."""
-    from distrain.metrics.energy import co2e_kg
+def _card(gpu: str | None):
+    """The peak table's entry for ``--gpu`` (default H100)."""
     from distrain.metrics.peak import GPU_PEAKS, find_gpu
-    from distrain.models import get_spec
 
     card = find_gpu(gpu or "H100")
     if card is None:
         raise ConfigError(
             f"--gpu {gpu}: not in the peak table; use one of {', '.join(e.name for e in GPU_PEAKS)}"
         )
-    world = gpus or cfg.cluster.max_workers
-    if world < 1:
-        raise ConfigError(f"--gpus {world}: at least 1")
+    return card
+
+
+def _sized(cfg: Config, world: int) -> Config:
+    """``cfg`` at ``world`` GPUs: its ``train.global_batch_size`` kept by a whole grad_accum."""
     cfg = sized_for(cfg, world)
     want = cfg.train.global_batch_size
-    if want is not None and want != global_batch(cfg, world):
-        per = cfg.train.micro_batch_size * dp_size(cfg, world)
-        if want % per:
-            raise ConfigError(
-                f"train.global_batch_size={want} is not micro batch {cfg.train.micro_batch_size} x a whole "
-                f"grad_accum x {dp_size(cfg, world)} data-parallel ranks ({mesh_line(cfg, world)}); pick --gpus "
-                f"so that the data-parallel ranks divide {want // cfg.train.micro_batch_size}"
-            )
-        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": want // per})})
-    counts = _part_params(cfg)
-    params = sum(c[0] for c in counts.values())
-    gpu_terms, cpu, acts_how = _per_gpu(cfg, world, counts)
-    total = sum(gpu_terms.values())
-    memory = card.memory_gb * 1e9
-    spec = get_spec(cfg.model.name)
+    if want is None or want == global_batch(cfg, world):
+        return cfg
+    per = cfg.train.micro_batch_size * dp_size(cfg, world)
+    if want % per:
+        raise ConfigError(
+            f"train.global_batch_size={want} is not micro batch {cfg.train.micro_batch_size} x a whole "
+            f"grad_accum x {dp_size(cfg, world)} data-parallel ranks ({mesh_line(cfg, world)}); pick --gpus "
+            f"so that the data-parallel ranks divide {want // cfg.train.micro_batch_size}"
+        )
+    return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grad_accum": want // per})})
+
+
+def _step(cfg: Config, world: int, card, mfu: float | None) -> dict:
+    """One step's samples, tokens and FLOPs, and its time at the card's peak and the MFU."""
+    from distrain.models import get_spec
+
     batch = global_batch(cfg, world)
-    flops = sum(spec.flops_by_part(cfg).values()) * batch
+    flops = sum(get_spec(cfg.model.name).flops_by_part(cfg).values()) * batch
     dtype = (
         cfg.parallel.precision
         if cfg.parallel.precision != "fp32"
@@ -268,8 +268,34 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
     )
     peak = card.tflops.get(dtype, 0.0) * 1e12
     mfu_used = mfu if mfu is not None else DEFAULT_MFU
-    step_s = flops / (world * peak * mfu_used) if peak else None
-    run_s = step_s * cfg.train.steps if step_s else None
+    return {
+        "samples": batch,
+        "tokens": batch * cfg.data.seq_len if cfg.model.batch_kind == "tokens" else None,
+        "flops": flops,
+        "mfu": mfu_used,
+        "mfu_from": "--mfu" if mfu is not None else "assumed (no GPU run measured in benchmarks/RESULTS.md)",
+        "peak_tflops": peak / 1e12 if peak else None,
+        "seconds": flops / (world * peak * mfu_used) if peak else None,
+    }
+
+
+def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: float | None = None) -> dict:
+    """The plan of ``cfg`` on ``gpus`` GPUs (default: the config's workers) of card ``gpu`` (a name
+    of the peak table; default H100)."""
+    from distrain.metrics.energy import co2e_kg
+
+    card = _card(gpu)
+    world = gpus or cfg.cluster.max_workers
+    if world < 1:
+        raise ConfigError(f"--gpus {world}: at least 1")
+    cfg = _sized(cfg, world)
+    counts = _part_params(cfg)
+    params = sum(c[0] for c in counts.values())
+    gpu_terms, cpu, acts_how = _per_gpu(cfg, world, counts)
+    total = sum(gpu_terms.values())
+    memory = card.memory_gb * 1e9
+    step = _step(cfg, world, card, mfu)
+    run_s = step["seconds"] * cfg.train.steps if step["seconds"] else None
     joules = card.power_w * world * run_s if run_s else None
     mc = cfg.metrics
     w = weight_bytes(cfg)
@@ -290,17 +316,7 @@ def plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: floa
         "total_bytes": total,
         "fits": total <= memory,
         "limiting": max(gpu_terms, key=gpu_terms.get),
-        "step": {
-            "samples": batch,
-            "tokens": batch * cfg.data.seq_len if cfg.model.batch_kind == "tokens" else None,
-            "flops": flops,
-            "mfu": mfu_used,
-            "mfu_from": "--mfu"
-            if mfu is not None
-            else "assumed (no GPU run measured in benchmarks/RESULTS.md)",
-            "peak_tflops": peak / 1e12 if peak else None,
-            "seconds": step_s,
-        },
+        "step": step,
         "steps": cfg.train.steps,
         "run_seconds": run_s,
         "energy_kwh": joules / 3.6e6 * mc.pue if joules else None,

@@ -214,6 +214,51 @@ def _alive(hb: dict[str, Any]) -> bool:
 _ENDED = {"completed": "completed", "preempted": "preempted", "failed": "failed", "interrupted": "stopped"}
 
 
+def _progress(run_dir: Path, summary: dict | None, hb: dict | None, records: list[dict]) -> tuple[int, Any]:
+    """(the step reached, the steps planned) by the summary, heartbeat, metrics and config."""
+    steps = (summary or hb or {}).get("steps")
+    if steps is None and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        steps = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("train") or {}).get("steps")
+    step = max([r.get("step", 0) for r in records] + [(hb or {}).get("step", 0)], default=0)
+    if summary and "step" in summary:
+        step = summary["step"]
+    return step, steps
+
+
+def _state(
+    sstate: str | None,
+    started: bool,
+    last_exit: dict | None,
+    current: bool,
+    ended: str | None,
+    hb: dict | None,
+) -> str:
+    """The run's state from its Slurm job's state, its job records, its summary and its heartbeat."""
+    if sstate in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        return "running"
+    if sstate in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+        return "preempted" if started and last_exit and last_exit.get("exit") == EXIT_PREEMPTED else "pending"
+    if current:
+        return _ENDED[ended]
+    if last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED) and last_exit.get("exit", 0) < 128:
+        return "failed"  # (128 + N: killed by signal N, which no failure record follows)
+    if hb:
+        return "running" if _alive(hb) and not sstate else "stopped"
+    return "stopped" if sstate else "unknown"
+
+
+def _slurm_error(run_dir: Path, job: str) -> str | None:
+    """The last error line of the Slurm job's log (distrain's own first), or None."""
+    log = run_dir / "slurm" / f"slurm-{job}.out"
+    if not log.is_file():
+        return None
+    lines = log.read_text(errors="replace").splitlines()
+    ours = [ln for ln in lines if "distrain: error:" in ln] or [ln for ln in lines if "error:" in ln]
+    return ours[-1].strip() if ours else None
+
+
 def status(run_dir: Path) -> dict[str, Any]:
     """What a run directory says about its run: state (running, completed, failed, preempted,
     stopped; pending for a queued Slurm job), step, newest checkpoint, restarts, error, the last
@@ -226,14 +271,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     summary = _read_json(run_dir / SUMMARY)
     hb = _read_json(run_dir / HEARTBEAT)
     records = _jsonl(run_dir / "metrics.jsonl")
-    steps = (summary or hb or {}).get("steps")
-    if steps is None and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        steps = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("train") or {}).get("steps")
-    step = max([r.get("step", 0) for r in records] + [(hb or {}).get("step", 0)], default=0)
-    if summary and "step" in summary:
-        step = summary["step"]
+    step, steps = _progress(run_dir, summary, hb, records)
     ckpts = list_checkpoints(run_dir / "checkpoints")
     jobs = _jsonl(run_dir / "slurm" / "jobs.jsonl")
     starts = [j for j in jobs if "start" in j]
@@ -244,18 +282,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     ended = summary.get("status") if summary else None
     # a heartbeat after the summary: a later attempt (a resume) is under way
     current = ended in _ENDED and not (hb and hb.get("time", 0) > summary.get("finished_at", 0) + 1)
-    if sstate in ("RUNNING", "COMPLETING", "CONFIGURING"):
-        state = "running"
-    elif sstate in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
-        state = "preempted" if starts and last_exit and last_exit.get("exit") == EXIT_PREEMPTED else "pending"
-    elif current:
-        state = _ENDED[ended]
-    elif last_exit and last_exit.get("exit") not in (0, EXIT_PREEMPTED) and last_exit.get("exit", 0) < 128:
-        state = "failed"  # (128 + N: killed by signal N, which no failure record follows)
-    elif hb:
-        state = "running" if _alive(hb) and not sstate else "stopped"
-    else:
-        state = "stopped" if sstate else "unknown"
+    state = _state(sstate, bool(starts), last_exit, current, ended, hb)
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "state": state,
@@ -269,11 +296,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     }
     error = summary.get("error") if current and ended == "failed" else None
     if state == "failed" and not error and job:
-        log = run_dir / "slurm" / f"slurm-{job}.out"
-        if log.is_file():
-            lines = log.read_text(errors="replace").splitlines()
-            ours = [ln for ln in lines if "distrain: error:" in ln] or [ln for ln in lines if "error:" in ln]
-            error = ours[-1].strip() if ours else None
+        error = _slurm_error(run_dir, job)
     out["error"] = error
     out["error_type"] = summary.get("error_type") if current and ended == "failed" else None
     if state == "stopped" and ended == "interrupted" and current:

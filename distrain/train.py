@@ -86,10 +86,13 @@ def params_digest(engines: dict[str, Any] | Any) -> str:
     return h.hexdigest()
 
 
-def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
+def _topology(
+    cfg: Config, dist_info, workers: list[dict[str, Any]], parts: dict, flops: dict
+) -> dict[str, Any]:
+    """The job's shape as the tracker and the console report it (and each part's, for several)."""
     from distrain.config import global_batch
 
-    return {
+    topology = {
         "world_size": dist_info.world_size,
         "nodes": len({w["node"] for w in workers}),
         "device": dist_info.device.type,
@@ -100,9 +103,13 @@ def _topology(cfg: Config, dist_info, workers: list[dict[str, Any]], n_params: i
         "precision": cfg.parallel.precision,
         "grad_accum": cfg.parallel.grad_accum,
         "global_batch": global_batch(cfg, dist_info.world_size),
-        "params": n_params,
+        "params": sum(p.numel() for m in parts.values() for p in m.parameters()),
         **slurm_job(),
     }
+    if len(parts) > 1:
+        topology.update({f"params_{k}": sum(p.numel() for p in m.parameters()) for k, m in parts.items()})
+        topology.update({f"flops_per_sample_{k}": v for k, v in flops.items()})
+    return topology
 
 
 def slurm_job() -> dict[str, Any]:
@@ -131,22 +138,12 @@ def _announce(cfg: Config, run_dir, dist_info, topology: dict[str, Any], wandb_w
     )
 
 
-def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
-    """Initialise torch.distributed and build every part of this rank whole, in dependency order:
-    data, model and engine, then meters, tracker and checkpointer (which restores their state on a
-    resume), then the trainer. ``on_checkpoint``: callables (step, path) run after each save."""
-    import os
-
-    import torch
-
-    from distrain.checkpoint import Checkpointer, RandomState, refuse_to_overwrite, resume_plan
-    from distrain.config import global_batch, sized_for
-    from distrain.data import DataPipeline
-    from distrain.metrics import Meters
-    from distrain.models import build_parts, get_spec
-    from distrain.parallel import build_engine, check_device, init_distributed
-    from distrain.tracking import Tracker, setup_logging
-    from distrain.trainer import Progress, Trainer
+def _for_this_world(cfg: Config) -> Config:
+    """``cfg`` for this process's world size (an elastic job's grad_accum, the data layout when no
+    driver decided it), with the device chosen and logging set up."""
+    from distrain.config import sized_for
+    from distrain.parallel import check_device
+    from distrain.tracking import setup_logging
 
     os.environ.setdefault("DS_ACCELERATOR", check_device(cfg))  # before anything imports DeepSpeed
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -156,77 +153,104 @@ def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
 
         cfg, _ = decide(cfg, [world], f"world size {world}")
     setup_logging(int(os.environ.get("RANK", "0")), cfg.run.log_level)  # the launcher's rank, as torchrun's
-    dist_info = init_distributed(cfg)
-    run_dir = cfg.run.run_dir.resolve()
+    return cfg
+
+
+def _data(cfg: Config, dist_info):
+    from distrain.data import DataPipeline
+
     on_cuda = dist_info.device.type == "cuda"
     pin = on_cuda if cfg.data.pin_memory is None else cfg.data.pin_memory and on_cuda
     # keyed by the data-parallel rank: the ranks of one sequence- or tensor-parallel group share a batch
-    data = DataPipeline(cfg, dist_info.dp_rank, dist_info.dp_size, pin_memory=pin)
-    spec = get_spec(cfg.model.name)
+    return DataPipeline(cfg, dist_info.dp_rank, dist_info.dp_size, pin_memory=pin)
+
+
+def _model(cfg: Config, dist_info):
+    """The model's parts, and its sequence-parallel wrapper (or None)."""
+    import torch
+
+    from distrain.models import build_parts
+
     parts = build_parts(cfg)  # seeded by run.seed: identical on every rank
     # dropout and latents differ per rank; the ranks of a tensor-parallel group, which compute
     # the same activations outside the split layers, draw the same
     torch.manual_seed(cfg.run.seed + dist_info.rank // cfg.parallel.tensor_parallel)
-    n_params = sum(p.numel() for m in parts.values() for p in m.parameters())
-    sequence = None
-    if cfg.parallel.sequence_parallel > 1:
-        from distrain.parallel.sequence import SequenceParallel
+    if cfg.parallel.sequence_parallel == 1:
+        return parts, None
+    from distrain.parallel.sequence import SequenceParallel
 
-        sequence = SequenceParallel(cfg, parts["model"])
-    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
-    plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
-    universal = bool(plan and "universal" in plan)
-    engines = {  # one engine per part, each with its own optimizer, schedule and clipping
+    return parts, SequenceParallel(cfg, parts["model"])
+
+
+def _engines(cfg: Config, parts: dict, dist_info, universal: bool) -> dict[str, Any]:
+    """One engine per part, each with its own optimizer, schedule and clipping."""
+    from distrain.parallel import build_engine
+
+    return {
         name: build_engine(
-            cfg.for_part(name),
-            m,
-            dist_info.world_size,
-            dist_info.device,
-            load_universal=universal,
+            cfg.for_part(name), m, dist_info.world_size, dist_info.device, load_universal=universal
         )
         for name, m in parts.items()
     }
-    workers = _workers(dist_info)
+
+
+def _samples(cfg: Config, spec, dist_info, run_dir, tracker, data):
+    """A generative model's sample grids (None for the others)."""
+    if spec.generative is None:
+        return None
+    from distrain.samples import Samples
+
+    return Samples(cfg, spec, dist_info, run_dir, tracker, data)
+
+
+def _begin(cfg: Config, run_dir, progress) -> None:
+    """Rank 0, the launch accepted: from here on the run directory is written."""
+    from distrain import status
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    status.begin(run_dir, progress.step, cfg.train.steps)
+
+
+def setup(cfg: Config, on_checkpoint: list | tuple = ()) -> Session:
+    """Initialise torch.distributed and build every part of this rank whole, in dependency order:
+    data, model and engine, then meters, tracker and checkpointer (which restores their state on a
+    resume), then the trainer. ``on_checkpoint``: callables (step, path) run after each save."""
+    from distrain.checkpoint import Checkpointer, RandomState, refuse_to_overwrite, resume_plan
+    from distrain.config import global_batch
+    from distrain.metrics import Meters
+    from distrain.models import get_spec
+    from distrain.parallel import init_distributed
+    from distrain.tracking import Tracker
+    from distrain.trainer import Progress, Trainer
+
+    cfg = _for_this_world(cfg)
+    dist_info = init_distributed(cfg)
+    run_dir, spec = cfg.run.run_dir.resolve(), get_spec(cfg.model.name)
+    data = _data(cfg, dist_info)
+    parts, sequence = _model(cfg, dist_info)
+    refuse_to_overwrite(run_dir, cfg.checkpoint.resume)
+    plan = resume_plan(run_dir / "checkpoints", dist_info.comm, cfg) if cfg.checkpoint.resume else None
+    engines = _engines(cfg, parts, dist_info, universal=bool(plan and "universal" in plan))
+    workers, flops = _workers(dist_info), spec.flops_by_part(cfg)
     batch = global_batch(cfg, dist_info.world_size)
-    flops = spec.flops_by_part(cfg)
     meters = Meters(cfg, dist_info, batch, data.tokens_per_sample, sum(flops.values()))
-    topology = _topology(cfg, dist_info, workers, n_params)
-    if len(parts) > 1:
-        topology.update({f"params_{k}": sum(p.numel() for p in m.parameters()) for k, m in parts.items()})
-        topology.update({f"flops_per_sample_{k}": v for k, v in flops.items()})
+    topology = _topology(cfg, dist_info, workers, parts, flops)
     tracker = Tracker(cfg, run_dir, dist_info.is_main, topology)
     progress = Progress()
     model_state = spec.state(cfg) if spec.state is not None else None
-    checkpointer = Checkpointer(
-        cfg,
-        engines,
-        dist_info.comm,
-        run_dir,
-        job={
-            "corpus": data.corpus,
-            "trainer": progress,
-            "meters": meters,
-            "tracker": tracker,
-            **({"model_state": model_state} if model_state is not None else {}),
-        },
-        rank={"data": data, "rng": RandomState()},
-    )
+    job = {"corpus": data.corpus, "trainer": progress, "meters": meters, "tracker": tracker}
+    job.update({"model_state": model_state} if model_state is not None else {})
+    rank = {"data": data, "rng": RandomState()}
+    checkpointer = Checkpointer(cfg, engines, dist_info.comm, run_dir, job=job, rank=rank)
     if plan:
         checkpointer.load(plan)
-    if dist_info.is_main:  # the launch is accepted: from here on the run directory is written
-        from distrain import status
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        status.begin(run_dir, progress.step, cfg.train.steps)
+    if dist_info.is_main:
+        _begin(cfg, run_dir, progress)
     meters.start(workers)  # collective: the peak FLOP/s probe, each node's energy reader
     tracker.start(progress.step)
     callbacks = [*([tracker.log_checkpoint] if cfg.tracking.wandb.log_checkpoints else []), *on_checkpoint]
-    samples = None
-    if spec.generative is not None:
-        from distrain.samples import Samples
-
-        samples = Samples(cfg, spec, dist_info, run_dir, tracker, data)
+    samples = _samples(cfg, spec, dist_info, run_dir, tracker, data)
     trainer = Trainer(
         cfg,
         engines,
@@ -258,6 +282,45 @@ def _check_replicas(s: Session) -> dict[str, Any]:
     return {"replicas_identical": True, "params_sha256": digest}
 
 
+def _job_facts(s: Session, run_dir) -> dict[str, Any]:
+    """What the run summary says of the job beside the trainer's figures."""
+    facts: dict[str, Any] = slurm_job()
+    if s.data.restarts:  # data.restart_order: a resume restarted the data order
+        facts["data_restarts"] = s.data.restarts
+    facts.update(
+        run_dir=str(run_dir),
+        world_size=s.dist.world_size,
+        nodes=len({w["node"] for w in s.workers}),
+        workers=s.workers,
+        finished_at=time.time(),
+    )
+    return facts
+
+
+def _record_end(cfg: Config, s: Session, run_dir, summary: dict[str, Any]) -> None:
+    """Rank 0: the end-of-run record and line (none for a resize: the job goes on)."""
+    from distrain import status
+
+    if summary["status"] == "resize":  # the job goes on: no end-of-run record
+        log.info(
+            "run %s: checkpointed at step %d/%d for Ray's resize; the workers restart at the new size",
+            cfg.run.name,
+            summary["step"],
+            summary["steps"],
+        )
+    else:
+        status.write_summary(run_dir, summary)
+        s.tracker.summary(summary)
+        log.info(
+            "run %s: %s at step %d/%d in %.1fs",
+            cfg.run.name,
+            summary["status"],
+            summary["step"],
+            summary["steps"],
+            summary["elapsed_s"],
+        )
+
+
 def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple = ()) -> dict[str, Any]:
     """Train per ``cfg`` in this process (one rank of the job); returns the run summary, which rank 0
     also writes to RUN_DIR/summary.json (a run's success is that record, not the exit path). Any
@@ -279,16 +342,7 @@ def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple
     summary: dict[str, Any] = {}
     try:
         summary = s.trainer.train()
-        summary.update(slurm_job())
-        if s.data.restarts:  # data.restart_order: a resume restarted the data order
-            summary["data_restarts"] = s.data.restarts
-        summary.update(
-            run_dir=str(run_dir),
-            world_size=s.dist.world_size,
-            nodes=len({w["node"] for w in s.workers}),
-            workers=s.workers,
-            finished_at=time.time(),
-        )
+        summary.update(_job_facts(s, run_dir))
         if cfg.train.check_replicas:
             summary.update(_check_replicas(s))
     except BaseException as exc:
@@ -301,22 +355,6 @@ def run(cfg: Config, session: Session | None = None, on_checkpoint: list | tuple
         s.tracker.close()
         s.data.close()
         s.checkpointer.close()  # a background save finishes before the run is reported
-    if s.dist.is_main and summary["status"] == "resize":  # the job goes on: no end-of-run record
-        log.info(
-            "run %s: checkpointed at step %d/%d for Ray's resize; the workers restart at the new size",
-            cfg.run.name,
-            summary["step"],
-            summary["steps"],
-        )
-    elif s.dist.is_main:
-        status.write_summary(run_dir, summary)
-        s.tracker.summary(summary)
-        log.info(
-            "run %s: %s at step %d/%d in %.1fs",
-            cfg.run.name,
-            summary["status"],
-            summary["step"],
-            summary["steps"],
-            summary["elapsed_s"],
-        )
+    if s.dist.is_main:
+        _record_end(cfg, s, run_dir, summary)
     return summary

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from distrain.cluster.control import StopWatch
 from distrain.config import Config
 from distrain.data import ERROR_KINDS, DataError, DataPipeline, to_device
 from distrain.errors import UserError
 from distrain.metrics import Meters
 from distrain.models import Update, get_spec
+from distrain.notices import StopWatch
 from distrain.parallel import DistInfo
 from distrain.parallel.engine import Frozen, channels_last, plain_torch_optimizer
 from distrain.tracking import Tracker

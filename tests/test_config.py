@@ -170,8 +170,8 @@ def test_reference_documents_every_key():
     ref = reference_markdown()
     from pydantic import BaseModel
 
-    from distrain import models
     from distrain.config import Config
+    from distrain.config.schema import model_config_class, model_names
 
     def check(prefix: str, cls) -> None:
         for key, f in cls.model_fields.items():
@@ -182,7 +182,7 @@ def test_reference_documents_every_key():
                 assert f"`{prefix}.{f.alias or key}`" in ref
 
     for name, field in Config.model_fields.items():
-        model_classes = [models.model_config_class(n) for n in models.names(shipped=True)]
+        model_classes = [model_config_class(n) for n in model_names(shipped=True)]
         for cls in model_classes if name == "model" else [field.annotation]:
             check(name, cls)
 

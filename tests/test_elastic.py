@@ -119,21 +119,22 @@ def test_one_process_of_an_elastic_config_trains_with_the_grad_accum_of_its_size
 
 
 def test_a_resize_notice_stops_the_group_that_was_running_not_the_next_one(tmp_path, monkeypatch):
-    from distrain.cluster import control
+    from distrain import notices
+    from distrain.cluster.control import write_notice
 
-    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
-    monkeypatch.delenv(control.DEADLINE, raising=False)
-    running = control.StopWatch(tmp_path)
-    control.write_notice(tmp_path, "a" * 16, control.RESIZE)
+    monkeypatch.setenv(notices.LAUNCH_ID, "a" * 16)
+    monkeypatch.delenv(notices.DEADLINE, raising=False)
+    running = notices.StopWatch(tmp_path)
+    write_notice(tmp_path, "a" * 16, notices.RESIZE)
     running._next = 0.0
     assert running.check() == "resize"
-    after = control.StopWatch(tmp_path)  # the group Ray starts after the resize finds the notice there
+    after = notices.StopWatch(tmp_path)  # the group Ray starts after the resize finds the notice there
     assert after.check() is None
-    control.write_notice(tmp_path, "a" * 16, control.RESIZE)  # the next resize
+    write_notice(tmp_path, "a" * 16, notices.RESIZE)  # the next resize
     after._next = 0.0
     assert after.check() == "resize"
-    control.write_notice(tmp_path, "a" * 16, "SIGUSR1")  # a preemption notice of the launch: always
-    assert control.StopWatch(tmp_path).check() == "preempted"
+    write_notice(tmp_path, "a" * 16, "SIGUSR1")  # a preemption notice of the launch: always
+    assert notices.StopWatch(tmp_path).check() == "preempted"
 
 
 def _positions(ckpt: Path) -> tuple[set[int], dict]:
@@ -235,7 +236,7 @@ def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(
     import threading
     import time
 
-    from distrain.cluster import control
+    from distrain import notices
     from distrain.cluster.ray import CONTROLLER_STATES, _resize_callback
 
     # instances of the real Ray Train controller states (their fields are not read)
@@ -244,8 +245,8 @@ def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(
     latest = tmp_path / "checkpoints" / "latest"
     latest.write_text("step00000020")
     hook = _resize_callback(tmp_path, "a" * 16, 30.0)
-    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
-    workers = control.StopWatch(tmp_path)
+    monkeypatch.setenv(notices.LAUNCH_ID, "a" * 16)
+    workers = notices.StopWatch(tmp_path)
 
     def save_when_told():  # rank 0: sees the notice, saves; `latest` moves last
         while workers.check() != "resize":
@@ -264,10 +265,10 @@ def test_ray_controller_hook_saves_before_a_resize_and_only_notifies_on_a_drain(
     t0 = time.time()
     hook.after_controller_state_update(states["RunningState"], states["PreemptingState"])
     assert time.time() - t0 < 1  # a drain: Ray keeps the group running until the workers end
-    notice = json.loads(control.notice_path(tmp_path).read_text())
-    assert notice["reason"] == control.RESIZE and notice["launch"] == "a" * 16
+    notice = json.loads(notices.notice_path(tmp_path).read_text())
+    assert notice["reason"] == notices.RESIZE and notice["launch"] == "a" * 16
     hook.after_controller_state_update(states["ResizingState"], states["RunningState"])  # not a resize
-    assert json.loads(control.notice_path(tmp_path).read_text()) == notice
+    assert json.loads(notices.notice_path(tmp_path).read_text()) == notice
 
     slow = _resize_callback(tmp_path, "a" * 16, 0.5)
     t0 = time.time()

@@ -131,20 +131,21 @@ def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
 
 
 def test_stop_notices_are_for_one_launch_and_the_deadline_leaves_time_to_save(tmp_path, monkeypatch):
-    from distrain.cluster import control
+    from distrain import notices
+    from distrain.cluster.control import write_notice
 
-    monkeypatch.setenv(control.LAUNCH_ID, "a" * 16)
-    monkeypatch.delenv(control.DEADLINE, raising=False)
-    watch = control.StopWatch(tmp_path)
+    monkeypatch.setenv(notices.LAUNCH_ID, "a" * 16)
+    monkeypatch.delenv(notices.DEADLINE, raising=False)
+    watch = notices.StopWatch(tmp_path)
     assert watch.check() is None  # no notice
-    control.write_notice(tmp_path, "b" * 16, "SIGUSR1")  # an earlier launch's notice
+    write_notice(tmp_path, "b" * 16, "SIGUSR1")  # an earlier launch's notice
     watch._next = 0.0
     assert watch.check() is None
-    control.write_notice(tmp_path, "a" * 16, "SIGUSR1")
+    write_notice(tmp_path, "a" * 16, "SIGUSR1")
     watch._next = 0.0
     assert watch.check() == "preempted"
-    monkeypatch.setenv(control.DEADLINE, str(time.time() + 60))
-    watch = control.StopWatch(tmp_path / "other")
+    monkeypatch.setenv(notices.DEADLINE, str(time.time() + 60))
+    watch = notices.StopWatch(tmp_path / "other")
     watch.step_s, watch.save_s = 1.0, 10.0
     assert watch.margin() == 15 + 2 + 15 and watch.check() is None  # 60 s left, 32 s needed
     watch.save_s = 40.0

@@ -4,6 +4,7 @@ traceback, and a non-finite step updates nothing."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -245,3 +246,103 @@ def test_a_ray_launch_that_changes_the_model_is_refused_before_ray_starts(in_wor
     import ray
 
     assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------------------ import layering
+PACKAGE = REPO / "distrain"
+LAYERS = ("cli", "cluster", "train", "trainer")  # from the top; every other module is a part, below them
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The distrain modules ``path`` imports, at import time or inside functions (what an ``if
+    TYPE_CHECKING:`` block imports is for type checkers only)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "distrain"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "distrain":
+            # `from distrain import models` imports distrain.models; `from distrain.x import f`, distrain.x
+            found |= (
+                {f"distrain.{a.name}" for a in node.names} if node.module == "distrain" else {node.module}
+            )
+    return {m for m in found if (PACKAGE.parent / (m.replace(".", "/") + ".py")).exists()} | {
+        m for m in found if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").exists()
+    }
+
+
+def _layer(module: str) -> int:
+    """0 for cli, 1 for cluster, 2 for train, 3 for trainer, 4 for a part (config, models, data, parallel,
+    metrics, checkpoint, tracking, status, layout, plan, export, samples, ...)."""
+    top = module.split(".")[1] if "." in module else ""
+    return LAYERS.index(top) if top in LAYERS else len(LAYERS)
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_imports_point_down_the_layers():
+    """cli -> cluster -> train -> trainer -> parts: no module imports one of a higher layer."""
+    up = [
+        f"{m} imports {n}"
+        for m, targets in _graph().items()
+        for n in sorted(targets)
+        if _layer(n) < _layer(m)
+    ]
+    assert not up, "imports against the layering cli -> cluster -> train -> trainer -> parts:\n" + "\n".join(
+        up
+    )
+
+
+def test_config_and_model_registry_do_not_import_each_other():
+    graph = _graph()
+    config = {m: t for m, t in graph.items() if m == "distrain.config" or m.startswith("distrain.config.")}
+    assert config and all(config.values())
+    into_models = [
+        f"{m} imports {n}" for m, t in config.items() for n in sorted(t) if n.startswith("distrain.models")
+    ]
+    assert not into_models, "the config imports model modules:\n" + "\n".join(into_models)
+    assert (
+        "distrain.config.schema" in graph["distrain.models.gpt"]
+    )  # a model's config class is a ModelSection
+    into_config = sorted(n for n in graph["distrain.models"] if n.startswith("distrain.config"))
+    assert not into_config, f"the model registry imports {into_config}"
+    code = "import sys, distrain.config; print(sorted(m for m in sys.modules if m.startswith('distrain.models')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", f"import distrain.config loaded {p.stdout.strip()}"
+
+
+# ------------------------------------------------------------------------------ function length
+MAX_LINES = 60
+LONG_NOTE = "# long:"  # on a def line: why this function is longer than MAX_LINES
+
+
+def test_no_function_is_over_60_lines_without_a_note():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES and LONG_NOTE not in lines[node.lineno - 1]:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
+    assert not long, (
+        f"functions over {MAX_LINES} lines (split them, or say why on the def line: `{LONG_NOTE} <reason>`):\n"
+        + "\n".join(long)
+    )

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distrain.cluster.control import LAUNCH_ID, RESIZE, new_launch, write_notice
+from distrain.cluster.control import new_launch, write_notice
 from distrain.config import Config, config_from_yaml, to_yaml
 from distrain.errors import ConfigError, UserError
+from distrain.notices import LAUNCH_ID, RESIZE
 
 log = logging.getLogger(__name__)
 
@@ -243,38 +244,29 @@ def _start_ray(address: str | None, local: bool, cfg: Config, node_ip: str) -> N
         ray.init(address=address, log_to_driver=True)
 
 
-def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip: str = "127.0.0.2") -> dict:
-    """Run ``cfg`` with ``cfg.cluster.workers`` Ray Train workers; returns the run's summary.json.
-    ``local``: start a one-node Ray on this machine (bound to ``node_ip``); else join ``address``
-    (or ``cluster.address``, or RAY_ADDRESS). Every check that can refuse the launch runs first
-    (``distrain.layout.preflight``), before any Ray process starts or RUN_DIR/ray is written."""
+def _trainer(cfg: Config, run_dir: Path, host: str):
+    """Ray Train's ``TorchTrainer`` of the run: ``cluster.workers`` workers (a range for an elastic
+    job) running ``train_worker``, with the run's failure, checkpoint and resize settings."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distrain.layout import launch_sizes, preflight
-
-    run_dir = cfg.run.run_dir.resolve()
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
-    cfg, _ = preflight(cfg, *launch_sizes(cfg))
-    if not os.environ.get(LAUNCH_ID):
-        new_launch()
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if not local and not address:
-        raise ConfigError(
-            "no Ray cluster address: pass --address HOST:PORT, set cluster.address or RAY_ADDRESS "
-            "(or use `distrain launch local` to start one on this machine)"
-        )
     c = cfg.cluster
     gpu = c.gpus_per_worker > 0
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if gpu else "gloo")
-    # read by Ray Train's controller, which the driver's environment reaches
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(c.start_timeout_s))
-    _start_ray(address, local, cfg, node_ip)
     resources = {"CPU": c.cpus_per_worker}
     if gpu:
         resources["GPU"] = c.gpus_per_worker
     workers = (c.min_workers, c.max_workers) if c.elastic else c.workers
-    trainer = TorchTrainer(
+    log.info(
+        "Ray Train: %s worker(s), %s placement, %s CPU%s each, backend %s, max_failures %d",
+        f"{c.min_workers}-{c.max_workers} (elastic)" if c.elastic else c.workers,
+        c.placement,
+        c.cpus_per_worker,
+        f" + {c.gpus_per_worker} GPU" if gpu else "",
+        backend,
+        c.failures,
+    )
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": to_yaml(cfg), "gpus": gpu, "cwd": _launch_dir()},
         torch_config=TorchConfig(backend=backend),
@@ -293,18 +285,33 @@ def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip
             callbacks=[_resize_callback(run_dir, os.environ[LAUNCH_ID], c.resize_save_timeout_s)]
             if c.elastic
             else None,
-            worker_runtime_env={"env_vars": _worker_env(node_ip if local else _host_ip(address))},
+            worker_runtime_env={"env_vars": _worker_env(host)},
         ),
     )
-    log.info(
-        "Ray Train: %s worker(s), %s placement, %s CPU%s each, backend %s, max_failures %d",
-        f"{c.min_workers}-{c.max_workers} (elastic)" if c.elastic else c.workers,
-        c.placement,
-        c.cpus_per_worker,
-        f" + {c.gpus_per_worker} GPU" if gpu else "",
-        backend,
-        c.failures,
-    )
+
+
+def launch(cfg: Config, address: str | None = None, local: bool = False, node_ip: str = "127.0.0.2") -> dict:
+    """Run ``cfg`` with ``cfg.cluster.workers`` Ray Train workers; returns the run's summary.json.
+    ``local``: start a one-node Ray on this machine (bound to ``node_ip``); else join ``address``
+    (or ``cluster.address``, or RAY_ADDRESS). Every check that can refuse the launch runs first
+    (``distrain.layout.preflight``), before any Ray process starts or RUN_DIR/ray is written."""
+    from distrain.layout import launch_sizes, preflight
+
+    run_dir = cfg.run.run_dir.resolve()
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dir": str(run_dir)})})
+    cfg, _ = preflight(cfg, *launch_sizes(cfg))
+    if not os.environ.get(LAUNCH_ID):
+        new_launch()
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not local and not address:
+        raise ConfigError(
+            "no Ray cluster address: pass --address HOST:PORT, set cluster.address or RAY_ADDRESS "
+            "(or use `distrain launch local` to start one on this machine)"
+        )
+    # read by Ray Train's controller, which the driver's environment reaches
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.cluster.start_timeout_s))
+    _start_ray(address, local, cfg, node_ip)
+    trainer = _trainer(cfg, run_dir, node_ip if local else _host_ip(address))
     since = time.time()
     try:
         trainer.fit()

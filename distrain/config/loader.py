@@ -17,8 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distrain import models
-from distrain.config.schema import Config, OptimConfig, OptimPartConfig
+from distrain.config.schema import Config, OptimConfig, OptimPartConfig, model_config_class, model_names
 from distrain.errors import ConfigError
 
 
@@ -29,9 +28,9 @@ def _valid_keys(cls: type[BaseModel]) -> list[str]:
 def _model_parts(data: dict) -> tuple[str, ...]:
     """The parts of the model ``data`` names, when it has several (each may have ``optim.<part>``)."""
     name = (data.get("model") or {}).get("name") if isinstance(data.get("model"), dict) else None
-    if name not in models.names():
+    if name not in model_names():
         return ()
-    parts = models.model_config_class(name).parts
+    parts = model_config_class(name).parts
     return parts if len(parts) > 1 else ()
 
 
@@ -46,9 +45,9 @@ def _section_class(path: tuple[str, ...], data: dict) -> type[BaseModel] | None:
     for part in path:
         if cls is Config and part == "model":
             name = (data.get("model") or {}).get("name") if isinstance(data.get("model"), dict) else None
-            if name not in models.names():
+            if name not in model_names():
                 return None  # the unknown model.name is reported instead
-            cls = models.model_config_class(name)
+            cls = model_config_class(name)
             continue
         if cls is OptimConfig and part in _model_parts(data):
             cls = OptimPartConfig
@@ -277,9 +276,9 @@ def config_keys() -> set[str]:
     for name, field in Config.model_fields.items():
         keys.add(name)
         if name == "model":
-            for m in models.names():
-                walk("model", models.model_config_class(m))
-                parts = models.model_config_class(m).parts
+            for m in model_names():
+                walk("model", model_config_class(m))
+                parts = model_config_class(m).parts
                 for part in parts if len(parts) > 1 else ():
                     keys.add(f"optim.{part}")
                     walk(f"optim.{part}", OptimPartConfig)
@@ -295,12 +294,12 @@ def reference_markdown() -> str:
     for name, field in Config.model_fields.items():
         if name == "model":
             # the shipped models (one added in this process by ``register`` documents itself)
-            shipped = models.names(shipped=True)
-            sections += [(f"model (name: {k})", models.model_config_class(k)) for k in shipped]
+            shipped = model_names(shipped=True)
+            sections += [(f"model (name: {k})", model_config_class(k)) for k in shipped]
         else:
             sections.append((name, field.annotation))
         if name == "optim":
-            multi = [k for k in models.names(shipped=True) if len(models.model_config_class(k).parts) > 1]
+            multi = [k for k in model_names(shipped=True) if len(model_config_class(k).parts) > 1]
             sections.append((f"optim.<part> (models of several parts: {', '.join(multi)})", OptimPartConfig))
     for title, cls in sections:
         out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")

@@ -2,17 +2,20 @@
 
 Every field carries a one-line ``description``; ``distrain config reference`` prints them all as the
 README's config reference. The ``model`` section is the config class of the model ``model.name``
-names, found through the model registry (each model's own rules live on its class); nothing here
-imports torch or builds anything.
+names (each model's own rules live on its class), found by name in ``distrain.catalog``: the named
+model's module is imported when a config names it, never at import time. Nothing here imports torch
+or builds anything.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from distrain.catalog import MODELS
 from distrain.errors import TopologyError
 
 
@@ -53,6 +56,31 @@ class ModelSection(Section):
 
     def check(self, cfg: Config) -> None:
         """Rules between this model and other sections (raise ValueError naming keys and the fix)."""
+
+    @classmethod
+    def enroll(cls) -> None:
+        """Make ``model.name`` take this class's name, validated by this class, in this process (the
+        model registry's ``register`` calls it for a model defined outside ``distrain.catalog``)."""
+        _ENROLLED[cls.model_fields["name"].default] = cls
+
+
+_ENROLLED: dict[str, type[ModelSection]] = {}  # model.name -> config class, added by ModelSection.enroll
+
+
+def model_names(shipped: bool = False) -> list[str]:
+    """The names ``model.name`` takes: the shipped ones (``shipped``), or also those enrolled in this
+    process."""
+    extra = [] if shipped else [n for n in _ENROLLED if n not in MODELS]
+    return [*MODELS, *extra]
+
+
+def model_config_class(name: str) -> type[ModelSection]:
+    """The config class of the model ``name`` (a shipped model's module is imported on first use)."""
+    if name in _ENROLLED:
+        return _ENROLLED[name]
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not a known model; allowed: {', '.join(model_names())}")
+    return importlib.import_module(MODELS[name]).SPEC.config
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -614,10 +642,8 @@ class Config(Section):
             return value
         if not isinstance(value, dict):
             return handler(value)
-        from distrain.models import model_config_class, names  # the registry: no torch, no model built
-
         if "name" not in value:
-            raise ValueError(f"missing required key 'model.name'; allowed: {', '.join(names())}")
+            raise ValueError(f"missing required key 'model.name'; allowed: {', '.join(model_names())}")
         return model_config_class(value["name"]).model_validate(value)
 
     @model_validator(mode="after")

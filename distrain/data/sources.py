@@ -423,6 +423,60 @@ def arrow_table(path: str):
     return datasets.Dataset.from_file(path, in_memory=False).data.table
 
 
+def _jsonl_rows(info, start: int, stop: int, batch: int) -> Iterator[list[bytes]]:
+    """Lines ``start:stop`` of a jsonl file, seeking to the indexed offset before ``start``."""
+    k = start // info.stride
+    with open_file(info.path) as f:
+        f.seek(info.offsets[k])
+        for _ in range(start - k * info.stride):  # fewer than one stride of lines, on a resume
+            f.readline()
+        left = stop - start
+        while left:
+            lines = list(itertools.islice(f, min(left, batch)))
+            if lines:
+                yield lines
+            if len(lines) < min(left, batch):  # shorter than its manifest: reported above
+                return
+            left -= len(lines)
+
+
+def _parquet_rows(info, start: int, stop: int, columns: list[str] | None, batch: int) -> Iterator[Any]:
+    """Record batches of rows ``start:stop`` of a parquet file, reading only the row groups that
+    hold them."""
+    import pyarrow.parquet as pq
+
+    groups = info.groups or []
+    ends = np.cumsum(groups)
+    g = int(np.searchsorted(ends, start, side="right"))  # the group holding row ``start``
+    last = int(np.searchsorted(ends, stop - 1, side="right"))
+    if g >= len(groups):
+        return
+    local = "://" not in info.path  # a local path: pyarrow's own (native) file reads
+    with contextlib.nullcontext(info.path) if local else open_file(info.path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 16)
+        names = pf.schema_arrow.names
+        cols = columns if columns and all(c in names for c in columns) else None
+        index = int(ends[g - 1]) if g else 0
+        for got in pf.iter_batches(
+            batch_size=batch, row_groups=range(g, last + 1), columns=cols, use_threads=False
+        ):
+            lo, hi = max(0, start - index), min(got.num_rows, stop - index)
+            if hi > lo:
+                yield got.slice(lo, hi - lo) if (lo or hi < got.num_rows) else got
+            index += got.num_rows
+            if index >= stop:
+                return
+
+
+def _arrow_rows(info, start: int, stop: int, columns: list[str] | None, batch: int) -> Iterator[Any]:
+    """Record batches of rows ``start:stop`` of a saved HF dataset's Arrow table."""
+    table = arrow_table(info.path)
+    cols = columns if columns and all(c in table.column_names for c in columns) else None
+    if cols:
+        table = table.select(cols)
+    yield from table.slice(start, stop - start).to_batches(max_chunksize=batch)
+
+
 def iter_raw(
     manifest: Manifest,
     i: int,
@@ -448,51 +502,13 @@ def iter_raw(
             yield [f.read()]
         return
     if fmt == "jsonl":
-        k = start // info.stride
-        with open_file(info.path) as f:
-            f.seek(info.offsets[k])
-            for _ in range(start - k * info.stride):  # fewer than one stride of lines, on a resume
-                f.readline()
-            left = stop - start
-            while left:
-                lines = list(itertools.islice(f, min(left, batch)))
-                if lines:
-                    yield lines
-                if len(lines) < min(left, batch):  # shorter than its manifest: reported above
-                    return
-                left -= len(lines)
+        yield from _jsonl_rows(info, start, stop, batch)
         return
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        groups = info.groups or []
-        ends = np.cumsum(groups)
-        g = int(np.searchsorted(ends, start, side="right"))  # the group holding row ``start``
-        last = int(np.searchsorted(ends, stop - 1, side="right"))
-        if g >= len(groups):
-            return
-        local = "://" not in info.path  # a local path: pyarrow's own (native) file reads
-        with contextlib.nullcontext(info.path) if local else open_file(info.path) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 16)
-            names = pf.schema_arrow.names
-            cols = columns if columns and all(c in names for c in columns) else None
-            index = int(ends[g - 1]) if g else 0
-            for got in pf.iter_batches(
-                batch_size=batch, row_groups=range(g, last + 1), columns=cols, use_threads=False
-            ):
-                lo, hi = max(0, start - index), min(got.num_rows, stop - index)
-                if hi > lo:
-                    yield got.slice(lo, hi - lo) if (lo or hi < got.num_rows) else got
-                index += got.num_rows
-                if index >= stop:
-                    return
+        yield from _parquet_rows(info, start, stop, columns, batch)
         return
     if fmt == "hf":
-        table = arrow_table(info.path)
-        cols = columns if columns and all(c in table.column_names for c in columns) else None
-        if cols:
-            table = table.select(cols)
-        yield from table.slice(start, stop - start).to_batches(max_chunksize=batch)
+        yield from _arrow_rows(info, start, stop, columns, batch)
         return
     raise ValueError(f"data.format={fmt} has no row reader")
 

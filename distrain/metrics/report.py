@@ -63,19 +63,13 @@ def _loss_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ]
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the plots that have data and ``report.md`` into ``out`` (default RUN_DIR/report)."""
+def _plots(records: list[dict], out: Path) -> list[str]:
+    """Write the plots that have data into ``out``; their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distrain.tracking import summary_rows
-
-    run_dir = Path(run_dir)
-    records, summary = read_run(run_dir)
-    out = Path(out) if out else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     estimated = any(r.get("energy_estimated") for r in records)
     written = []
     for fname, (title, keys) in PLOTS.items():
@@ -98,30 +92,49 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)
         written.append(fname)
+    return written
+
+
+def _samples(run_dir: Path, records: list[dict], out: Path) -> list[str]:
+    """A generative model's newest sample grid, copied into ``out``, and its lines of the report."""
+    grids = sorted((run_dir / "samples").glob("step*.png"))
+    if not grids:
+        return []
+    import shutil
+
+    shutil.copyfile(grids[-1], out / "samples.png")
+    md = [
+        f"Samples at step {int(grids[-1].stem[4:])} (from a fixed latent batch):",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
+    scored = [r for r in records if "sample_confidence" in r]
+    if scored:
+        last = scored[-1]
+        md += [
+            f"Scored by metrics.sample_scorer at step {last['step']}: top-class confidence "
+            f"{last['sample_confidence']:.3f}, class entropy {last['sample_class_entropy']:.3f} nats.",
+            "",
+        ]
+    return md
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the plots that have data and ``report.md`` into ``out`` (default RUN_DIR/report)."""
+    from distrain.tracking import summary_rows
+
+    run_dir = Path(run_dir)
+    records, summary = read_run(run_dir)
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written = _plots(records, out)
     md = [f"# Run report: {run_dir.name}", ""]
     if summary is not None:
         md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(summary)] + [""]
     else:
         md += ["No summary.json: the run has not finished (or was killed); plots cover what it logged.", ""]
-    grids = sorted((run_dir / "samples").glob("step*.png"))
-    if grids:  # a generative model's newest sample grid
-        import shutil
-
-        shutil.copyfile(grids[-1], out / "samples.png")
-        md += [
-            f"Samples at step {int(grids[-1].stem[4:])} (from a fixed latent batch):",
-            "",
-            "![samples](samples.png)",
-            "",
-        ]
-        scored = [r for r in records if "sample_confidence" in r]
-        if scored:
-            last = scored[-1]
-            md += [
-                f"Scored by metrics.sample_scorer at step {last['step']}: top-class confidence "
-                f"{last['sample_confidence']:.3f}, class entropy {last['sample_class_entropy']:.3f} nats.",
-                "",
-            ]
+    md += _samples(run_dir, records, out)
     md += [f"![{f[:-4]}]({f})" for f in written]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out

@@ -1,9 +1,11 @@
 """The model registry. Models are plain ``nn.Module``s: no DeepSpeed or torch.distributed in here.
 
-Adding a model is one file plus one registry line. The file holds the model's config class (a
-``ModelSection`` with its fields and its own rules), its ``nn.Module`` and its ``SPEC``; it imports
-torch only inside functions, so that validating a config never imports torch. ``register`` adds a
-model defined elsewhere (a user's own file, a test) in the running process.
+Adding a model is one file plus one line in ``distrain.catalog`` (the table of shipped models, which
+the config reads too: the registry imports no config, the config no registry). The file holds the
+model's config class (a ``ModelSection`` with its fields and its own rules), its ``nn.Module`` and
+its ``SPEC``; it imports torch only inside functions, so that validating a config never imports
+torch. ``register`` adds a model defined elsewhere (a user's own file, a test) in the running
+process.
 
 A model is made of parts, each trained by an engine of its own: ``{"model": m}`` for most, and
 ``{"generator": g, "discriminator": d}`` for a GAN. One training step is the model's ``updates`` in
@@ -17,6 +19,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from distrain.catalog import MODELS
 
 if TYPE_CHECKING:
     import torch
@@ -109,43 +113,32 @@ class ModelSpec:
         return dict(f) if isinstance(f, dict) else {self.parts[0]: float(f)}
 
 
-# name -> module holding a SPEC; the module is imported on first use
-_REGISTRY: dict[str, str] = {
-    "gpt": "distrain.models.gpt",
-    "resnet": "distrain.models.resnet",
-    "lstm": "distrain.models.lstm",
-    "gan": "distrain.models.gan",
-    "vae": "distrain.models.vae",
-}
 _REGISTERED: dict[str, ModelSpec] = {}  # added in this process by register()
 
 
 def register(spec: ModelSpec) -> None:
     """Make ``spec`` a model ``model.name`` can name, in this process (a launcher's workers import
-    the module that calls this, or name it in ``_REGISTRY``)."""
+    the module that calls this, or name it in ``distrain.catalog``)."""
     if spec.config.model_fields["name"].default != spec.name:
         raise ValueError(f"{spec.config.__name__}.name must default to {spec.name!r}, the spec's name")
     _REGISTERED[spec.name] = spec
+    spec.config.enroll()  # the config validates model.name=<spec.name> with spec.config
 
 
 def names(shipped: bool = False) -> list[str]:
     """The model names ``model.name`` takes: the shipped ones (``shipped``), or also those added
     in this process by ``register``."""
-    extra = [] if shipped else [n for n in _REGISTERED if n not in _REGISTRY]
-    return [*_REGISTRY, *extra]
+    extra = [] if shipped else [n for n in _REGISTERED if n not in MODELS]
+    return [*MODELS, *extra]
 
 
 def get_spec(name: str) -> ModelSpec:
     """The ModelSpec for ``name`` (its module is imported on first use)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
-    if name not in _REGISTRY:
+    if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; allowed: {', '.join(names())}")
-    return importlib.import_module(_REGISTRY[name]).SPEC
-
-
-def model_config_class(name: str) -> type[ModelSection]:
-    return get_spec(name).config
+    return importlib.import_module(MODELS[name]).SPEC
 
 
 def build_parts(cfg: Config) -> dict[str, nn.Module]:

@@ -59,20 +59,31 @@ class GPTModelConfig(ModelSection):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the LM head.")
 
-    @model_validator(mode="after")
-    def _fill_preset(self) -> GPTModelConfig:
-        p = _GPT_PRESETS[self.preset]
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        """The preset's dimensions for those not set (before validation, so the model is built whole)."""
+        if not isinstance(data, dict) or data.get("preset", "tiny") not in _GPT_PRESETS:
+            return data  # an instance, or an unknown preset (its field reports it)
+        preset = data.get("preset", "tiny")
+        p, data = _GPT_PRESETS[preset], dict(data)
         for key in ("n_layer", "n_head", "d_model", "d_ff"):
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, p[key])
-        if self.n_kv_head is None:
-            if self.arch == "gpt2" and p["n_kv_head"]:
+            if data.get(key) is None:
+                data[key] = p[key]
+        if data.get("n_kv_head") is None:
+            if data.get("arch", "gpt2") == "gpt2" and p["n_kv_head"]:
                 raise ValueError(
-                    f"model.preset={self.preset} is a Llama shape (grouped-query attention, {p['n_kv_head']} key/value "
+                    f"model.preset={preset} is a Llama shape (grouped-query attention, {p['n_kv_head']} key/value "
                     f"heads of {p['n_head']}) but model.arch=gpt2 has none; set model.arch=llama, or pick a gpt2 "
                     f"preset ({', '.join(k for k, v in _GPT_PRESETS.items() if not v['n_kv_head'])})"
                 )
-            object.__setattr__(self, "n_kv_head", p["n_kv_head"] or self.n_head)
+            n_head = data["n_head"]
+            if p["n_kv_head"] or (isinstance(n_head, int) and n_head >= 1):  # else n_head's field reports it
+                data["n_kv_head"] = p["n_kv_head"] or n_head
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> GPTModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
