@@ -295,8 +295,10 @@ class _Writer:
 
 
 class _HostCopyEngine:
-    """Stands in for DeepSpeed's checkpoint engine during one save: state is copied to host memory
-    at once and written by the writer (inline when synchronous)."""
+    """DeepSpeed's checkpoint engine of one part, as the ``Checkpointer`` hands it to DeepSpeed:
+    each file's state is copied to host memory at once and written by the writer (inline when
+    synchronous) with the engine DeepSpeed built from the ds_config (so the files are its own);
+    loading and the rest are that engine's."""
 
     def __init__(self, base, writer: _Writer):
         self._base, self._writer = base, writer
@@ -451,6 +453,14 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self.writer = _Writer(background=cfg.checkpoint.async_save)
         self.last_blocking_s = 0.0
+        # DeepSpeed builds its checkpoint engine inside the engine's constructor, from the ds_config
+        # only (torch.save, or its own writers, which need its C++ I/O ops and write other bytes);
+        # neither ``deepspeed.initialize`` nor ``save_checkpoint`` takes one. So each part's is
+        # wrapped here, once, when the checkpointer that owns the writer is built, and stays for
+        # the run: every file DeepSpeed saves goes through the writer's queue, in order with this
+        # checkpointer's own files.
+        for engine in self.engines.values():
+            engine.checkpoint_engine = _HostCopyEngine(engine.checkpoint_engine, self.writer)
 
     # -------------------------------------------------------------------------------- when
     def due(self, step: int, last: bool, clock: float = 0.0) -> bool:
@@ -489,12 +499,7 @@ class Checkpointer:
         self._barrier()
         t0 = time.perf_counter()
         for part, engine in self.engines.items():  # each part's shards under <tag>/<part>
-            base = engine.checkpoint_engine
-            engine.checkpoint_engine = _HostCopyEngine(base, self.writer)
-            try:
-                engine.save_checkpoint(str(tmp), tag=part, save_latest=False)
-            finally:
-                engine.checkpoint_engine = base
+            engine.save_checkpoint(str(tmp), tag=part, save_latest=False)
         own = {key: part.state_dict() for key, part in self.rank_parts.items()}
         self.writer.submit(torch.save, _host_copy(own), tmp / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:

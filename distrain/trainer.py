@@ -52,30 +52,21 @@ class Progress:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
 
-def _sit_out(*args, **kwargs) -> None:
-    """An optimizer step that changes nothing (stands in for one step of an unfused optimizer)."""
-
-
 class NonFiniteGuard:
     """``train.on_nonfinite``: a step whose loss or gradients are not finite updates nothing.
 
     DeepSpeed's mixed-precision and ZeRO optimizers detect it themselves (``engine.skipped_steps``,
-    with gradient clipping on: ``parallel.grad_clip`` > 0). A plain torch optimizer (ZeRO 0 in fp32
-    or bf16 autocast; its gradients are clipped here, with the norm computed once) is told on the device, through the fused kernel's ``found_inf`` (the weights, the
-    moments and the step count stay as they were), so no step reads a value back to the host;
-    with ``optim.fused=false`` the flag is read on the host every step and the optimizer sits a bad
-    step out. Streaks are checked on log steps: with ``stop``, ``train.max_nonfinite_steps``
+    with gradient clipping on: ``parallel.grad_clip`` > 0). Where DeepSpeed steps a plain torch
+    optimizer (ZeRO 0 in fp32 or bf16 autocast), that optimizer is built to skip it
+    (``parallel.engine.SkipNonFinite``), and a step was skipped when the gradient norm it reports
+    through the engine is not finite: counted on the device, so no step reads a value back to the
+    host. Streaks are checked on log steps: with ``stop``, ``train.max_nonfinite_steps``
     consecutive skipped steps end the run naming the step and the ranks whose loss was not finite."""
 
     def __init__(self, cfg: Config, engine, comm, device: torch.device):
         self.mode, self.limit = cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps
         self.engine, self.comm = engine, comm
-        opt = engine.optimizer
         self.own = plain_torch_optimizer(cfg)
-        assert not self.own or isinstance(opt, torch.optim.Optimizer), type(opt)
-        self.clip = cfg.parallel.grad_clip  # the own path clips here (DeepSpeed's clipping is off)
-        self.on_device = self.own and bool(getattr(opt, "defaults", {}).get("fused"))
-        self.found = torch.zeros((), device=device)  # 1.0 when this step is skipped (own path)
         # skipped steps in the window, the current and the longest streak, the window's step of the
         # last skip: on the device for the own path, host ints (DeepSpeed's counter) otherwise
         new = (lambda: torch.zeros((), dtype=torch.long, device=device)) if self.own else int
@@ -87,30 +78,13 @@ class NonFiniteGuard:
         """A micro-batch's loss (on the device): counted on this rank when it is not finite."""
         self.bad_loss += (~torch.isfinite(loss.detach())).long()
 
-    def before_step(self, grads: list[torch.Tensor], norm: torch.Tensor | None) -> torch.Tensor | None:
-        """Own path, after the last backward of a step: the total gradient norm (computed here if
-        not given), and the optimizer told to skip a non-finite step. Returns the norm."""
-        if not self.own:
-            return norm
-        if norm is None:
-            norm = (
-                torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.found.device)
-            )
-        self.found.copy_(~torch.isfinite(norm))
-        if self.clip > 0 and grads:  # torch's clip_grad_norm_, with the norm already computed
-            torch.nn.utils.clip_grads_with_norm_(grads, self.clip, norm)
-        if self.on_device:
-            self.engine.optimizer.found_inf = self.found
-        elif bool(self.found):  # unfused: a host read this step; the optimizer sits this step out
-            self.engine.optimizer.step = _sit_out
-        return norm
-
     def after_step(self) -> None:
-        """Count the step: skipped or not (own flag, or DeepSpeed's counter), and the streak."""
+        """Count the step: skipped or not (the optimizer's gradient norm, or DeepSpeed's counter),
+        and the streak."""
         self.step_no += 1
-        vars(self.engine.optimizer).pop("step", None)  # an unfused optimizer that sat out: its own step back
         if self.own:  # on the device, in place
-            bad = self.found.long()
+            norm = self.engine.get_global_grad_norm()
+            bad = (~torch.isfinite(norm)).long()
             self.skipped += bad
             self.streak.add_(1).mul_(bad)
             torch.maximum(self.max_streak, self.streak, out=self.max_streak)
@@ -188,8 +162,8 @@ class Trainer:
             torch.bfloat16 if first.bfloat16_enabled() else torch.float16 if first.fp16_enabled() else None
         )
         self.channels_last = channels_last(cfg, dist_info.device)
-        # DeepSpeed's ZeRO and mixed-precision optimizers report the global grad norm; a plain
-        # torch optimizer (ZeRO 0, fp32/autocast) does not, so it is computed here
+        # DeepSpeed's ZeRO and mixed-precision optimizers and ``SkipNonFinite`` report the global
+        # grad norm; a plain torch optimizer (ZeRO 0, fp16 autocast) does not, so it is computed here
         self._own_grad_norm = {
             k: not hasattr(e.optimizer, "_global_grad_norm") for k, e in self.engines.items()
         }
@@ -377,16 +351,13 @@ class Trainer:
         meters.step_done()
 
     def _last_backward(self, part: str, window: dict[str, Any], log_step: bool) -> None:
-        """After a part's last backward of the step: its lr, the guard's check (own path) and, on
-        log steps, its gradient norm."""
-        engine, guard = self.engines[part], self.guards[part]
+        """After a part's last backward of the step: its lr and, on log steps, its gradient norm
+        where its optimizer reports none."""
+        engine = self.engines[part]
         window["lr"][part] = engine.optimizer.param_groups[0]["lr"]  # the lr this step applies
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = guard.before_step(grads, None) if guard.own else None
         if log_step and self._own_grad_norm[part]:
-            if norm is None:
-                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            window["grad_norm"][part] = norm
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            window["grad_norm"][part] = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _record(self, window: dict[str, Any]) -> dict[str, Any]:
         """Collective: the metrics.jsonl record of the window that ends at this step."""

@@ -250,25 +250,38 @@ def test_config_refuses_unknown_parts_and_init_from(in_workdir):
 
 
 NAN_IN_DISCRIMINATOR = """
+import dataclasses
 import sys
-from distrain.config import load_config
-from distrain.models import Update
-from distrain.train import run, setup
+from typing import Literal
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-s = setup(cfg)
-d, g = s.trainer.updates
+from pydantic import Field
+
+from distrain import models
+from distrain.config import load_config
+from distrain.models import Update, gan
+from distrain.train import run
+
+
+class NanGANConfig(gan.GANModelConfig):
+    name: Literal["nangan"] = Field("nangan", description="gan, its discriminator's loss NaN at steps 3 to 5.")
+
+
 calls = [0]
 
 
-def poisoned(parts, batch, state):  # the discriminator's loss is NaN at steps 3 to 5
-    calls[0] += 1
-    out = d.loss(parts, batch, state)
-    return out * float("nan") if 3 <= calls[0] <= 5 else out
+def updates(cfg):
+    d, g = gan.updates(cfg)
+
+    def poisoned(parts, batch, state):  # the discriminator's loss is NaN at steps 3 to 5
+        calls[0] += 1
+        out = d.loss(parts, batch, state)
+        return out * float("nan") if 3 <= calls[0] <= 5 else out
+
+    return (Update("discriminator", poisoned), g)
 
 
-s.trainer.updates = (Update("discriminator", poisoned), g)
-run(cfg, s)
+models.register(dataclasses.replace(gan.SPEC, name="nangan", config=NanGANConfig, updates=updates))
+run(load_config(sys.argv[1], [*sys.argv[2:], "model.name=nangan"]))
 """
 
 

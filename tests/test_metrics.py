@@ -175,8 +175,7 @@ def test_throughput_rates_count_training_time_and_mfu_is_time_weighted(monkeypat
     clock = Clock()
     monkeypatch.setattr(throughput_mod, "time", clock)
     tp = Throughput(8, 128, 1e9, world_size=2, hfu_factor=4 / 3)
-    tp.peak = 1e10
-    tp.start()
+    tp.start(peak=1e10)
     for _ in range(2):  # per step: 0.5 s data, 1.5 s fwd_bwd, 0.5 s optim
         tp.mark()
         for phase, dt in (("data", 0.5), ("fwd_bwd", 1.5), ("optim", 0.5)):
@@ -199,17 +198,16 @@ def test_throughput_rates_count_training_time_and_mfu_is_time_weighted(monkeypat
     assert rec["mfu"] == pytest.approx(0.16) and rec["hfu"] == pytest.approx(0.16 * 4 / 3)
     assert tp.total_keys() == {"samples_total": 16, "tokens_total": 2048, "flops_total": 16e9}
     tp.reset_window()
-    tp.peak = 4e10  # a second window: 1 step in 2.5 s at a quarter of the MFU
-    tp.mark()
-    clock.t += 2.5
+    tp.mark()  # a second window: 1 step in 10 s, at a quarter of the MFU
+    clock.t += 10.0
     tp.lap("fwd_bwd")
     tp.step_done()
     rec2, _ = tp.window_keys()
-    assert rec2["mfu"] == pytest.approx(8e9 / 2.5 / 2 / 4e10)
+    assert rec2["mfu"] == pytest.approx(0.04)
     tp.flush()
     s = tp.summary()
-    assert s["mean_mfu"] == pytest.approx((0.16 * 5.0 + rec2["mfu"] * 2.5) / 7.5)
-    assert s["elapsed_s"] == pytest.approx(8.5) and s["data_wait_pct"] == pytest.approx(100 * 1.0 / 8.5)
+    assert s["mean_mfu"] == pytest.approx((0.16 * 5.0 + 0.04 * 10.0) / 15.0)  # time-weighted
+    assert s["elapsed_s"] == pytest.approx(16.0) and s["data_wait_pct"] == pytest.approx(100 * 1.0 / 16.0)
 
 
 def test_throughput_elapsed_continues_a_resumed_run_and_accounting_off_keeps_rates(monkeypatch):

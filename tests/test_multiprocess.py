@@ -323,27 +323,43 @@ def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tm
 
 
 NAN_ON_RANK_1 = r"""
+import dataclasses
+import os
 import sys
+from typing import Literal
 
+from pydantic import Field
+
+from distrain import models
 from distrain.config import load_config
-from distrain.models import Update
-from distrain.train import run, setup
+from distrain.models import gpt
+from distrain.train import run
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-s = setup(cfg)
+
+class NanGPTConfig(gpt.GPTModelConfig):
+    name: Literal["nangpt"] = Field("nangpt", description="gpt, its output NaN on rank 1 at steps 3 to 5.")
+
+
 calls = [0]
-(update,) = s.trainer.updates  # the model's loss, or a sequence-parallel group's
 
 
-def poisoned(parts, batch, state):  # rank 1's loss is NaN at steps 3 to 5
-    out = update.loss(parts, batch, state)
-    training = parts["model"].module.training
-    calls[0] += training
-    return out * float("nan") if s.dist.rank == 1 and training and 3 <= calls[0] <= 5 else out
+def poison(module, args, out):  # rank 1's training forwards 3 to 5: NaN logits and loss
+    if not module.training:
+        return None
+    calls[0] += 1
+    if os.environ["RANK"] != "1" or not 3 <= calls[0] <= 5:
+        return None
+    return dataclasses.replace(out, logits=out.logits * float("nan"), loss=None if out.loss is None else out.loss * float("nan"))
 
 
-s.trainer.updates = (Update("model", poisoned),)
-run(cfg, s)
+def build(cfg):
+    model = gpt.build(cfg)
+    model.register_forward_hook(poison)
+    return model
+
+
+models.register(dataclasses.replace(gpt.SPEC, name="nangpt", config=NanGPTConfig, build=build))
+run(load_config(sys.argv[1], [*sys.argv[2:], "model.name=nangpt"]))
 """
 
 LLAMA_FP32 = [str(CONFIGS / "llama-cpu-tiny.yaml"), "parallel.precision=fp32", "model.vocab_size=258"]
@@ -363,8 +379,10 @@ LLAMA_FP32 = [str(CONFIGS / "llama-cpu-tiny.yaml"), "parallel.precision=fp32", "
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(
     in_workdir, tmp_path, stage, split
 ):
-    """Gradients are averaged over ranks, so one rank's NaN loss makes every rank skip the step (the
-    replicas stay identical); three in a row stop the run on both ranks, naming rank 1."""
+    """Gradients are averaged over ranks, so one rank's NaN output makes every rank skip the step
+    (the replicas stay identical); three in a row stop the run on both ranks, naming the ranks whose
+    loss was NaN: rank 1, or under sequence parallelism both (the group shares one loss)."""
+    sp = "parallel.sequence_parallel=2" in split
     script = tmp_path / "nan.py"
     script.write_text(NAN_ON_RANK_1)
     run_dir = tmp_path / "r"
@@ -385,9 +403,13 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all_and_names_the_rank(
         timeout=600,
     )
     assert p.returncode != 0
-    msg = "3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) [1])"
+    ranks = "[0, 1]" if sp else "[1]"
+    msg = f"3 consecutive steps up to step 5 were skipped (non-finite loss on rank(s) {ranks})"
     assert p.stderr.count(msg) >= 2, p.stderr[-3000:]  # both ranks stop, at the same step
     recs = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert [r["nonfinite_steps"] for r in recs] == [0, 0, 1, 2]
-    assert all(r["loss"] is not None and r["loss"] > 0 for r in recs)  # rank 0's finite loss
+    if sp:  # no rank's loss was finite at steps 3 and 4
+        assert [r["loss"] is not None and r["loss"] > 0 for r in recs] == [True, True, False, False]
+    else:
+        assert all(r["loss"] is not None and r["loss"] > 0 for r in recs)  # rank 0's finite loss

@@ -9,7 +9,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -171,17 +171,18 @@ class _Failed:
 
 
 class Stream:
-    """The endless training stream of one rank; remembers the position of the last batch it gave."""
+    """The endless training stream of one rank; hands the position after each batch it gives to
+    ``taken`` (the pipeline's, which remembers it)."""
 
-    def __init__(self, pipe: DataPipeline, source):
-        self.pipe, self.source = pipe, source
+    def __init__(self, source, taken: Callable[[dict[str, Any]], None]):
+        self.source, self.taken = source, taken
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         batch, snap = next(self.source)
-        self.pipe._consumed = snap
+        self.taken(snap)
         return batch
 
     def close(self) -> None:
@@ -312,45 +313,62 @@ class DataPipeline:
         before its stream exists)."""
         if self._stream is None:
             with torch.random.fork_rng(devices=[]):
-                self._stream = Stream(self, self._source())
+                self._stream = Stream(self._source(), self._taken)
         return self._stream
 
-    def _source(self):
-        d = self.cfg.data
+    def _taken(self, snap: dict[str, Any]) -> None:
+        """The position after the last batch the stream handed out."""
+        self._consumed = snap
+
+    def _source(self) -> Prefetch:
+        """This rank's batches in plan order, prefetched; the samples come from the partitions
+        by ``data.engine`` and ``data.num_workers`` (Ray actors, inline, or DataLoader workers)."""
+        d, start = self.cfg.data, self._start
         ids = owned(self.plan.partitions, self.rank, self.world)
-        start = self._start
         make = self._maker(self.plan, train=True)
-        asm = Assembler(ids, start["count"], start["positions"], fill=None)
         mb, collate = self.cfg.train.micro_batch_size, self._collate()
+        if d.engine == "ray":
+            fill, closers = self._ray_fill(make, ids, mb)
+        elif d.num_workers == 0:
+            fill, closers = self._inline_fill(make, ids)
+        else:
+            fill, closers = self._worker_fill(make, ids)
+        asm = Assembler(ids, start["count"], start["positions"], fill)
 
         def batches():
             while True:
                 samples = asm.take(mb)
                 yield collate(samples), {"count": asm.count, "positions": dict(asm.positions)}
 
-        depth = max(2, d.prefetch_factor)
-        if d.engine == "ray":
-            from distrain.data.raydata import RayFill
+        return Prefetch(batches(), max(2, d.prefetch_factor), self.pin, closers=closers)
 
-            if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
-                raise ConfigError(
-                    "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
-                )
-            parts = [make(p, start["positions"].get(p)) for p in ids]
-            fill = RayFill(parts, make.prepare, d.ray_actors, images=self.kind == "images", mb=mb)
-            asm.fill = lambda i: fill(i, asm.push)
-            return Prefetch(batches(), depth, self.pin, closers=[fill.close])
-        if d.num_workers == 0:
-            parts = [make(p, start["positions"].get(p)) for p in ids]
+    def _ray_fill(self, make: PartitionMaker, ids: list[int], mb: int):
+        """data.engine=ray: Ray Data actors prepare the partitions (``RayFill``)."""
+        from distrain.data.raydata import RayFill
 
-            def fill_inline(i: int) -> None:
-                for s in parts[i].step():
-                    asm.push(i, s)
+        if self.world > 1 and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(
+                "data.engine=ray with several training processes needs a Ray cluster (RAY_ADDRESS); use data.engine=torch under torchrun"
+            )
+        parts = [make(p, self._start["positions"].get(p)) for p in ids]
+        fill = RayFill(parts, make.prepare, self.cfg.data.ray_actors, images=self.kind == "images", mb=mb)
+        return fill, [fill.close]
 
-            asm.fill = fill_inline
-            return Prefetch(batches(), depth, self.pin)
+    def _inline_fill(self, make: PartitionMaker, ids: list[int]):
+        """data.num_workers=0: the partitions are read in this process."""
+        parts = [make(p, self._start["positions"].get(p)) for p in ids]
+
+        def fill(i: int, push) -> None:
+            for s in parts[i].step():
+                push(i, s)
+
+        return fill, []
+
+    def _worker_fill(self, make: PartitionMaker, ids: list[int]):
+        """data.num_workers > 0: DataLoader workers read rounds of the partitions (``WorkerRounds``)."""
+        d, images = self.cfg.data, self.kind == "images"
         rounds = WorkerRounds(
-            make, [(i, p, start["positions"].get(p)) for i, p in enumerate(ids)], self.kind == "images"
+            make, [(i, p, self._start["positions"].get(p)) for i, p in enumerate(ids)], images
         )
         loader = torch.utils.data.DataLoader(
             rounds,
@@ -361,16 +379,13 @@ class DataPipeline:
         )
         it = iter(loader)  # here, under fork_rng: the DataLoader draws its base seed now
 
-        def fill_workers(_l: int) -> None:
+        def fill(_l: int, push) -> None:
             item = next(it)
             for j, i in enumerate(item["l"]):
-                data = (item["x"][j], item["y"][j]) if self.kind == "images" else item["x"][j]
-                asm.push(i, Sample(data, item["pos"][j], item["err"][j]))
+                data = (item["x"][j], item["y"][j]) if images else item["x"][j]
+                push(i, Sample(data, item["pos"][j], item["err"][j]))
 
-        asm.fill = fill_workers
-        return Prefetch(
-            batches(), depth, self.pin, closers=[lambda: getattr(it, "_shutdown_workers", lambda: None)()]
-        )
+        return fill, [lambda: getattr(it, "_shutdown_workers", lambda: None)()]
 
     def close(self) -> None:
         """Stop what feeds the stream (the prefetch thread, DataLoader workers, Ray actors)."""

@@ -543,8 +543,9 @@ class Partition:
 
 class Assembler:
     """This rank's samples in plan order: its partitions in turn, one sample each, starting where
-    ``count`` samples were taken. ``fill(i)`` must push at least one sample of local partition
-    ``i`` (and may push others'). Records the position of every partition's last sample taken."""
+    ``count`` samples were taken. ``fill(i, push)`` must push at least one sample of local
+    partition ``i`` (and may push others'), through ``push(i, sample)``. Records the position of
+    every partition's last sample taken."""
 
     def __init__(self, partitions: list[int], count: int, positions: dict[int, Any], fill):
         self.partitions, self.count, self.fill = partitions, count, fill
@@ -561,7 +562,7 @@ class Assembler:
             i = self.count % len(self.partitions)
             q = self.queues[i]
             while not q:
-                self.fill(i)
+                self.fill(i, self.push)
             s = q.popleft()
             self.positions[self.partitions[i]] = s.pos
             self.count += 1

@@ -74,7 +74,8 @@ class _Totals(MutableMapping):
 
 
 class _Part:
-    """An attribute of ``Meters`` that lives on one of its meters (read and written there)."""
+    """An attribute of ``Meters`` that lives on one of its meters (read there; only that meter
+    writes it)."""
 
     def __init__(self, part: str, name: str):
         self.part, self.name = part, name
@@ -83,7 +84,7 @@ class _Part:
         return self if obj is None else getattr(getattr(obj, self.part), self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(getattr(obj, self.part), self.name, value)
+        raise AttributeError(f"Meters.{self.name} is {self.part}'s; it sets it itself")
 
 
 class Meters:
@@ -137,13 +138,14 @@ class Meters:
     def start(self, workers: list[dict[str, Any]]) -> None:
         """Collective (every rank): peak FLOP/s, the energy reader of each node, the clocks.
         ``workers``: every rank's ``host`` and ``gpu`` (UUID or None), in rank order."""
+        peak: tuple[float | None, str] = (None, "off")
         if self.accounting:
-            self.peak, self.peak_source = find_peak(
+            peak = find_peak(
                 self.mcfg.peak_tflops, self.cfg.parallel.precision, self.dist.device, self.dist.comm
             )
             if self.mcfg.energy:
                 self.energy_meter.open(workers)
-        self.throughput.start()
+        self.throughput.start(*peak)
         self.energy_meter.reset_window()
 
     def restart_clocks(self) -> None:

@@ -34,8 +34,8 @@ TOTALS: dict[str, Any] = {
 class Throughput:
     """The clocks of a run and of each record window, the time per phase, and the work done.
 
-    ``peak`` (FLOP/s per device) and ``peak_source`` are set by whoever found the peak; without a
-    peak MFU is None. ``accounting`` off keeps the rates and data wait only."""
+    ``peak`` (FLOP/s per device) and ``peak_source`` are given to ``start`` by whoever found the
+    peak; without a peak MFU is None. ``accounting`` off keeps the rates and data wait only."""
 
     def __init__(
         self,
@@ -64,8 +64,10 @@ class Throughput:
         self.reset_window()
 
     # ---------------------------------------------------------------------------- clocks
-    def start(self) -> None:
-        """Set-up is done: CUDA events from now on (accounting on a GPU), and the clocks restart."""
+    def start(self, peak: float | None = None, peak_source: str = "off") -> None:
+        """Set-up is done: the peak FLOP/s found (``find_peak``), CUDA events from now on
+        (accounting on a GPU), and the clocks restart."""
+        self.peak, self.peak_source = peak, peak_source
         if self.accounting and self.cuda:
             self._events = []
         self.restart_clocks()

@@ -3,6 +3,7 @@ the engine built from it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -89,19 +90,64 @@ def channels_last(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" if want is None else want
 
 
-def _client_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """torch's fused Adam(W), handed to DeepSpeed as a client optimizer (no C++ build); DeepSpeed
-    wraps it for ZeRO, mixed precision and the ds_config schedule as it does its own."""
+class SkipNonFinite:
+    """``train.on_nonfinite`` for a plain torch Adam(W), the optimizer DeepSpeed steps as it is
+    (``plain_torch_optimizer``): each step computes the total gradient norm once, clips with it
+    (``parallel.grad_clip``; DeepSpeed's clipping is off there) and updates nothing when it is not
+    finite. The fused kernel is told on the device through ``found_inf`` (torch's GradScaler
+    protocol: the weights, the moments and the step count stay as they were), so no step reads a
+    value back to the host; unfused (``optim.fused=false``) the flag is read on the host every
+    step and the step is sat out. The norm is ``_global_grad_norm``, which DeepSpeed's engine
+    takes after each step (``engine.get_global_grad_norm()``), as it does from its own optimizers."""
+
+    def __init__(self, params, *, clip: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.clip = clip
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self._found = torch.zeros((), device=first.device if first is not None else "cpu")
+        if self.defaults.get("fused"):
+            self.found_inf = self._found  # read by torch's fused Adam(W) kernel at every step
+        self._global_grad_norm: torch.Tensor | None = None
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self._found.device)
+        self._found.copy_(~torch.isfinite(norm))
+        if self.clip > 0 and grads:  # torch's clip_grad_norm_, with the norm already computed
+            torch.nn.utils.clip_grads_with_norm_(grads, self.clip, norm)
+        self._global_grad_norm = norm
+        if self.defaults.get("fused") or not bool(self._found):  # unfused: a host read
+            return super().step(closure)
+        return None
+
+
+class _SkipNonFiniteAdamW(SkipNonFinite, torch.optim.AdamW):
+    pass
+
+
+class _SkipNonFiniteAdam(SkipNonFinite, torch.optim.Adam):
+    pass
+
+
+def _client_optimizer(cfg: Config, fused: bool, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """torch's Adam(W) over DeepSpeed's parameter groups (after AutoTP's sharding: DeepSpeed calls
+    this inside ``deepspeed.initialize``), fused or not; DeepSpeed wraps it for ZeRO, mixed
+    precision and the ds_config schedule as it does its own. Where DeepSpeed steps it as it is
+    (``plain_torch_optimizer``) it is a ``SkipNonFinite`` one."""
     o = cfg.optim
+    kwargs: dict[str, Any] = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True if fused else None)
+    if plain_torch_optimizer(cfg):
+        cls: type = _SkipNonFiniteAdamW if o.name == "adamw" else _SkipNonFiniteAdam
+        return cls(groups, clip=cfg.parallel.grad_clip, **kwargs)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    return cls(groups, **kwargs)
 
 
 def build_ds_config(
     cfg: Config, world_size: int, has_batchnorm: bool = False, client_optimizer: bool = False
 ) -> dict[str, Any]:
-    """The ds_config; ``client_optimizer``: the optimizer is built here (``_client_optimizer``), so
-    the ds_config names none."""
+    """The ds_config; ``client_optimizer``: distrain builds the optimizer (``_client_optimizer``),
+    so the ds_config names none."""
     p, o, t = cfg.parallel, cfg.optim, cfg.train
     torch_adam = not p.offload_optimizer  # ZeRO-Offload: DeepSpeed's CPU Adam steps the CPU states
     ds: dict[str, Any] = {
@@ -179,15 +225,20 @@ def build_engine(
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     fused = fused_optimizer(cfg, device)
-    ds_config = build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model), client_optimizer=fused)
+    # distrain builds the optimizer where it is torch's fused kernel or where DeepSpeed steps it
+    # as it is (the non-finite gate, ``SkipNonFinite``); else DeepSpeed builds it from the ds_config
+    own = fused or plain_torch_optimizer(cfg)
+    ds_config = build_ds_config(cfg, world_size, has_batchnorm=_has_batchnorm(model), client_optimizer=own)
     if load_universal:  # resuming a checkpoint saved at another world size
         ds_config["checkpoint"] = {"load_universal": True}
-    # DeepSpeed moves the module to the device in place, so the client optimizer's parameters are
-    # the ones it trains (and ZeRO swaps in its own flat partitions)
-    optimizer = _client_optimizer(cfg, model) if fused else None
-    params = None if fused else param_groups(model, cfg.optim.weight_decay)
+    # a callable: DeepSpeed builds it from the parameter groups once the module is on the device
+    # and AutoTP has sharded it (and ZeRO swaps in its own flat partitions)
+    optimizer = functools.partial(_client_optimizer, cfg, fused) if own else None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        optimizer=optimizer,
+        config=ds_config,
     )
     engine.lr_scheduler.step()  # see _scheduler: step 0 trains at the schedule's first lr, not 0
     if cfg.parallel.compile:
