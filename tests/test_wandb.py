@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrain.tracking import wandb_mode
-from tests.conftest import CONFIGS, cli, read_jsonl, read_wandb, wandb_history
+from tests.conftest import CONFIGS, cli, cli_cmd, read_jsonl, read_wandb, wandb_history
 
 PLANTED = "distrain0planted0key0" + "5f3a9c1e7b2d4680aa11"  # 41 characters, shaped like a W&B key
 
@@ -124,26 +124,36 @@ def test_resumed_run_continues_the_same_wandb_run(in_workdir, tmp_path):
 def test_wandb_failures_fall_back_to_local_logging(in_workdir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    for name, extra in {
-        "bad-dir": [f"tracking.wandb.dir={blocker}/wandb", "tracking.wandb.mode=offline"],
-        "bad-key": ["tracking.wandb.mode=online", "tracking.wandb.init_timeout=10"],
-    }.items():
-        run_dir = tmp_path / name
-        p = cli(
-            "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
-            f"run.dir={run_dir}",
-            "train.steps=4",
-            "train.log_every=2",
-            *extra,
-            # a key W&B rejects, and a server address where nothing listens (loopback only)
-            env=_env(WANDB_API_KEY=PLANTED, WANDB_BASE_URL="http://127.0.0.1:9"),
+    # the two runs at once: a W&B directory that cannot be made, and a key W&B rejects at a server
+    # address where nothing listens (loopback only)
+    env = _env(WANDB_API_KEY=PLANTED, WANDB_BASE_URL="http://127.0.0.1:9")
+    runs = {
+        name: subprocess.Popen(
+            cli_cmd(
+                "train",
+                CONFIGS / "gpt-cpu-tiny.yaml",
+                f"run.dir={tmp_path / name}",
+                "train.steps=4",
+                "train.log_every=2",
+                *extra,
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert p.stderr.count("W&B could not start") == 1, p.stderr[-3000:]
-        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [2, 4]
-        assert PLANTED not in p.stdout + p.stderr
-        _assert_key_absent(run_dir)
+        for name, extra in {
+            "bad-dir": [f"tracking.wandb.dir={blocker}/wandb", "tracking.wandb.mode=offline"],
+            "bad-key": ["tracking.wandb.mode=online", "tracking.wandb.init_timeout=10"],
+        }.items()
+    }
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, err[-3000:])
+        assert err.count("W&B could not start") == 1, (name, err[-3000:])
+        assert [r["step"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r] == [2, 4]
+        assert PLANTED not in out + err
+        _assert_key_absent(tmp_path / name)
 
 
 def _assert_key_absent(root: Path) -> None:
