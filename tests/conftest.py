@@ -122,16 +122,44 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
-    """``distrain ARGS`` as a user runs it, in this test's working directory (or ``cwd``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=cwd,
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` (loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(*argv: str, ranks: int = 2) -> list[str]:
+    """torchrun with ``ranks`` local ranks on a free loopback port, running ``argv`` (a script and
+    its arguments, or ``-m module ...``)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, argv),
+    ]  # fmt: skip
+
+
+def cli_cmd(*args, ranks: int = 1) -> list[str]:
+    """The command line of ``distrain ARGS``: one process, or ``ranks`` > 1 under torchrun (each
+    rank runs the CLI; the args say ``cluster.workers``)."""
+    argv = ["-m", "distrain.cli", *map(str, args)]
+    return torchrun_cmd(*argv, ranks=ranks) if ranks > 1 else [sys.executable, *argv]
+
+
+def cli(
+    *args, env: dict | None = None, timeout: float = 600, cwd=None, check: bool = False, ranks: int = 1
+) -> subprocess.CompletedProcess:
+    """``distrain ARGS`` as a user runs it, in this test's working directory (or ``cwd``), on one
+    process or (``ranks`` > 1) under torchrun. The one way the tests run the CLI to its end; a run a
+    test signals or kills is started with ``subprocess.Popen(cli_cmd(...))``. ``check``: assert it
+    exited 0, with the tail of its output."""
+    p = subprocess.run(
+        cli_cmd(*args, ranks=ranks), capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
     )
+    if check:
+        assert p.returncode == 0, (p.stdout[-3000:] + p.stderr[-5000:]) or f"exit {p.returncode}"
+    return p
 
 
 def write_corpus(root: Path, files: int = 4, rows: int = 16, bad: tuple[int, int] | None = None) -> str:

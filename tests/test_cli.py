@@ -8,38 +8,23 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, complete_steps, read_jsonl, wait_for_records
-
-DISTRAIN = [sys.executable, "-m", "distrain.cli"]
+from tests.conftest import CONFIGS, REPO, cli, cli_cmd, complete_steps, read_jsonl, wait_for_records
 
 
 def test_train_command_end_to_end(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    p = subprocess.run(
-        [
-            *DISTRAIN,
-            "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
-            f"run.dir={run_dir}",
-            "train.steps=4",
-            "train.log_every=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    p = cli(
+        "train", CONFIGS / "gpt-cpu-tiny.yaml", f"run.dir={run_dir}", "train.steps=4", "train.log_every=2"
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [2, 4]
     assert "step 4/4" in p.stderr and "world size 1" in p.stderr
     assert (run_dir / "checkpoints" / "step00000004").is_dir()
-    st = json.loads(
-        subprocess.run([*DISTRAIN, "status", str(run_dir), "--json"], capture_output=True, text=True).stdout
-    )
+    st = json.loads(cli("status", run_dir, "--json").stdout)
     assert (st["state"], st["step"], st["checkpoint"], st["error"]) == ("completed", 4, "step00000004", None)
     # no third-party noise on a normal run: torch's CUDA-home notice on a
     # CPU machine, DeepSpeed's "built successfully" print
@@ -50,15 +35,14 @@ def test_train_command_end_to_end(in_workdir, tmp_path):
 def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(
-        [
-            *DISTRAIN,
+        cli_cmd(
             "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            CONFIGS / "gpt-cpu-tiny.yaml",
             f"run.dir={run_dir}",
             "train.steps=1000000",
             "train.log_every=1",
             "train.eval_every=0",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -85,35 +69,24 @@ def test_ctrl_c_finishes_the_step_and_stops_cleanly(in_workdir, tmp_path):
 
 
 def test_config_error_exits_1_before_anything_runs(in_workdir, tmp_path):
-    p = subprocess.run(
-        [*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'r'}", "optim.lrr=1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = cli("train", CONFIGS / "gpt-cpu-tiny.yaml", f"run.dir={tmp_path / 'r'}", "optim.lrr=1", timeout=120)
     assert p.returncode == 1
     assert "unknown key 'optim.lrr'" in p.stderr and "did you mean 'optim.lr'" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
-    p = subprocess.run(
-        [*DISTRAIN, "train", str(CONFIGS / "gpt-cpu-tiny.yaml"), "data.train_path=data/none.jsonl"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = cli("train", CONFIGS / "gpt-cpu-tiny.yaml", "data.train_path=data/none.jsonl", timeout=300)
     assert p.returncode == 1 and "data.train_path: no data files at 'data/none.jsonl'" in p.stderr
 
 
 def test_progress_bar_with_eta_on_a_terminal(in_workdir, tmp_path):
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [
-            *DISTRAIN,
+        cli_cmd(
             "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            CONFIGS / "gpt-cpu-tiny.yaml",
             f"run.dir={tmp_path / 'r'}",
             "train.steps=30",
             "checkpoint.at_end=false",
-        ],
+        ),
         stdin=subprocess.DEVNULL,
         stdout=slave,
         stderr=slave,

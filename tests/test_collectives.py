@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO
-from tests.test_multiprocess import torchrun_cmd
+from tests.conftest import CONFIGS, REPO, torchrun_cmd
 
 # A 2-rank job whose default group has no CPU backend, as a job under NCCL has: a collective on a
 # CPU tensor there fails with "No backend type associated with device type cpu". distrain's own

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from distrain.config import ConfigError, load_config, reference_markdown
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, cli
 
 GPT = CONFIGS / "gpt-cpu-tiny.yaml"
 
@@ -142,27 +140,16 @@ def test_presets_fill_dimensions_and_fields_override():
 
 
 def test_config_show_and_validate_cli(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "config", "show", str(GPT), "parallel.zero_stage=3"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = cli("config", "show", GPT, "parallel.zero_stage=3", check=True).stdout
     shown = yaml.safe_load(out)
     assert shown["parallel"]["zero_stage"] == 3 and shown["model"]["name"] == "gpt"
     # what `show` prints is itself a valid config that resolves to the same tree
     p = tmp_path / "shown.yaml"
     p.write_text(out)
     assert load_config(p) == load_config(GPT, ["parallel.zero_stage=3"])
-    ok = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT)], capture_output=True, text=True
-    )
+    ok = cli("config", "validate", GPT)
     assert ok.returncode == 0 and "valid" in ok.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "config", "validate", str(GPT), "optim.lr=0"],
-        capture_output=True,
-        text=True,
-    )
+    bad = cli("config", "validate", GPT, "optim.lr=0")
     assert bad.returncode == 1 and "optim.lr" in bad.stderr
 
 

@@ -4,7 +4,6 @@ job that shrinks when a node goes and grows when it returns, on a real two-node 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,19 +13,9 @@ import pytest
 import torch
 
 from distrain.config import ConfigError, load_config, sized_for
-from tests.conftest import CONFIGS, REPO, read_jsonl
+from tests.conftest import CONFIGS, REPO, cli, read_jsonl
 
 TINY = CONFIGS / "gpt-cpu-tiny.yaml"
-
-
-def _cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env or os.environ,
-        timeout=600,
-    )
 
 
 def test_a_range_keeps_the_global_batch_and_derives_grad_accum_per_size():
@@ -57,19 +46,19 @@ def test_sizes_that_cannot_keep_the_global_batch_are_named_and_refused(tmp_path)
     with pytest.raises(ConfigError, match="min=3 is above max=2"):
         load_config(TINY, ["cluster.workers={min: 3, max: 2}"])
     # `config validate` prints the layout of every size
-    out = _cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 2}")
+    out = cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 2}")
     assert out.returncode == 0, out.stderr
     assert (
         "global batch 16 at every size: 1 workers x micro batch 8 x grad_accum 2, "
         "2 workers x micro batch 8 x grad_accum 1" in out.stdout
     )
-    out = _cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 3}")
+    out = cli("config", "validate", str(TINY), "cluster.workers={min: 1, max: 3}")
     assert out.returncode == 1 and "2 workers cannot keep the global batch" in out.stderr
 
 
 def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothing(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    out = _cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
+    out = cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
     assert out.returncode == 0, out.stderr
     assert (
         "ranks: 1, 2 (cluster.workers={min: 1, max: 2}); elastic: global batch 16 at every size" in out.stdout
@@ -79,21 +68,21 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     # data.partitions unset: derived for every size of the range. 2-4 needs a multiple of 12, and
     # this small corpus (72 rows, a chunk each) gets 12 rather than 192
     args = ["--dry-run", f"run.dir={run_dir}", "data.num_workers=0"]
-    out = _cli("launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", *args)
+    out = cli("launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", *args)
     assert out.returncode == 0, out.stderr
     assert "data: 12 partitions (derived for cluster.workers={min: 2, max: 4}) of 72 chunks" in out.stdout
     # 5-8 needs a multiple of 840: more partitions than the corpus has chunks
-    out = _cli("launch", "local", str(TINY), "--workers", "5-8", "train.global_batch_size=6720", *args)
+    out = cli("launch", "local", str(TINY), "--workers", "5-8", "train.global_batch_size=6720", *args)
     assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
     assert "needs a multiple of 840, but data.train_path has 72 rows in 72 chunks" in out.stderr
     # a fixed partition count that a size does not divide is refused naming the sizes that work
-    out = _cli(
+    out = cli(
         "launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", "data.partitions=4", *args
     )  # fmt: skip
     assert out.returncode == 1
     assert "3 workers cannot keep the global batch (data.partitions=4 is not divisible by 3)" in out.stderr
     assert "Sizes that work: 2, 4;" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr
-    out = _cli("launch", "local", str(TINY), "--workers", "two", "--dry-run")
+    out = cli("launch", "local", str(TINY), "--workers", "two", "--dry-run")
     assert (
         out.returncode == 1
         and "--workers two: give a number of workers (4) or an elastic range" in out.stderr
@@ -103,7 +92,7 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
 
 def test_one_process_of_an_elastic_config_trains_with_the_grad_accum_of_its_size(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    out = _cli(
+    out = cli(
         "train",
         str(TINY),
         "cluster.workers={min: 1, max: 2}",
@@ -197,7 +186,7 @@ def test_an_elastic_job_shrinks_when_a_node_goes_grows_when_it_returns_and_match
 
     one = tmp_path / "one"
     data = tmp_path / "el" / "data"
-    p = _cli(
+    p = cli(
         "train",
         str(TINY),
         f"run.dir={one}",

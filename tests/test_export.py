@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from distrain.config import load_config
 from distrain.errors import CheckpointError, ConfigError
 from distrain.train import run, setup
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, cli
 
 
 def _module_state(engine) -> dict[str, torch.Tensor]:
@@ -58,12 +55,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(in_workdir, tmp_pa
     run(cfg, s)
     trained = _module_state(s.engine)
     out = tmp_path / "hf"
-    p = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "export", str(tmp_path / "run"), str(out), "--format", "hf"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    p = cli("export", tmp_path / "run", out, "--format", "hf")
     assert p.returncode == 0, p.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied

@@ -343,4 +343,4 @@ def test_gan_records_count_flops_mfu_and_energy_for_both_parts(in_workdir, tmp_p
     recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     last = recs[-1]
     assert last["flops_total"] == pytest.approx(flops * last["samples_total"])
-    assert all(r["mfu"] > 0 and r["energy_j"] > 0 for r in recs)
+    assert len(recs) >= 2 and all(r["mfu"] > 0 and r["energy_j"] > 0 for r in recs)

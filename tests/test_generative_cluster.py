@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, REPO, cli, read_jsonl, wandb_history
-from tests.test_multiprocess import torchrun_cmd
 
 GAN, VAE = CONFIGS / "gan-cpu-tiny.yaml", CONFIGS / "vae-cpu-tiny.yaml"
 COMMON = [
@@ -26,13 +25,6 @@ COMMON = [
     "tracking.wandb.mode=disabled",
     "tracking.progress_bar=false",
 ]
-
-
-def _torchrun(config, run_dir, *over: str) -> subprocess.CompletedProcess:
-    cmd = torchrun_cmd(
-        "-m", "distrain.cli", "train", str(config), f"run.dir={run_dir}", "cluster.workers=2", *COMMON, *over
-    )
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -56,21 +48,15 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def gan_zero0(workdir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gan0") / "run"
-    p = subprocess.run(
-        torchrun_cmd(
-            "-m",
-            "distrain.cli",
-            "train",
-            str(GAN),
-            f"run.dir={run_dir}",
-            "cluster.workers=2",
-            *COMMON,
-            "train.steps=6",
-            "optim.fused=false",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    p = cli(
+        "train",
+        GAN,
+        f"run.dir={run_dir}",
+        "cluster.workers=2",
+        *COMMON,
+        "train.steps=6",
+        "optim.fused=false",
+        ranks=2,
         cwd=workdir,
     )
     assert p.returncode == 0, p.stderr[-5000:]
@@ -86,7 +72,16 @@ def test_gan_on_two_ranks_matches_zero0_at_zero_2_and_3_replicas_identical(
     with the same torch AdamW: the fused kernel's last bits differ and GAN training amplifies them),
     to float summation; every rank ends with the same parameters; one rank logs."""
     run_dir = tmp_path / "run"
-    p = _torchrun(GAN, run_dir, "train.steps=6", f"parallel.zero_stage={stage}")
+    p = cli(
+        "train",
+        GAN,
+        f"run.dir={run_dir}",
+        "cluster.workers=2",
+        *COMMON,
+        "train.steps=6",
+        f"parallel.zero_stage={stage}",
+        ranks=2,
+    )
     assert p.returncode == 0, p.stderr[-5000:]
     for d in (gan_zero0, run_dir):
         s = json.loads((d / "summary.json").read_text())
@@ -105,7 +100,16 @@ def test_gan_resumes_on_one_process_from_two_ranks_through_universal_checkpoints
     """A 2-rank ZeRO 1 checkpoint of both parts, resumed by one process: each part converted to
     DeepSpeed's universal format and loaded; the run goes on to its end."""
     run_dir = tmp_path / "run"
-    p = _torchrun(GAN, run_dir, "train.steps=4", "parallel.zero_stage=1")
+    p = cli(
+        "train",
+        GAN,
+        f"run.dir={run_dir}",
+        "cluster.workers=2",
+        *COMMON,
+        "train.steps=4",
+        "parallel.zero_stage=1",
+        ranks=2,
+    )
     assert p.returncode == 0, p.stderr[-5000:]
     p = cli(
         "train",
@@ -131,7 +135,17 @@ def test_gan_resumes_on_one_process_from_two_ranks_through_universal_checkpoints
 @pytest.mark.world_size
 def test_vae_on_two_ranks_zero2_replicas_identical_and_elbo_falls(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    p = _torchrun(VAE, run_dir, "train.steps=30", "train.eval_every=10", "parallel.zero_stage=2")
+    p = cli(
+        "train",
+        VAE,
+        f"run.dir={run_dir}",
+        "cluster.workers=2",
+        *COMMON,
+        "train.steps=30",
+        "train.eval_every=10",
+        "parallel.zero_stage=2",
+        ranks=2,
+    )
     assert p.returncode == 0, p.stderr[-5000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["world_size"] == 2 and s["replicas_identical"] is True

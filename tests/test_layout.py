@@ -5,14 +5,11 @@ launch run before Ray, sbatch or the process group starts (one line naming the k
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from tests.conftest import CONFIGS, cli, read_jsonl
-from tests.test_multiprocess import _port
 
 TINY = CONFIGS / "gpt-cpu-tiny.yaml"
 
@@ -100,14 +97,9 @@ def test_refusals_come_from_the_driver_in_one_line_before_anything_starts(in_wor
         assert len(errors) == 1 and msg in errors[0], (args, out.stderr[-2000:])
         assert not run_dir.exists(), args  # nothing written, no RUN_DIR/ray
     # under torchrun every rank checks before the process group forms, and rank 0 says it once
-    p = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_port()), "-m", "distrain.cli", "train", str(TINY), f"run.dir={run_dir}",
-            "cluster.workers=2", "data.partitions=3",
-        ],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    p = cli(
+        "train", TINY, f"run.dir={run_dir}", "cluster.workers=2", "data.partitions=3", ranks=2, timeout=300
+    )
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if "distrain: error" in ln]
     assert len(errors) == 1 and "data.partitions=3 is not divisible by the world size 2" in errors[0], (

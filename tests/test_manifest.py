@@ -17,7 +17,7 @@ from distrain.data import DataError, DataPipeline
 from distrain.data import sources as src
 from distrain.data.plan import PartitionRows, Plan
 from distrain.train import run
-from tests.conftest import CONFIGS, read_jsonl
+from tests.conftest import CONFIGS, cli, read_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -322,19 +322,11 @@ def test_partitions_fall_on_row_groups_of_large_parquet_files(tmp_path):
 
 def test_data_index_command_fills_the_cache(tmp_path):
     import os
-    import subprocess
-    import sys
 
     for i in range(2):
         _jsonl(tmp_path / f"c{i}.jsonl", 30)
     env = {**os.environ, "DISTRAIN_CACHE_DIR": str(tmp_path / "cache")}
-    p = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "data", "index", f"{tmp_path}/*.jsonl"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    p = cli("data", "index", f"{tmp_path}/*.jsonl", env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     man = src.build_manifest(f"{tmp_path}/*.jsonl", "jsonl", "k")
     assert f"jsonl, 2 files, 60 rows, 60 chunks, digest {man.digest}" in p.stdout

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from distrain.metrics.peak import find_peak, gpu_peak_flops
 from distrain.metrics.throughput import Throughput
 from distrain.parallel import DistInfo, HostComm
 from distrain.train import run
-from tests.conftest import CONFIGS, REPO, read_jsonl
+from tests.conftest import CONFIGS, REPO, cli, read_jsonl
 
 
 # ------------------------------------------------------------------- counters at the boundary
@@ -380,7 +378,9 @@ def test_configured_peak_gives_mfu_and_hfu_counts_recomputation(in_workdir, tmp_
     _, records, _ = _train(
         tmp_path, "metrics.peak_tflops=2.0", "parallel.activation_checkpointing=true", "metrics.energy=false"
     )
-    for r in (r for r in records if "loss" in r):
+    recs = [r for r in records if "loss" in r]
+    assert recs
+    for r in recs:
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 2.0)
         assert r["hfu"] == pytest.approx(r["mfu"] * 4 / 3)
         assert "energy_j" not in r
@@ -410,13 +410,7 @@ def test_report_writes_plots_and_summary(in_workdir, tmp_path):
     from PIL import Image
 
     summary, _, run_dir = _train(tmp_path, "train.eval_every=4")
-    p = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "report", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
+    cli("report", run_dir, timeout=120, check=True)
     out = run_dir / "report"
     for png in ("loss.png", "throughput.png", "mfu.png", "power.png", "energy.png"):
         with Image.open(out / png) as im:
@@ -424,9 +418,7 @@ def test_report_writes_plots_and_summary(in_workdir, tmp_path):
             assert im.format == "PNG"
     md = (out / "report.md").read_text()
     assert "| steps | 8/8 |" in md and f"{summary['tokens_seen']:,}" in md and "(estimated)" in md
-    bad = subprocess.run(
-        [sys.executable, "-m", "distrain.cli", "report", str(tmp_path)], capture_output=True, text=True
-    )
+    bad = cli("report", tmp_path, timeout=120)
     assert bad.returncode == 1 and "metrics.jsonl does not exist" in bad.stderr
 
 
@@ -459,23 +451,24 @@ def test_two_ranks_on_one_node_count_the_node_once(in_workdir, tmp_path):
     th = threading.Thread(target=drive, daemon=True)
     th.start()
     run_dir = tmp_path / "r"
-    from tests.test_multiprocess import _torchrun
-
     try:
-        p = _torchrun(
+        p = cli(
             "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            CONFIGS / "gpt-cpu-tiny.yaml",
             f"run.dir={run_dir}",
             "train.steps=40",
             "train.log_every=10",
             "checkpoint.at_end=false",
+            "cluster.workers=2",
             env={**os.environ, "DISTRAIN_POWERCAP_ROOT": str(root)},
+            ranks=2,
         )
     finally:
         stop.set()
         th.join()
     assert p.returncode == 0, p.stderr[-4000:]
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [10, 20, 30, 40]
     assert all(r["energy_source"] == "rapl" and r["energy_estimated"] is False for r in recs)
     powers = sorted(r["power_w"] for r in recs)
     assert 35 < powers[len(powers) // 2] < 65, powers  # twice the node's power would be ~100 W

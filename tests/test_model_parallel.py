@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, cli, read_jsonl, wandb_history
-from tests.test_multiprocess import torchrun_cmd
+from tests.conftest import CONFIGS, cli, read_jsonl, torchrun_cmd, wandb_history
 
 LLAMA = str(CONFIGS / "llama-cpu-tiny.yaml")
 # fp32 (gloo's all-to-all), ZeRO 1 (AutoTP's shards merge through the universal format), a
@@ -28,11 +27,7 @@ COMMON = [
 
 def _train(run_dir: Path, *args: str, ranks: int = 1, cwd: Path, env: dict | None = None):
     argv = ["train", LLAMA, f"run.dir={run_dir}", *COMMON, *args]
-    if ranks == 1:
-        return cli(*argv, cwd=cwd, env=env)
-    cmd = torchrun_cmd("-m", "distrain.cli", *argv)
-    cmd[cmd.index("--nproc_per_node") + 1] = str(ranks)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return cli(*argv, cwd=cwd, env=env, ranks=ranks)
 
 
 def _ok(p: subprocess.CompletedProcess) -> None:

@@ -3,56 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import CONFIGS, read_jsonl
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_cmd(*argv: str) -> list[str]:
-    """torchrun with two local ranks on a free loopback port, running ``argv`` (a script and its
-    arguments, or ``-m module ...``)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_port()),
-        *argv,
-    ]
-
-
-def _torchrun_cmd(*args: str) -> list[str]:
-    return torchrun_cmd("-m", "distrain.cli", *args, "cluster.workers=2")
-
-
-def _torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun_cmd(*args), capture_output=True, text=True, timeout=600, env=env)
-
-
-def _one(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *args], capture_output=True, text=True, timeout=600
-    )
+from tests.conftest import CONFIGS, cli, cli_cmd, read_jsonl, torchrun_cmd
 
 
 @pytest.mark.world_size
 def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    p = _torchrun(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
@@ -60,6 +21,8 @@ def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
         "train.log_every=5",
         "parallel.zero_stage=2",
         "checkpoint.at_end=false",
+        "cluster.workers=2",
+        ranks=2,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
@@ -70,7 +33,7 @@ def test_torchrun_two_ranks_zero2_logs_once(in_workdir, tmp_path):
     assert out.count("step 30/30 |") == 1 and "world size 2" in out  # rank 0 logs, rank 1 does not
     assert "[rank 1]" not in out  # no warnings or errors from rank 1
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone created a W&B run
-    st = json.loads(_one("status", str(run_dir), "--json").stdout)
+    st = json.loads(cli("status", str(run_dir), "--json").stdout)
     assert (st["state"], st["step"], st["steps"]) == ("completed", 30, 30)
 
 
@@ -89,11 +52,10 @@ def test_checkpoint_resumes_on_another_world_size(in_workdir, tmp_path, first, s
         "train.log_every=2",
         "train.micro_batch_size=4",
     ]
-    launch = {1: _one, 2: _torchrun}
-    p = launch[first](*args, "train.steps=20")  # saves its checkpoint at the end
+    p = cli(*args, "train.steps=20", f"cluster.workers={first}", ranks=first)  # saves at the end
     assert p.returncode == 0, p.stderr[-4000:]
     before = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    p = launch[second](*args, "train.steps=40")
+    p = cli(*args, "train.steps=40", f"cluster.workers={second}", ranks=second)
     assert p.returncode == 0, p.stderr[-4000:]
     assert f"saved by {first} workers and this run has {second}" in p.stderr and "resumed from" in p.stderr
     after = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
@@ -136,13 +98,15 @@ def test_a_notice_to_one_rank_checkpoints_every_rank_at_one_step(in_workdir, tmp
     from tests.conftest import wait_for_records
 
     run_dir = tmp_path / "r"
-    cmd = _torchrun_cmd(
+    cmd = cli_cmd(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
         "train.steps=100000",
         "train.log_every=1",
         "train.eval_every=0",
+        "cluster.workers=2",
+        ranks=2,
     )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -159,7 +123,7 @@ def test_a_notice_to_one_rank_checkpoints_every_rank_at_one_step(in_workdir, tmp
     assert manifest["step"] == summary["step"] and manifest["world_size"] == 2
     assert {"rank-00000.pt", "rank-00001.pt"} <= set(manifest["files"])  # both ranks wrote at that step
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == summary["step"]
-    st = json.loads(_one("status", str(run_dir), "--json").stdout)
+    st = json.loads(cli("status", str(run_dir), "--json").stdout)
     assert (st["state"], st["step"], st["checkpoint"]) == ("preempted", summary["step"], ckpt.name)
 
 
@@ -170,7 +134,7 @@ def test_every_minutes_on_two_ranks_saves_by_rank_0s_clock_never_twice(in_workdi
     from distrain.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "r"
-    p = _torchrun(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
@@ -179,6 +143,8 @@ def test_every_minutes_on_two_ranks_saves_by_rank_0s_clock_never_twice(in_workdi
         "checkpoint.every_steps=0",
         "checkpoint.every_minutes=0.00001",
         "checkpoint.at_end=false",
+        "cluster.workers=2",
+        ranks=2,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     assert [c.name for c in list_checkpoints(run_dir / "checkpoints")] == [
@@ -306,7 +272,7 @@ def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tm
     (evals / "a.jsonl").write_text("".join(lines))
     (evals / "b.jsonl").write_text("".join(lines[:3]))
     run_dir = tmp_path / "r"
-    p = _torchrun(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
@@ -316,6 +282,8 @@ def test_zero3_eval_runs_the_same_number_of_batches_on_every_rank(in_workdir, tm
         "train.eval_every=2",
         "parallel.zero_stage=3",
         "checkpoint.at_end=false",
+        "cluster.workers=2",
+        ranks=2,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     evals_logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r]

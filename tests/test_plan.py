@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,21 +13,14 @@ import torch
 
 from distrain.config import load_config
 from distrain.plan import activation_bytes, activation_width, block_elements, model_states, plan
-from tests.conftest import CONFIGS, REPO
-from tests.test_multiprocess import torchrun_cmd
+from tests.conftest import CONFIGS, REPO, cli, torchrun_cmd
 
 TINY = CONFIGS / "gpt-cpu-tiny.yaml"
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_a_1024_gpu_plan_takes_seconds_and_says_what_fits():
     t0 = time.perf_counter()
-    out = _cli(
+    out = cli(
         "plan",
         str(CONFIGS / "gpt-1b-zero3.yaml"),
         "--gpus",
@@ -51,7 +43,7 @@ def test_a_1024_gpu_plan_takes_seconds_and_says_what_fits():
     assert b["optimizer"] == pytest.approx(8 * p["params"] / 1024, rel=1e-6)
     assert b["reduce_bucket"] == 2 * 5e8 and b["activations"] > b["optimizer"]
     # the same model without ZeRO on a 24 GB card does not fit, and the plan names the change that does
-    out = _cli(
+    out = cli(
         "plan",
         str(CONFIGS / "gpt-1b-zero3.yaml"),
         "--gpus",
@@ -66,7 +58,7 @@ def test_a_1024_gpu_plan_takes_seconds_and_says_what_fits():
         "does not fit: activations is the largest term; try parallel.activation_checkpointing=true"
         in out.stdout
     )
-    out = _cli("plan", str(TINY), "--gpu", "B300")
+    out = cli("plan", str(TINY), "--gpu", "B300")
     assert out.returncode == 1 and "not in the peak table; use one of H200 NVL, H200, H100 NVL" in out.stderr
 
 

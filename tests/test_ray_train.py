@@ -13,14 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, cli, complete_steps, read_jsonl, wait_for_records, write_corpus
+from tests.conftest import (
+    CONFIGS,
+    REPO,
+    cli,
+    cli_cmd,
+    complete_steps,
+    read_jsonl,
+    wait_for_records,
+    write_corpus,
+)
 from tests.test_status import kill_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.world_size]
-
-
-def _distrain(env, *args, timeout=600) -> subprocess.CompletedProcess:
-    return cli(*args, env=env, timeout=timeout)
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -32,10 +37,14 @@ COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "checkpoi
 
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO 2: also under torchrun
 def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir, tmp_path, ray_env, stage):
+    """Also: the workers resolve the config's relative data paths in the launch directory, the
+    launching process's own, not $PWD (which `subprocess(cwd=...)` and `os.chdir` leave as it was):
+    here $PWD names a directory without the data."""
     cfg = str(CONFIGS / "gpt-cpu-tiny.yaml")
     ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"
-    p = _distrain(
-        ray_env,
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = cli(
         "launch",
         "local",
         cfg,
@@ -45,16 +54,17 @@ def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir
         f"parallel.zero_stage={stage}",
         "train.check_replicas=true",
         *COMMON,
+        env={**ray_env, "PWD": str(elsewhere)},
     )
     assert p.returncode == 0, p.stderr[-5000:]
-    p1 = _distrain(
-        ray_env,
+    p1 = cli(
         "train",
         cfg,
         f"run.dir={one_dir}",
         f"parallel.zero_stage={stage}",
         "parallel.grad_accum=2",
         *COMMON,
+        env=ray_env,
     )
     assert p1.returncode == 0, p1.stderr[-3000:]
     summary = json.loads((ray_dir / "summary.json").read_text())
@@ -80,10 +90,17 @@ def test_errors_name_the_rank_that_failed_and_the_run_records_it(in_workdir, tmp
     run_dir = tmp_path / "r"
     corpus = write_corpus(tmp_path / "bad", bad=(3, 15))  # partition 3 of 4: rank 1's
     args = [f"data.train_path={corpus}", "data.on_error=fail", "data.shuffle=false", "data.eval_path=null"]
-    p = _distrain(
-        ray_env, "launch", "local", CONFIGS / "gpt-cpu-tiny.yaml", "--workers", "2", f"run.dir={run_dir}",
-        *args, *COMMON,
-    )  # fmt: skip
+    p = cli(
+        "launch",
+        "local",
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        "--workers",
+        "2",
+        f"run.dir={run_dir}",
+        *args,
+        *COMMON,
+        env=ray_env,
+    )
     assert p.returncode == 1
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("distrain: error:")]
     assert errors and all(
@@ -95,13 +112,19 @@ def test_errors_name_the_rank_that_failed_and_the_run_records_it(in_workdir, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rank"] == 1 and summary["error_type"] == "DataError"
     assert 0 < summary["step"] < 20 and "train-00003.jsonl line 16" in summary["error"]
-    st = json.loads(_distrain(ray_env, "status", run_dir, "--json").stdout)
+    st = json.loads(cli("status", run_dir, "--json", env=ray_env).stdout)
     assert (st["state"], st["step"], st["error"]) == ("failed", summary["step"], summary["error"])
     missing = tmp_path / "m"
-    p = _distrain(
-        ray_env, "launch", "local", CONFIGS / "gpt-cpu-tiny.yaml", "--workers", "2", f"run.dir={missing}",
+    p = cli(
+        "launch",
+        "local",
+        CONFIGS / "gpt-cpu-tiny.yaml",
+        "--workers",
+        "2",
+        f"run.dir={missing}",
         "data.train_path=nowhere/*.jsonl",
-    )  # fmt: skip
+        env=ray_env,
+    )
     assert p.returncode == 1 and not missing.exists()
     assert p.stderr.splitlines() == ["distrain: error: data.train_path: no data files at 'nowhere/*.jsonl'"]
 
@@ -123,13 +146,10 @@ def _ray_descendants(pid: int, marker: str) -> list:
 def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ray_env):
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distrain.cli",
+        cli_cmd(
             "launch",
             "local",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
+            CONFIGS / "gpt-cpu-tiny.yaml",
             "--workers",
             "2",
             f"run.dir={run_dir}",
@@ -138,7 +158,7 @@ def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ra
             "train.log_every=5",
             "checkpoint.every_steps=20",
             "checkpoint.at_end=false",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -188,10 +208,10 @@ def test_a_notice_to_the_driver_checkpoints_every_worker_at_one_step_and_exits_7
     (what a Slurm job's trap forwards) reaches every worker through a stop notice, they stop after
     the same step with one checkpoint, and the driver exits 75."""
     run_dir = tmp_path / "r"
-    cmd = [sys.executable, "-m", "distrain.cli", "launch", "local", str(CONFIGS / "gpt-cpu-tiny.yaml")]
-    args = ["--workers", "2", f"run.dir={run_dir}", "train.log_every=5", "checkpoint.every_steps=1000"]
+    args = ["launch", "local", CONFIGS / "gpt-cpu-tiny.yaml", "--workers", "2", f"run.dir={run_dir}"]
+    args += ["train.log_every=5", "checkpoint.every_steps=1000", "train.steps=400"]
     proc = subprocess.Popen(
-        [*cmd, *args, "train.steps=400"],
+        cli_cmd(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -214,12 +234,12 @@ def test_a_notice_to_the_driver_checkpoints_every_worker_at_one_step_and_exits_7
     assert manifest["world_size"] == 2 and {"rank-00000.pt", "rank-00001.pt"} <= set(manifest["files"])
     notice = json.loads((run_dir / "control" / "stop.json").read_text())
     assert notice["reason"] == "SIGUSR1" and len(notice["launch"]) == 16
-    status = _distrain(ray_env, "status", str(run_dir), "--json")  # a run of any launcher
+    status = cli("status", str(run_dir), "--json", env=ray_env)  # a run of any launcher
     st = json.loads(status.stdout)
     assert (st["state"], st["step"], st["checkpoint"], st["slurm_job"]) == ("preempted", stop, ckpts[0], None)
     # launched again it resumes and is running; kill -9 of the whole job (driver, Ray, workers): stopped
     proc = subprocess.Popen(
-        [*cmd, *args, "train.steps=400"],
+        cli_cmd(*args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -227,11 +247,11 @@ def test_a_notice_to_the_driver_checkpoints_every_worker_at_one_step_and_exits_7
     )
     try:
         wait_for_records(run_dir / "metrics.jsonl", len(read_jsonl(run_dir / "metrics.jsonl")) + 2, proc)
-        st = json.loads(_distrain(ray_env, "status", str(run_dir), "--json").stdout)
+        st = json.loads(cli("status", str(run_dir), "--json", env=ray_env).stdout)
         assert st["state"] == "running" and st["step"] > stop
     finally:
         kill_job(proc)
-    st = json.loads(_distrain(ray_env, "status", str(run_dir), "--json").stdout)
+    st = json.loads(cli("status", str(run_dir), "--json", env=ray_env).stdout)
     assert st["state"] == "stopped" and st["step"] > stop and st["heartbeat"] is not None
 
 
@@ -318,24 +338,3 @@ def test_two_node_cluster_spreads_workers_and_takes_jobs(in_workdir, tmp_path, r
         )
     assert down.returncode == 0, down.stderr
     assert not list((tmp_path / "nodes").glob("*.pid"))
-
-
-def test_workers_resolve_relative_paths_where_the_launch_ran(in_workdir, tmp_path, ray_env):
-    """The launch directory is the launching process's own, not $PWD (which `subprocess(cwd=...)`
-    and `os.chdir` leave as it was): here $PWD names a directory without the data."""
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    run_dir = tmp_path / "run"
-    p = _distrain(
-        {**ray_env, "PWD": str(elsewhere)},
-        "launch",
-        "local",
-        str(CONFIGS / "gpt-cpu-tiny.yaml"),
-        "--workers",
-        "1",
-        f"run.dir={run_dir}",
-        "train.steps=3",
-        "train.eval_every=0",
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

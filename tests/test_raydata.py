@@ -44,7 +44,7 @@ def _take(it, n):
 
 
 def _same(a, b):
-    return all(
+    return len(a) > 0 and all(
         x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
     )
 

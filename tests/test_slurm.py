@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, read_jsonl, write_corpus
+from tests.conftest import CONFIGS, REPO, cli, read_jsonl, write_corpus
 
 VENV_BIN = Path(sys.executable).parent
 HAVE_SLURM = shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()
@@ -27,15 +27,6 @@ JOB = [
     "tracking.wandb.mode=offline",
     "train.check_replicas=true",
 ]
-
-
-def distrain(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(VENV_BIN / "distrain"), *args], capture_output=True, text=True, env=env or os.environ.copy()
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,9 @@ def slurm(tmp_path_factory):
 
 
 def submit(run_dir: Path, *args) -> str:
-    out = distrain("submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}", *JOB, *args)
+    out = cli(
+        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}", *JOB, *args, check=True
+    )
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("submitted job"))
     return line.split()[2].rstrip(";")
 
@@ -103,10 +96,10 @@ def wait_step(run_dir: Path, step: int, timeout: float = 300) -> None:
 
 def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    out = distrain(
+    out = cli(
         "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--nodes", "2", "--gpus-per-node", "0",
         "--cpus-per-task", "4", "--time", "30", "--partition", "gpu", "--account", "proj", "--qos", "high",
-        "--constraint", "h100", "--dry-run", f"run.dir={run_dir}", "cluster.slurm.sbatch=[--exclusive]",
+        "--constraint", "h100", "--dry-run", f"run.dir={run_dir}", "cluster.slurm.sbatch=[--exclusive]", check=True,
     )  # fmt: skip
     script = out.stdout
     for line in (
@@ -121,12 +114,14 @@ def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
     # a batch layout that does not fit the allocation is refused before anything is rendered
-    bad = distrain(
+    bad = cli(
         "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--nodes", "3", "--dry-run",
         f"run.dir={run_dir}", "data.partitions=4", check=False,
     )  # fmt: skip
     assert bad.returncode == 1 and "data.partitions=4 is not divisible by the world size 3" in bad.stderr
-    one = distrain("submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--dry-run", f"run.dir={run_dir}")
+    one = cli(
+        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--dry-run", f"run.dir={run_dir}", check=True
+    )
     assert "LAUNCHER=train" in one.stdout and "WORKERS=1" in one.stdout
 
 
@@ -154,7 +149,7 @@ def test_stop_notices_are_for_one_launch_and_the_deadline_leaves_time_to_save(tm
 
 def test_submit_without_sbatch_is_a_clear_error(in_workdir, tmp_path):
     env = {**os.environ, "PATH": str(VENV_BIN)}
-    out = distrain(
+    out = cli(
         "submit",
         "slurm",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
@@ -175,7 +170,7 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     fail = ["data.on_error=fail", "data.shuffle=false", "data.eval_path=null", "train.log_every=1"]
     j2 = submit(bad, "train.steps=30", f"data.train_path={corpus}", *fail)
     # a missing path is refused at submission, before sbatch: no job, nothing written
-    out = distrain(
+    out = cli(
         "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'missing'}", *JOB,
         "data.train_path=data/missing/*.jsonl", check=False,
     )  # fmt: skip
@@ -192,13 +187,13 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     assert "distrain: error:" in log and "train-00003.jsonl line 16: malformed JSON" in log
     summary = json.loads((bad / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error_type"] == "DataError" and 0 < summary["step"] < 30
-    st = json.loads(distrain("status", str(bad), "--json").stdout)
+    st = json.loads(cli("status", str(bad), "--json", check=True).stdout)
     assert (st["state"], st["error"], st["slurm_job"]) == ("failed", summary["error"], j2)
-    st = json.loads(distrain("status", str(good), "--json").stdout)
+    st = json.loads(cli("status", str(good), "--json", check=True).stdout)
     assert (st["state"], st["step"], st["steps"], st["checkpoint"]) == ("completed", 12, 12, "step00000012")
     # sbatch's own refusal is shown as it is, and the new run directory is not left behind
     nope = tmp_path / "nope"
-    out = distrain(
+    out = cli(
         "submit",
         "slurm",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
@@ -216,11 +211,13 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     killed = tmp_path / "killed"
     j3 = submit(killed, "train.steps=100000", "train.log_every=1", "train.eval_every=0")
     wait_step(killed, 3)
-    st = json.loads(distrain("status", str(killed), "--json").stdout)
+    st = json.loads(cli("status", str(killed), "--json", check=True).stdout)
     assert (st["state"], st["slurm_job"]) == ("running", j3) and st["step"] >= 3
     os.kill(json.loads((killed / "heartbeat.json").read_text())["pid"], signal.SIGKILL)
     t0 = time.time()
-    while (state := json.loads(distrain("status", str(killed), "--json").stdout))["state"] == "running":
+    while (state := json.loads(cli("status", str(killed), "--json", check=True).stdout))[
+        "state"
+    ] == "running":
         assert time.time() - t0 < 120, state
         time.sleep(1)
     assert state["state"] == "stopped" and state["heartbeat"] is not None and state["step"] >= 3, state
@@ -271,7 +268,7 @@ def test_two_node_ray_job_survives_preemption_and_matches_an_uninterrupted_run(i
     assert len(steps_logged) == len(set(steps_logged)) and steps_logged[-1] == 120
     wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (pre / "wandb").glob("offline-run-*")}
     assert len(wandb_runs) == 1
-    st = json.loads(distrain("status", str(pre), "--json").stdout)
+    st = json.loads(cli("status", str(pre), "--json", check=True).stdout)
     assert (st["state"], st["restarts"], st["slurm_job"]) == ("completed", 1, j)
 
 
@@ -311,7 +308,7 @@ def test_jobs_sharing_a_node_never_share_ports():
         assert not block_free(first)
         other = free_block("1234")
         assert other != first and block_free(other)
-        out = distrain("cluster", "ports", "--job-id", "1234", "--check", str(first), check=False)
+        out = cli("cluster", "ports", "--job-id", "1234", "--check", str(first), check=False)
         assert out.returncode == 1
-    assert distrain("cluster", "ports", "--job-id", "1234").stdout.strip() == str(first)
-    assert int(distrain("cluster", "ports", "--job-id", "1234", "--after", str(first)).stdout) != first
+    assert cli("cluster", "ports", "--job-id", "1234", check=True).stdout.strip() == str(first)
+    assert int(cli("cluster", "ports", "--job-id", "1234", "--after", str(first), check=True).stdout) != first

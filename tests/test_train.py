@@ -131,7 +131,9 @@ def test_metrics_jsonl_keys_and_run_files(in_workdir, tmp_path):
 
 def test_image_metrics_have_no_token_rate(in_workdir, tmp_path):
     _, records, _ = train(tmp_path, "resnet", "train.log_every=2", steps=4)
-    assert all("tokens_per_s" not in r and r["samples_per_s"] > 0 for r in records if "loss" in r)
+    recs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert all("tokens_per_s" not in r and r["samples_per_s"] > 0 for r in recs)
 
 
 def test_warmup_starts_above_zero_and_cosine_ends_at_floor(in_workdir, tmp_path):

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from distrain.tracking import wandb_mode
-from tests.conftest import CONFIGS, read_jsonl, read_wandb, wandb_history
+from tests.conftest import CONFIGS, cli, cli_cmd, read_jsonl, read_wandb, wandb_history
 
 PLANTED = "distrain0planted0key0" + "5f3a9c1e7b2d4680aa11"  # 41 characters, shaped like a W&B key
-
-
-def _cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distrain.cli", *args], capture_output=True, text=True, timeout=600, env=env
-    )
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:
@@ -48,7 +42,7 @@ def test_mode_defaults_to_offline_without_a_key(monkeypatch):
 
 def test_offline_run_holds_every_key_config_topology_and_summary(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    p = _cli(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
@@ -109,7 +103,7 @@ def test_offline_run_holds_every_key_config_topology_and_summary(in_workdir, tmp
 def test_resumed_run_continues_the_same_wandb_run(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
     common = ["train.log_every=5", "checkpoint.at_end=true"]
-    p = _cli(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
@@ -118,7 +112,7 @@ def test_resumed_run_continues_the_same_wandb_run(in_workdir, tmp_path):
         env=_env(),
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    p = _cli("resume", str(run_dir), "train.steps=20", env=_env())
+    p = cli("resume", str(run_dir), "train.steps=20", env=_env())
     assert p.returncode == 0, p.stderr[-3000:]
     first, second = _offline_runs(run_dir)
     ids = {f.name.rsplit("-", 1)[1] for f in (first, second)}
@@ -130,26 +124,36 @@ def test_resumed_run_continues_the_same_wandb_run(in_workdir, tmp_path):
 def test_wandb_failures_fall_back_to_local_logging(in_workdir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    for name, extra in {
-        "bad-dir": [f"tracking.wandb.dir={blocker}/wandb", "tracking.wandb.mode=offline"],
-        "bad-key": ["tracking.wandb.mode=online", "tracking.wandb.init_timeout=10"],
-    }.items():
-        run_dir = tmp_path / name
-        p = _cli(
-            "train",
-            str(CONFIGS / "gpt-cpu-tiny.yaml"),
-            f"run.dir={run_dir}",
-            "train.steps=4",
-            "train.log_every=2",
-            *extra,
-            # a key W&B rejects, and a server address where nothing listens (loopback only)
-            env=_env(WANDB_API_KEY=PLANTED, WANDB_BASE_URL="http://127.0.0.1:9"),
+    # the two runs at once: a W&B directory that cannot be made, and a key W&B rejects at a server
+    # address where nothing listens (loopback only)
+    env = _env(WANDB_API_KEY=PLANTED, WANDB_BASE_URL="http://127.0.0.1:9")
+    runs = {
+        name: subprocess.Popen(
+            cli_cmd(
+                "train",
+                CONFIGS / "gpt-cpu-tiny.yaml",
+                f"run.dir={tmp_path / name}",
+                "train.steps=4",
+                "train.log_every=2",
+                *extra,
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert p.stderr.count("W&B could not start") == 1, p.stderr[-3000:]
-        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r] == [2, 4]
-        assert PLANTED not in p.stdout + p.stderr
-        _assert_key_absent(run_dir)
+        for name, extra in {
+            "bad-dir": [f"tracking.wandb.dir={blocker}/wandb", "tracking.wandb.mode=offline"],
+            "bad-key": ["tracking.wandb.mode=online", "tracking.wandb.init_timeout=10"],
+        }.items()
+    }
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, err[-3000:])
+        assert err.count("W&B could not start") == 1, (name, err[-3000:])
+        assert [r["step"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r] == [2, 4]
+        assert PLANTED not in out + err
+        _assert_key_absent(tmp_path / name)
 
 
 def _assert_key_absent(root: Path) -> None:
@@ -160,7 +164,7 @@ def _assert_key_absent(root: Path) -> None:
 
 def test_api_key_is_never_written(in_workdir, tmp_path):
     run_dir = tmp_path / "r"
-    p = _cli(
+    p = cli(
         "train",
         str(CONFIGS / "gpt-cpu-tiny.yaml"),
         f"run.dir={run_dir}",
