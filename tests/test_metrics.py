@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -477,9 +478,7 @@ def test_two_ranks_on_one_node_count_the_node_once(in_workdir, tmp_path):
 
 
 def test_without_the_gpu_extra_gpu_energy_is_unmeasured_and_the_warning_names_the_extra(monkeypatch, caplog):
-    monkeypatch.setitem(
-        sys.modules, "pynvml", None
-    )  # `import pynvml` raises ImportError, as without the extra
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
     with caplog.at_level("WARNING", logger=energy_mod.log.name):
         node = energy_mod.open_node_energy(["GPU-0"], cpu_watts=100.0)
     assert "pip install 'distrain[gpu]'" in caplog.text

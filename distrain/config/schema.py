@@ -1,7 +1,7 @@
 """The config schema: the sections of the config tree and their validators (pydantic).
 
 Every field carries a one-line ``description``; ``distrain config reference`` prints them all as the
-README's config reference. The ``model`` section is the config class of the model ``model.name``
+config reference page (docs/reference/config.md). The ``model`` section is the config class of the model ``model.name``
 names (each model's own rules live on its class), found by name in ``distrain.catalog``: the named
 model's module is imported when a config names it, never at import time. Nothing here imports torch
 or builds anything.
