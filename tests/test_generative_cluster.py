@@ -45,20 +45,25 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def gan_zero0(workdir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("gan0") / "run"
-    p = cli(
+def _gan_two_ranks(run_dir: Path, *overrides: str, **kw):
+    """The GAN for 6 steps on 2 ranks under torchrun."""
+    return cli(
         "train",
         GAN,
         f"run.dir={run_dir}",
         "cluster.workers=2",
         *COMMON,
         "train.steps=6",
-        "optim.fused=false",
+        *overrides,
         ranks=2,
-        cwd=workdir,
+        **kw,
     )
+
+
+@pytest.fixture(scope="module")
+def gan_zero0(workdir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gan0") / "run"
+    p = _gan_two_ranks(run_dir, "optim.fused=false", cwd=workdir)
     assert p.returncode == 0, p.stderr[-5000:]
     return run_dir
 
@@ -72,16 +77,7 @@ def test_gan_on_two_ranks_matches_zero0_at_zero_2_and_3_replicas_identical(
     with the same torch AdamW: the fused kernel's last bits differ and GAN training amplifies them),
     to float summation; every rank ends with the same parameters; one rank logs."""
     run_dir = tmp_path / "run"
-    p = cli(
-        "train",
-        GAN,
-        f"run.dir={run_dir}",
-        "cluster.workers=2",
-        *COMMON,
-        "train.steps=6",
-        f"parallel.zero_stage={stage}",
-        ranks=2,
-    )
+    p = _gan_two_ranks(run_dir, f"parallel.zero_stage={stage}")
     assert p.returncode == 0, p.stderr[-5000:]
     for d in (gan_zero0, run_dir):
         s = json.loads((d / "summary.json").read_text())

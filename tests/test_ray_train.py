@@ -33,6 +33,13 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 COMMON = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "checkpoint.at_end=false"]
+LAUNCH_TWO = (
+    "launch",
+    "local",
+    CONFIGS / "gpt-cpu-tiny.yaml",
+    "--workers",
+    "2",
+)  # the tiny GPT on 2 Ray workers
 
 
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO 2: also under torchrun
@@ -91,11 +98,7 @@ def test_errors_name_the_rank_that_failed_and_the_run_records_it(in_workdir, tmp
     corpus = write_corpus(tmp_path / "bad", bad=(3, 15))  # partition 3 of 4: rank 1's
     args = [f"data.train_path={corpus}", "data.on_error=fail", "data.shuffle=false", "data.eval_path=null"]
     p = cli(
-        "launch",
-        "local",
-        CONFIGS / "gpt-cpu-tiny.yaml",
-        "--workers",
-        "2",
+        *LAUNCH_TWO,
         f"run.dir={run_dir}",
         *args,
         *COMMON,
@@ -116,11 +119,7 @@ def test_errors_name_the_rank_that_failed_and_the_run_records_it(in_workdir, tmp
     assert (st["state"], st["step"], st["error"]) == ("failed", summary["step"], summary["error"])
     missing = tmp_path / "m"
     p = cli(
-        "launch",
-        "local",
-        CONFIGS / "gpt-cpu-tiny.yaml",
-        "--workers",
-        "2",
+        *LAUNCH_TWO,
         f"run.dir={missing}",
         "data.train_path=nowhere/*.jsonl",
         env=ray_env,
@@ -147,11 +146,7 @@ def test_killed_worker_is_restarted_and_the_run_resumes(in_workdir, tmp_path, ra
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(
         cli_cmd(
-            "launch",
-            "local",
-            CONFIGS / "gpt-cpu-tiny.yaml",
-            "--workers",
-            "2",
+            *LAUNCH_TWO,
             f"run.dir={run_dir}",
             "cluster.max_failures=1",
             "train.steps=300",

@@ -125,19 +125,14 @@ def register(spec: ModelSpec) -> None:
     spec.config.enroll()  # the config validates model.name=<spec.name> with spec.config
 
 
-def names(shipped: bool = False) -> list[str]:
-    """The model names ``model.name`` takes: the shipped ones (``shipped``), or also those added
-    in this process by ``register``."""
-    extra = [] if shipped else [n for n in _REGISTERED if n not in MODELS]
-    return [*MODELS, *extra]
-
-
 def get_spec(name: str) -> ModelSpec:
     """The ModelSpec for ``name`` (its module is imported on first use)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is not a known model; allowed: {', '.join(names())}")
+        raise ValueError(
+            f"model.name={name!r} is not a known model; allowed: {', '.join(dict.fromkeys([*MODELS, *_REGISTERED]))}"
+        )
     return importlib.import_module(MODELS[name]).SPEC
 
 
