@@ -178,10 +178,9 @@ def write_corpus(root: Path, files: int = 4, rows: int = 16, bad: tuple[int, int
     return str(root / "train-*.jsonl")
 
 
-@pytest.fixture
-def ray_env(tmp_path) -> dict[str, str]:
-    """A subprocess environment that keeps Ray on loopback with its files in a temp dir of the test
-    (a short path: Ray's unix sockets live there and may not exceed 107 bytes)."""
+def _ray_env(state_dir: Path):
+    """A subprocess environment that keeps Ray on loopback with its files in a temp dir (a short
+    path: Ray's unix sockets live there and may not exceed 107 bytes)."""
     import shutil
 
     from distrain.cluster.ray import loopback_env
@@ -192,9 +191,21 @@ def ray_env(tmp_path) -> dict[str, str]:
         **loopback_env("127.0.0.2"),  # proxies at a closed port: cloud-metadata probes fail at once
         "RAY_TMPDIR": str(tmp),
         "TMPDIR": str(tmp),
-        "RAY_STATE_DIR": str(tmp_path / "nodes"),
+        "RAY_STATE_DIR": str(state_dir),
         "RAY_DEDUP_LOGS": "0",
     }
     env.pop("RAY_ADDRESS", None)
     yield env
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_env(tmp_path) -> dict[str, str]:
+    """Ray's loopback environment for one test."""
+    yield from _ray_env(tmp_path / "nodes")
+
+
+@pytest.fixture(scope="module")
+def ray_env_module(tmp_path_factory) -> dict[str, str]:
+    """The same, for a module-scoped fixture's run."""
+    yield from _ray_env(tmp_path_factory.mktemp("nodes"))

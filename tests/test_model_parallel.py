@@ -169,6 +169,7 @@ for key in ("input_ids", "position_ids", "shift_labels"):
     assert torch.equal(mine[key], theirs[key]), key
 assert mine["input_ids"].shape == (2, 8) and mine["position_ids"][0, 0] == 8 * info.rank
 print("shards equal on rank", info.rank)
+torch.distributed.destroy_process_group()
 """
 
 
@@ -181,13 +182,23 @@ def test_the_sequence_shard_is_deepspeeds_adapters(tmp_path, workdir):
     assert p.stdout.count("shards equal on rank") == 2
 
 
+def _ray(run_dir: Path, split: str, steps: int, *args: str, cwd: Path, env: dict):
+    """The first leg of a split run on 2 Ray workers; the mesh line says how they split."""
+    argv = ["launch", "local", LLAMA, "--workers", "2", f"run.dir={run_dir}", *COMMON, split, *args]
+    p = cli(*argv, f"train.steps={steps}", env=env, cwd=cwd)
+    _ok(p)
+    mesh = "dp 1 x sp 2 x tp 1" if "sequence" in split else "dp 1 x sp 1 x tp 2"
+    assert mesh in p.stdout + p.stderr
+    return p
+
+
 @pytest.fixture(scope="module")
-def sp_run(workdir, tmp_path_factory) -> Path:
-    """sp=2 on 2 ranks for 3 steps, resumed on the same mesh to 6, then on one process (sp=1, the
-    universal conversion) to 8; only the newest checkpoint kept."""
+def sp_run(workdir, tmp_path_factory, ray_env_module) -> Path:
+    """sp=2 on 2 Ray workers for 3 steps, resumed on 2 torchrun ranks (the same mesh) to 6, then on
+    one process (sp=1, the universal conversion) to 8; only the newest checkpoint kept."""
     run_dir = tmp_path_factory.mktemp("mp") / "sp"
     keep = ["checkpoint.keep_last=1", "checkpoint.every_steps=2"]
-    _ok(_train(run_dir, "parallel.sequence_parallel=2", "train.steps=3", *keep, ranks=2, cwd=workdir))
+    _ray(run_dir, "parallel.sequence_parallel=2", 3, *keep, cwd=workdir, env=ray_env_module)
     _ok(_train(run_dir, "parallel.sequence_parallel=2", "train.steps=6", *keep, ranks=2, cwd=workdir))
     p = _train(run_dir, "train.steps=8", *keep, cwd=workdir)
     _ok(p)
@@ -196,17 +207,20 @@ def sp_run(workdir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp_run(workdir, tmp_path_factory) -> Path:
-    """tp=2 on 2 ranks for 4 steps, resumed on the same mesh to 8."""
+def tp_run(workdir, tmp_path_factory, ray_env_module) -> Path:
+    """tp=2 on 2 Ray workers for 4 steps, resumed on 2 torchrun ranks (the same mesh) to 8."""
     run_dir = tmp_path_factory.mktemp("mp") / "tp"
-    _ok(_train(run_dir, "parallel.tensor_parallel=2", "train.steps=4", ranks=2, cwd=workdir))
+    _ray(run_dir, "parallel.tensor_parallel=2", 4, cwd=workdir, env=ray_env_module)
     _ok(_train(run_dir, "parallel.tensor_parallel=2", "train.steps=8", ranks=2, cwd=workdir))
     return run_dir
 
 
+@pytest.mark.ray
 @pytest.mark.world_size
 @pytest.mark.parametrize("split", ["sp_run", "tp_run"])
 def test_two_ranks_split_by_sp_or_tp_train_as_one_process(request, one, split, workdir):
+    """Started on Ray workers and resumed under torchrun (and, for SP, on one process): every step's
+    loss, gradient norm and eval loss are the one process's."""
     run_dir = request.getfixturevalue(split)
     assert_same_training(run_dir, one, steps=8)
     summary, ref = (json.loads((d / "summary.json").read_text()) for d in (run_dir, one))
@@ -225,6 +239,7 @@ def test_two_ranks_split_by_sp_or_tp_train_as_one_process(request, one, split, w
     assert (_logits(run_dir / "hf") - _logits(one / "hf")).abs().max() < 1e-4
 
 
+@pytest.mark.ray
 @pytest.mark.world_size
 def test_a_tensor_parallel_resume_on_another_world_or_split_is_refused_before_it_starts(tp_run, workdir):
     from distrain.config import load_config
@@ -238,19 +253,6 @@ def test_a_tensor_parallel_resume_on_another_world_or_split_is_refused_before_it
     p = _train(tp_run, "train.steps=10", ranks=2, cwd=workdir)  # tensor_parallel back to 1
     assert p.returncode != 0 and "parallel.tensor_parallel: 2 -> 1" in p.stderr
     assert (tp_run / "metrics.jsonl").read_text() == before  # nothing written
-
-
-# ---------------------------------------------------------------------------------- Ray, 2 workers
-@pytest.mark.ray
-@pytest.mark.world_size
-@pytest.mark.parametrize("split", ["parallel.sequence_parallel=2", "parallel.tensor_parallel=2"])
-def test_two_ray_workers_split_by_sp_or_tp_train_as_one_process(one, split, workdir, tmp_path, ray_env):
-    run_dir = tmp_path / "ray"
-    argv = ["launch", "local", LLAMA, "--workers", "2", f"run.dir={run_dir}", *COMMON, split, "train.steps=8"]
-    p = cli(*argv, env=ray_env, cwd=workdir)
-    _ok(p)
-    assert_same_training(run_dir, one, steps=8)
-    assert ("dp 1 x sp 2 x tp 1" if "sequence" in split else "dp 1 x sp 1 x tp 2") in p.stdout + p.stderr
 
 
 # ------------------------------------------------------------------------------- 4 ranks, dp2 x sp2
@@ -295,7 +297,9 @@ batch = {{"input_ids": torch.randint(0, 700, (3, 96), generator=torch.Generator(
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     sp.loss({{"model": model}}, batch)
 saved = sum(v for k, v in seen.items() if k not in params)
-print(json.dumps({{"rank": info.rank, "saved": saved, "planned": activation_bytes(cfg)[0]}}))
+line = json.dumps({{"rank": info.rank, "saved": saved, "planned": activation_bytes(cfg)[0]}})
+sys.stdout.write(line + "\\n")  # one write: the ranks print at once, into one pipe
+torch.distributed.destroy_process_group()
 """
 
 TRACE = [
