@@ -162,6 +162,31 @@ def cli(
     return p
 
 
+def cli_all(
+    *calls, env: dict | None = None, timeout: float = 600, cwd=None
+) -> list[subprocess.CompletedProcess]:
+    """Several ``distrain`` commands that do not depend on one another, started at once (each is
+    mostly single-threaded start-up, which overlaps on the cores); one call is a tuple of args, the
+    results come in the same order."""
+    procs = [
+        subprocess.Popen(
+            cli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+        )
+        for args in calls
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [
+            subprocess.CompletedProcess(p.args, p.returncode, *out)
+            for p, out in zip(procs, outs, strict=True)
+        ]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def write_corpus(root: Path, files: int = 4, rows: int = 16, bad: tuple[int, int] | None = None) -> str:
     """A jsonl corpus of ``files`` small files of ``rows`` documents (about two 128-token samples
     each); ``bad`` = (file, row): that row is malformed JSON. Returns its glob."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distrain.config import ConfigError, load_config, sized_for
-from tests.conftest import CONFIGS, REPO, cli, read_jsonl
+from tests.conftest import CONFIGS, REPO, cli, cli_all, read_jsonl
 
 TINY = CONFIGS / "gpt-cpu-tiny.yaml"
 
@@ -58,7 +58,16 @@ def test_sizes_that_cannot_keep_the_global_batch_are_named_and_refused(tmp_path)
 
 def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothing(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    out = cli("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}")
+    args = ["--dry-run", f"run.dir={run_dir}", "data.num_workers=0"]
+    local = ["launch", "local", str(TINY), "--workers"]
+    outs = cli_all(
+        ("launch", "ray", str(TINY), "--workers", "1-2", "--dry-run", f"run.dir={run_dir}"),
+        (*local, "2-4", "train.global_batch_size=96", *args),
+        (*local, "5-8", "train.global_batch_size=6720", *args),
+        (*local, "2-4", "train.global_batch_size=96", "data.partitions=4", *args),
+        (*local, "two", "--dry-run"),
+    )
+    out = outs[0]
     assert out.returncode == 0, out.stderr
     assert (
         "ranks: 1, 2 (cluster.workers={min: 1, max: 2}); elastic: global batch 16 at every size" in out.stdout
@@ -67,22 +76,19 @@ def test_the_launch_dry_run_checks_every_size_against_the_data_and_writes_nothin
     assert "plan: 0.1M parameters on 2 x H100" in out.stdout  # the plan at the range's max
     # data.partitions unset: derived for every size of the range. 2-4 needs a multiple of 12, and
     # this small corpus (72 rows, a chunk each) gets 12 rather than 192
-    args = ["--dry-run", f"run.dir={run_dir}", "data.num_workers=0"]
-    out = cli("launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", *args)
+    out = outs[1]
     assert out.returncode == 0, out.stderr
     assert "data: 12 partitions (derived for cluster.workers={min: 2, max: 4}) of 72 chunks" in out.stdout
     # 5-8 needs a multiple of 840: more partitions than the corpus has chunks
-    out = cli("launch", "local", str(TINY), "--workers", "5-8", "train.global_batch_size=6720", *args)
+    out = outs[2]
     assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
     assert "needs a multiple of 840, but data.train_path has 72 rows in 72 chunks" in out.stderr
     # a fixed partition count that a size does not divide is refused naming the sizes that work
-    out = cli(
-        "launch", "local", str(TINY), "--workers", "2-4", "train.global_batch_size=96", "data.partitions=4", *args
-    )  # fmt: skip
+    out = outs[3]
     assert out.returncode == 1
     assert "3 workers cannot keep the global batch (data.partitions=4 is not divisible by 3)" in out.stderr
     assert "Sizes that work: 2, 4;" in out.stderr and "set data.partitions=12 (a multiple" in out.stderr
-    out = cli("launch", "local", str(TINY), "--workers", "two", "--dry-run")
+    out = outs[4]
     assert (
         out.returncode == 1
         and "--workers two: give a number of workers (4) or an elastic range" in out.stderr

@@ -12,7 +12,7 @@ import torch
 
 from distrain.config import load_config
 from distrain.models import build_parts, get_spec
-from tests.conftest import CONFIGS, cli, read_jsonl
+from tests.conftest import CONFIGS, cli, cli_all, read_jsonl
 
 GAN, VAE = CONFIGS / "gan-cpu-tiny.yaml", CONFIGS / "vae-cpu-tiny.yaml"
 QUIET = ["tracking.wandb.mode=disabled", "tracking.progress_bar=false"]
@@ -137,29 +137,30 @@ def test_export_writes_the_generator_or_decoder_as_safetensors_that_load_back(
 def test_sample_draws_a_grid_from_a_checkpoint_and_text_for_a_language_model(in_workdir, tmp_path, gan_run):
     from PIL import Image
 
-    out = tmp_path / "draw.png"
-    p = cli("sample", gan_run, "--n", "16", "--step", "300", "--out", out)
-    assert p.returncode == 0, p.stderr[-3000:]
+    out, again, lm = tmp_path / "draw.png", tmp_path / "again.png", tmp_path / "lm"
+    drawn, redrawn, no_step, prompt, trained = cli_all(
+        ("sample", gan_run, "--n", "16", "--step", "300", "--out", out),
+        ("sample", gan_run, "--n", "16", "--step", "300", "--out", again),
+        ("sample", gan_run, "--step", "7", "--out", tmp_path / "none.png"),
+        ("sample", gan_run, "--prompt", "hello"),
+        ("train", CONFIGS / "gpt-cpu-tiny.yaml", f"run.dir={lm}", "train.steps=2", *QUIET),
+    )
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (8 * 34 + 2, 2 * 34 + 2)
-    again = tmp_path / "again.png"
-    assert cli("sample", gan_run, "--n", "16", "--step", "300", "--out", again).returncode == 0
+    assert redrawn.returncode == 0
     assert again.read_bytes() == out.read_bytes()  # the same seed draws the same latents
-    p = cli("sample", gan_run, "--step", "7", "--out", out)
-    assert p.returncode == 1 and "step00000007 does not exist" in p.stderr
-    p = cli("sample", gan_run, "--prompt", "hello")
-    assert p.returncode == 1 and "trains model.name=gan on images; drop --prompt" in p.stderr
+    assert no_step.returncode == 1 and "step00000007 does not exist" in no_step.stderr
+    assert prompt.returncode == 1 and "trains model.name=gan on images; drop --prompt" in prompt.stderr
 
-    lm = tmp_path / "lm"
-    assert (
-        cli("train", CONFIGS / "gpt-cpu-tiny.yaml", f"run.dir={lm}", "train.steps=2", *QUIET).returncode == 0
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    p, grid = cli_all(
+        ("sample", lm, "--prompt", "def main", "--tokens", "12", "--n", "2"), ("sample", lm, "--out", out)
     )
-    p = cli("sample", lm, "--prompt", "def main", "--tokens", "12", "--n", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     assert len(lines) >= 2 and lines[0].startswith("def main")
-    p = cli("sample", lm, "--out", out)
-    assert p.returncode == 1 and "draws no images; pass --prompt" in p.stderr
+    assert grid.returncode == 1 and "draws no images; pass --prompt" in grid.stderr
 
 
 def test_report_shows_the_last_grid_both_losses_and_the_scores(in_workdir, tmp_path, gan_run):
@@ -181,29 +182,35 @@ def test_a_scorer_that_is_not_a_classifier_run_is_refused_before_anything_starts
     in_workdir, tmp_path, gan_run
 ):
     run_dir = tmp_path / "r"
-    for scorer, why in (
-        (tmp_path / "nowhere", "no config.yaml there"),
-        (gan_run, "a model.name=gan run; the scorer is an image classifier"),
-    ):
-        p = cli("train", GAN, f"run.dir={run_dir}", f"metrics.sample_scorer={scorer}", *QUIET)
-        assert p.returncode == 1 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert not run_dir.exists()
-    p = cli(
-        "train",
-        CONFIGS / "gpt-cpu-tiny.yaml",
-        f"run.dir={run_dir}",
-        f"metrics.sample_scorer={gan_run}",
-        *QUIET,
+    *refused, p = cli_all(
+        ("train", GAN, f"run.dir={run_dir}", f"metrics.sample_scorer={tmp_path / 'nowhere'}", *QUIET),
+        ("train", GAN, f"run.dir={run_dir}", f"metrics.sample_scorer={gan_run}", *QUIET),
+        (
+            "train",
+            CONFIGS / "gpt-cpu-tiny.yaml",
+            f"run.dir={run_dir}",
+            f"metrics.sample_scorer={gan_run}",
+            *QUIET,
+        ),
     )
+    for p_, why in zip(
+        refused,
+        ("no config.yaml there", "a model.name=gan run; the scorer is an image classifier"),
+        strict=True,
+    ):
+        assert p_.returncode == 1 and why in p_.stderr and len(p_.stderr.strip().splitlines()) == 1, p_.stderr
     assert p.returncode == 1 and "model.name=gpt generates none" in p.stderr
+    assert not run_dir.exists()
 
 
 def test_scoring_samples_does_not_change_training(in_workdir, tmp_path, scorer):
     """The scorer is built beside training without drawing from (or reseeding) its random streams:
     a run with metrics.sample_scorer ends with the weights of one without."""
     over = ["train.steps=12", "train.eval_every=6", "train.check_replicas=true", *QUIET]
-    a = cli("train", GAN, f"run.dir={tmp_path / 'a'}", *over)
-    b = cli("train", GAN, f"run.dir={tmp_path / 'b'}", f"metrics.sample_scorer={scorer}", *over)
+    a, b = cli_all(
+        ("train", GAN, f"run.dir={tmp_path / 'a'}", *over),
+        ("train", GAN, f"run.dir={tmp_path / 'b'}", f"metrics.sample_scorer={scorer}", *over),
+    )
     assert a.returncode == 0 and b.returncode == 0, b.stderr[-3000:]
     sha = [json.loads((tmp_path / d / "summary.json").read_text())["params_sha256"] for d in "ab"]
     assert sha[0] == sha[1]

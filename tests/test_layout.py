@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS, cli, read_jsonl
+from tests.conftest import CONFIGS, cli, cli_all, read_jsonl
 
 TINY = CONFIGS / "gpt-cpu-tiny.yaml"
 
@@ -90,8 +90,8 @@ def test_refusals_come_from_the_driver_in_one_line_before_anything_starts(in_wor
             "data.train_path: no data files",
         ),
     ]
-    for args, msg in cases:
-        out = cli(*args, f"run.dir={run_dir}")
+    outs = cli_all(*[(*args, f"run.dir={run_dir}") for args, _ in cases])
+    for (args, msg), out in zip(cases, outs, strict=True):
         assert out.returncode == 1, (args, out.stdout[-2000:], out.stderr[-2000:])
         errors = [ln for ln in out.stderr.splitlines() if "distrain: error" in ln]
         assert len(errors) == 1 and msg in errors[0], (args, out.stderr[-2000:])

@@ -51,29 +51,29 @@ def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir
     ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    p = cli(
-        "launch",
-        "local",
-        cfg,
-        "--workers",
-        "2",
-        f"run.dir={ray_dir}",
-        f"parallel.zero_stage={stage}",
-        "train.check_replicas=true",
-        *COMMON,
-        env={**ray_env, "PWD": str(elsewhere)},
+    one = ["train", cfg, f"run.dir={one_dir}", f"parallel.zero_stage={stage}", "parallel.grad_accum=2"]
+    p1 = subprocess.Popen(  # the one process trains while Ray starts
+        cli_cmd(*one, *COMMON), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ray_env
     )
+    try:
+        p = cli(
+            "launch",
+            "local",
+            cfg,
+            "--workers",
+            "2",
+            f"run.dir={ray_dir}",
+            f"parallel.zero_stage={stage}",
+            "train.check_replicas=true",
+            *COMMON,
+            env={**ray_env, "PWD": str(elsewhere)},
+        )
+        _, err = p1.communicate(timeout=600)
+    finally:
+        if p1.poll() is None:
+            p1.kill()
     assert p.returncode == 0, p.stderr[-5000:]
-    p1 = cli(
-        "train",
-        cfg,
-        f"run.dir={one_dir}",
-        f"parallel.zero_stage={stage}",
-        "parallel.grad_accum=2",
-        *COMMON,
-        env=ray_env,
-    )
-    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert p1.returncode == 0, err[-3000:]
     summary = json.loads((ray_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["replicas_identical"] is True  # every rank ends with the same parameters

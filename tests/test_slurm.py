@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, cli, read_jsonl, write_corpus
+from tests.conftest import CONFIGS, REPO, cli, cli_all, read_jsonl, write_corpus
 
 VENV_BIN = Path(sys.executable).parent
 HAVE_SLURM = shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()
@@ -47,12 +47,19 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = old
 
 
-def submit(run_dir: Path, *args) -> str:
-    out = cli(
-        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}", *JOB, *args, check=True
-    )
+def submission(run_dir: Path, *args) -> tuple:
+    """The arguments of ``distrain submit slurm`` for the tiny GPT in ``run_dir``."""
+    return ("submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={run_dir}", *JOB, *args)
+
+
+def job_id(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("submitted job"))
     return line.split()[2].rstrip(";")
+
+
+def submit(run_dir: Path, *args) -> str:
+    return job_id(cli(*submission(run_dir, *args)))
 
 
 def jobs(run_dir: Path) -> list[dict]:
@@ -96,11 +103,18 @@ def wait_step(run_dir: Path, step: int, timeout: float = 300) -> None:
 
 def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
     run_dir = tmp_path / "run"
-    out = cli(
-        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--nodes", "2", "--gpus-per-node", "0",
-        "--cpus-per-task", "4", "--time", "30", "--partition", "gpu", "--account", "proj", "--qos", "high",
-        "--constraint", "h100", "--dry-run", f"run.dir={run_dir}", "cluster.slurm.sbatch=[--exclusive]", check=True,
+    gpt = str(CONFIGS / "gpt-cpu-tiny.yaml")
+    out, bad, one = cli_all(
+        (
+            "submit", "slurm", gpt, "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "4",
+            "--time", "30", "--partition", "gpu", "--account", "proj", "--qos", "high", "--constraint",
+            "h100", "--dry-run", f"run.dir={run_dir}", "cluster.slurm.sbatch=[--exclusive]",
+        ),
+        # a batch layout that does not fit the allocation is refused before anything is rendered
+        ("submit", "slurm", gpt, "--nodes", "3", "--dry-run", f"run.dir={run_dir}", "data.partitions=4"),
+        ("submit", "slurm", gpt, "--dry-run", f"run.dir={run_dir}"),
     )  # fmt: skip
+    assert out.returncode == 0 and one.returncode == 0, out.stderr[-3000:] + one.stderr[-3000:]
     script = out.stdout
     for line in (
         "#SBATCH --nodes=2", "#SBATCH --cpus-per-task=4", "#SBATCH --time=30", "#SBATCH --requeue",
@@ -113,15 +127,7 @@ def test_dry_run_renders_the_job_and_writes_nothing(in_workdir, tmp_path):
     assert "# checks passed:" in script and "# data: 4 partitions" in script  # derived for 2 ranks
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
-    # a batch layout that does not fit the allocation is refused before anything is rendered
-    bad = cli(
-        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--nodes", "3", "--dry-run",
-        f"run.dir={run_dir}", "data.partitions=4", check=False,
-    )  # fmt: skip
     assert bad.returncode == 1 and "data.partitions=4 is not divisible by the world size 3" in bad.stderr
-    one = cli(
-        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), "--dry-run", f"run.dir={run_dir}", check=True
-    )
     assert "LAUNCHER=train" in one.stdout and "WORKERS=1" in one.stdout
 
 
@@ -164,18 +170,30 @@ def test_submit_without_sbatch_is_a_clear_error(in_workdir, tmp_path):
 @pytest.mark.slurm
 @needs_slurm
 def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in_workdir, tmp_path, slurm):
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    j1 = submit(good, "train.steps=12", "--time", "5")
+    good, bad, killed = tmp_path / "good", tmp_path / "bad", tmp_path / "killed"
     corpus = write_corpus(tmp_path / "corpus", bad=(3, 15))  # a malformed row, met at a step
     fail = ["data.on_error=fail", "data.shuffle=false", "data.eval_path=null", "train.log_every=1"]
-    j2 = submit(bad, "train.steps=30", f"data.train_path={corpus}", *fail)
-    # a missing path is refused at submission, before sbatch: no job, nothing written
-    out = cli(
-        "submit", "slurm", str(CONFIGS / "gpt-cpu-tiny.yaml"), f"run.dir={tmp_path / 'missing'}", *JOB,
-        "data.train_path=data/missing/*.jsonl", check=False,
-    )  # fmt: skip
-    assert out.returncode == 1 and "data.train_path: no data files at 'data/missing/*.jsonl'" in out.stderr
+    # submitted at once: the good and the failing job take the two nodes
+    *submitted, missing, nope = cli_all(
+        submission(good, "train.steps=12", "--time", "5"),
+        submission(bad, "train.steps=30", f"data.train_path={corpus}", *fail),
+        # a missing path is refused at submission, before sbatch: no job, nothing written
+        submission(tmp_path / "missing", "data.train_path=data/missing/*.jsonl"),
+        # sbatch's own refusal is shown as it is, and the new run directory is not left behind
+        submission(tmp_path / "nope", "--partition", "nope"),
+    )
+    j1, j2 = map(job_id, submitted)
+    # queued behind them (a later job id), it starts when the failing one ends
+    j3 = submit(killed, "train.steps=100000", "train.log_every=1", "train.eval_every=0")
+    assert missing.returncode == 1
+    assert "data.train_path: no data files at 'data/missing/*.jsonl'" in missing.stderr
     assert not (tmp_path / "missing").exists()
+    assert (
+        nope.returncode == 1
+        and "sbatch refused the job" in nope.stderr
+        and "invalid partition" in nope.stderr
+    )
+    assert not (tmp_path / "nope").exists()
     end = wait_done(good, j1)
     assert end["exit"] == 0, (good / "slurm" / f"slurm-{j1}.out").read_text()[-3000:]
     summary = json.loads((good / "summary.json").read_text())
@@ -191,25 +209,7 @@ def test_one_node_job_without_ray_completes_and_a_failing_job_is_not_requeued(in
     assert (st["state"], st["error"], st["slurm_job"]) == ("failed", summary["error"], j2)
     st = json.loads(cli("status", str(good), "--json", check=True).stdout)
     assert (st["state"], st["step"], st["steps"], st["checkpoint"]) == ("completed", 12, 12, "step00000012")
-    # sbatch's own refusal is shown as it is, and the new run directory is not left behind
-    nope = tmp_path / "nope"
-    out = cli(
-        "submit",
-        "slurm",
-        str(CONFIGS / "gpt-cpu-tiny.yaml"),
-        f"run.dir={nope}",
-        "--partition",
-        "nope",
-        *JOB,
-        check=False,
-    )
-    assert (
-        out.returncode == 1 and "sbatch refused the job" in out.stderr and "invalid partition" in out.stderr
-    )
-    assert not nope.exists()
     # running, then killed without warning (kill -9 of the training process, as a lost node): stopped
-    killed = tmp_path / "killed"
-    j3 = submit(killed, "train.steps=100000", "train.log_every=1", "train.eval_every=0")
     wait_step(killed, 3)
     st = json.loads(cli("status", str(killed), "--json", check=True).stdout)
     assert (st["state"], st["slurm_job"]) == ("running", j3) and st["step"] >= 3
