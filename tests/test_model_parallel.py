@@ -189,7 +189,6 @@ def _ray(run_dir: Path, split: str, steps: int, *args: str, cwd: Path, env: dict
     _ok(p)
     mesh = "dp 1 x sp 2 x tp 1" if "sequence" in split else "dp 1 x sp 1 x tp 2"
     assert mesh in p.stdout + p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from tests.conftest import (
     CONFIGS,
     REPO,
     cli,
+    cli_all,
     cli_cmd,
     complete_steps,
     read_jsonl,
@@ -51,29 +52,23 @@ def test_two_ray_workers_match_one_process_with_the_same_global_batch(in_workdir
     ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    one = ["train", cfg, f"run.dir={one_dir}", f"parallel.zero_stage={stage}", "parallel.grad_accum=2"]
-    p1 = subprocess.Popen(  # the one process trains while Ray starts
-        cli_cmd(*one, *COMMON), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ray_env
-    )
-    try:
-        p = cli(
+    stage_args = [f"parallel.zero_stage={stage}", *COMMON]
+    p, p1 = cli_all(  # the one process trains while Ray starts
+        (
             "launch",
             "local",
             cfg,
             "--workers",
             "2",
             f"run.dir={ray_dir}",
-            f"parallel.zero_stage={stage}",
             "train.check_replicas=true",
-            *COMMON,
-            env={**ray_env, "PWD": str(elsewhere)},
-        )
-        _, err = p1.communicate(timeout=600)
-    finally:
-        if p1.poll() is None:
-            p1.kill()
+            *stage_args,
+        ),
+        ("train", cfg, f"run.dir={one_dir}", "parallel.grad_accum=2", *stage_args),
+        env={**ray_env, "PWD": str(elsewhere)},
+    )
     assert p.returncode == 0, p.stderr[-5000:]
-    assert p1.returncode == 0, err[-3000:]
+    assert p1.returncode == 0, p1.stderr[-3000:]
     summary = json.loads((ray_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["replicas_identical"] is True  # every rank ends with the same parameters
